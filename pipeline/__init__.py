@@ -1,0 +1,1 @@
+"""Finetune foundation vision encoders for image retrieval: shard, embed, finetune, eval, export."""

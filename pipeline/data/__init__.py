@@ -1,0 +1,1 @@
+"""Datasets on disk -> webdataset shards -> training batches. Knows nothing about models."""

@@ -1,0 +1,56 @@
+"""Training batches: the P x K sampler's share for this rank, decoded and augmented in DataLoader workers.
+
+Each sample's augmentation is seeded by (seed, step, position in the global batch), so the images
+of a step do not depend on the number of workers or processes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.sampler import PKSampler
+from pipeline.data.shards import ShardIndex
+
+
+class AugmentedImages(Dataset):
+    """Indexed by (sample number, augmentation seed)."""
+
+    def __init__(self, index: ShardIndex, transform: Callable):
+        self.index, self.transform = index, transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image = self.transform(self.index.image(i))
+        return image, int(self.index.labels[i])
+
+
+class StepBatches:
+    """Batch sampler: for steps start..end-1, this rank's (index, seed) pairs."""
+
+    def __init__(self, sampler: PKSampler, start: int, end: int, rank: int, world_size: int):
+        self.sampler, self.start, self.end, self.rank, self.world = sampler, start, end, rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.end):
+            share = self.sampler.batch_size // self.world
+            first = self.rank * share
+            indices = self.sampler.local_batch(step, self.rank, self.world)
+            seeds = np.random.default_rng([self.sampler.seed, step, 1]).integers(0, 2**62, self.sampler.batch_size)
+            yield [(int(i), int(s)) for i, s in zip(indices, seeds[first:first + share])]
+
+
+def train_loader(index: ShardIndex, transform: Callable, sampler: PKSampler, start: int, end: int,
+                 rank: int = 0, world_size: int = 1, workers: int = 0) -> DataLoader:
+    return DataLoader(AugmentedImages(index, transform), batch_sampler=StepBatches(sampler, start, end, rank, world_size),
+                      num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())

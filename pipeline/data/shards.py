@@ -1,0 +1,124 @@
+"""Webdataset tar shards: write a split, index it for random access, read it back.
+
+Layout of a split folder: `<split>-000000.tar ...` (each sample: `__key__`, the image under
+png/jpg/webp, the label under `cls`, metadata under `json`) and `index.json`, which records for
+every sample its shard, key, label and the byte range of its image, so that a P x K sampler can
+read any sample without scanning the tars.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageOps
+
+from pipeline.data.converters import Record
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("png", "jpg", "webp")
+SAVE_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def _load(record: Record, size: int) -> Image.Image:
+    """Open (and fully decode, to catch truncation) an image; shrink its shorter side to `size`."""
+    image = record.image
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as f:
+            f.load()
+            image = ImageOps.exif_transpose(f)
+    image = image.convert("L" if image.mode in ("L", "1") else "RGB")
+    if min(image.size) > size:
+        scale = size / min(image.size)
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                             Image.BICUBIC)
+    return image
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=SAVE_FORMAT[fmt], **({"quality": 95} if fmt != "png" else {}))
+    return buf.getvalue()
+
+
+def write_split(records: Iterable[Record], out: Path, split: str, image_size: int, image_format: str,
+                max_count: int, max_size: int) -> dict:
+    """Write one split's shards and index into `out`; return its summary (images, classes, skipped)."""
+    if image_format not in SAVE_FORMAT:
+        raise ValueError(f"image format {image_format} not in {list(SAVE_FORMAT)}")
+    out.mkdir(parents=True, exist_ok=True)
+    labels, skipped = [], []
+    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0) as sink:
+        for record in records:
+            try:
+                data = _encode(_load(record, image_size), image_format)
+            except Exception as e:  # a broken file is skipped and counted, never fatal
+                log.warning("skipping %s (%s): %s", record.key, record.meta.get("path", ""), e)
+                skipped.append(record.meta.get("path", record.key))
+                continue
+            sink.write({"__key__": record.key, image_format: data, "cls": record.label, "json": record.meta})
+            labels.append(record.label)
+    index = build_index(out)
+    (out / "index.json").write_text(json.dumps(index))
+    return {"images": len(labels), "classes": len(set(labels)), "shards": len(index["shards"]),
+            "skipped": len(skipped), "skipped_files": skipped[:100]}
+
+
+def build_index(folder: Path) -> dict:
+    """Scan the tars once: per sample its shard, key, label and the byte range of its image."""
+    shards = sorted(p.name for p in folder.glob("*.tar"))
+    samples = []
+    for s, name in enumerate(shards):
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        with tarfile.open(folder / name) as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                members.setdefault(key, {})[ext] = info
+            for key, parts in members.items():
+                image = next(parts[e] for e in IMAGE_EXTS if e in parts)
+                label = int(tar.extractfile(parts["cls"]).read())
+                samples.append([s, key, label, image.offset_data, image.size])
+    return {"shards": shards, "samples": samples}
+
+
+@dataclass
+class ShardIndex:
+    """Random access to the images of one split by sample number."""
+    folder: Path
+    shards: list[str]
+    keys: list[str]
+    labels: np.ndarray
+    locations: np.ndarray  # (n, 3): shard number, byte offset, byte size
+
+    @classmethod
+    def load(cls, folder: Path) -> "ShardIndex":
+        index = json.loads((Path(folder) / "index.json").read_text())
+        rows = index["samples"]
+        return cls(Path(folder), index["shards"], [r[1] for r in rows],
+                   np.array([r[2] for r in rows], dtype=np.int64),
+                   np.array([[r[0], r[3], r[4]] for r in rows], dtype=np.int64).reshape(-1, 3))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> Image.Image:
+        shard, offset, size = self.locations[i]
+        with open(self.folder / self.shards[shard], "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def stream_split(folder: Path) -> Iterator[tuple[str, Image.Image, int]]:
+    """Read a split in shard order through a webdataset pipeline: (key, RGB image, label)."""
+    urls = [str(p) for p in sorted(Path(folder).glob("*.tar"))]
+    dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+               .decode("pil").to_tuple("__key__", "png;jpg;webp", "cls"))
+    for key, image, label in dataset:
+        yield key, image.convert("RGB"), int(label)

@@ -1,0 +1,165 @@
+"""Retrieval metrics of the deep-metric-learning protocol, with exact faiss search.
+
+    m = retrieval_metrics(query, query_labels)                     # leave-one-out: CUB, Cars, SOP
+    m = retrieval_metrics(query, query_labels, gallery, gallery_labels)  # query -> gallery: In-Shop
+
+Embeddings are compared by exact inner product (faiss.IndexFlatIP). They are NOT normalised here:
+pass L2-normalised embeddings to get cosine similarity.
+
+For a query, R is the number of gallery items with its label (in leave-one-out, not counting the
+query itself, which is removed from its own neighbour list by index). Queries with R == 0 are left
+out of every retrieval metric and counted in "num_excluded"; "num_queries" counts those scored.
+
+    recall@k     fraction of queries with a relevant item among their k nearest neighbours
+    map@r        mean over queries of (1/R) sum_{i<=R} precision@i * rel(i) (Musgrave et al. 2020)
+    r_precision  mean over queries of (relevant items among the top R) / R
+    nmi, ami     seeded faiss k-means (k-means++ init where faiss has it) on the query embeddings,
+                 one cluster per query label, scored against the query labels; only when nmi=True
+
+If every query is excluded the retrieval metrics are NaN. A k larger than the gallery (less the
+query itself) sees the whole gallery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+import torch
+from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+CHUNK_ROWS = 4096            # queries searched at a time
+_MAX_CHUNK_ELEMENTS = 1 << 25  # fewer rows per chunk when k is large: memory stays rows x k
+_GPU_MAX_K = 2048            # faiss GPU search supports k up to this
+KMEANS_NITER = 20
+KMEANS_SEED = 1234
+
+
+def _use_gpu() -> bool:
+    """Search and cluster on GPU whenever this faiss build sees one."""
+    return faiss.get_num_gpus() > 0
+
+
+def _flat_ip_index(gallery: np.ndarray, k: int) -> faiss.Index:
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    if _use_gpu() and k <= _GPU_MAX_K:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(gallery)
+    return index
+
+
+def _embeddings(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy()   # .float() first: numpy has no bfloat16
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n, dim) array, got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape})")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    return x
+
+
+def _labels(y, n: int, name: str) -> np.ndarray:
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {y.shape}")
+    if len(y) != n:
+        raise ValueError(f"{name} has {len(y)} labels but there are {n} embedding rows")
+    if y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not np.all(y == np.round(y))):
+        raise ValueError(f"{name} must hold integer class ids, got dtype {y.dtype}")
+    return y.astype(np.int64)
+
+
+def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, loo: bool) -> np.ndarray:
+    """R per query: gallery items sharing its label (minus itself in leave-one-out)."""
+    classes, counts = np.unique(gallery_labels, return_counts=True)
+    pos = np.clip(np.searchsorted(classes, query_labels), 0, len(classes) - 1)
+    r = np.where(classes[pos] == query_labels, counts[pos], 0)
+    return r - int(loo)
+
+
+def _score_chunk(rel: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """Sums over a chunk's queries; rel[i, j] says if query i's j-th neighbour is relevant."""
+    rank = np.arange(1, rel.shape[1] + 1)
+    rel_r = rel & (rank[None, :] <= r[:, None])          # only the first R ranks count
+    hits_r = np.cumsum(rel_r, axis=1)
+    sums = {f"recall@{k}": float(rel[:, :k].any(axis=1).sum()) for k in ks}
+    sums["map@r"] = float((((hits_r / rank) * rel_r).sum(axis=1) / r).sum())
+    sums["r_precision"] = float((hits_r[:, -1] / r).sum())
+    return sums
+
+
+def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
+                      ks: Sequence[int] = (1, 2, 4, 8), nmi: bool = True) -> dict:
+    """Recall@k, MAP@R, R-precision (and NMI/AMI) of `query` against `gallery`; see the module doc.
+
+    query, gallery: (n, dim) float arrays or tensors, L2-normalised by the caller.
+    gallery=None: leave-one-out on the query set. Returns a dict of Python floats and ints.
+    """
+    if (gallery is None) != (gallery_labels is None):
+        raise ValueError("gallery and gallery_labels must be given together (or both left out)")
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be a non-empty list of positive integers, got {ks}")
+    q = _embeddings(query, "query")
+    q_labels = _labels(query_labels, len(q), "query_labels")
+    loo = gallery is None
+    if loo:
+        g, g_labels = q, q_labels
+    else:
+        g = _embeddings(gallery, "gallery")
+        g_labels = _labels(gallery_labels, len(g), "gallery_labels")
+        if g.shape[1] != q.shape[1]:
+            raise ValueError(f"query dim {q.shape[1]} differs from gallery dim {g.shape[1]}")
+
+    r = _relevant_counts(q_labels, g_labels, loo)
+    scored = np.flatnonzero(r > 0)
+    names = [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]
+    totals = dict.fromkeys(names, 0.0)
+    if len(scored):
+        # R is not capped, so search deep enough for the largest R (+1 for the query itself).
+        k_search = min(max(max(ks), int(r[scored].max())) + int(loo), len(g))
+        index = _flat_ip_index(g, k_search)
+        rows = max(1, min(CHUNK_ROWS, _MAX_CHUNK_ELEMENTS // k_search))
+        for start in range(0, len(scored), rows):
+            idx = scored[start:start + rows]
+            _, nbrs = index.search(q[idx], k_search)
+            if loo:
+                # Drop the query itself by index: ties and duplicates mean it need not come first.
+                # If it fell outside the top k_search, drop the last column so rows stay aligned.
+                is_self = nbrs == idx[:, None]
+                is_self[~is_self.any(axis=1), -1] = True
+                nbrs = nbrs[~is_self].reshape(len(idx), k_search - 1)
+            rel = g_labels[nbrs] == q_labels[idx, None]
+            for name, value in _score_chunk(rel, r[idx], ks).items():
+                totals[name] += value
+
+    n = len(scored)
+    out: dict = {name: (totals[name] / n if n else float("nan")) for name in names}
+    out["num_queries"] = int(n)
+    out["num_excluded"] = int(len(q) - n)
+    if nmi:
+        out.update(_clustering_scores(q, q_labels))
+    return out
+
+
+def _clustering_scores(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """NMI and AMI of seeded faiss k-means with one cluster per distinct label."""
+    n_clusters = len(np.unique(labels))
+    options = dict(niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=_use_gpu(), verbose=False)
+    # Random init often puts two seeds in one class and merges two others, even when classes are
+    # perfectly separated; k-means++ (recent faiss; costs a few iterations) avoids most of that.
+    if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):
+        options["init_method"] = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
+    kmeans = faiss.Kmeans(x.shape[1], n_clusters, **options)
+    kmeans.train(x)
+    _, assign = kmeans.index.search(x, 1)
+    return {"nmi": float(normalized_mutual_info_score(labels, assign[:, 0])),
+            "ami": float(adjusted_mutual_info_score(labels, assign[:, 0]))}

@@ -1,0 +1,98 @@
+"""The runner: resolve the config, run the requested stage after any missing prerequisites.
+
+A stage is skipped while its completion marker matches the settings it depends on and the runs of
+the stages before it; `force=true` reruns the requested stage(s).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import uuid
+
+from omegaconf import OmegaConf
+
+from pipeline import log as logs
+from pipeline.config import Config, load_config, to_yaml
+from pipeline.distributed import world_from_env
+from pipeline.errors import UserError
+from pipeline.run_dir import RunDir
+
+log = logging.getLogger("pipeline")
+
+ORDER = ("shard", "embed", "finetune", "export", "eval")
+REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": ("finetune",), "eval": ("embed", "export")}
+
+# The settings each stage's output depends on (dotted prefixes), and those that never change it.
+_SHARD = ("seed", "data.name", "data.root", "data.image_size", "data.image_format", "data.test_fraction",
+          "data.shard_max_count", "data.shard_max_size")
+_TRAIN = _SHARD + ("model", "train", "data.crop_scale", "data.hflip")
+INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size"), "finetune": _TRAIN,
+          "export": _TRAIN, "eval": _TRAIN + ("eval",)}
+IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "model.grad_checkpointing")
+
+
+def _stage_fn(name: str):
+    from stages import embed, evaluate, export, finetune, shard
+    return {"shard": shard.run, "embed": embed.run, "finetune": finetune.run, "export": export.run,
+            "eval": evaluate.run}[name]
+
+
+def _flatten(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
+    flat = dict(_flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
+    settings = {k: v for k, v in flat.items()
+                if any(k == p or k.startswith(p + ".") for p in INPUTS[stage]) and k not in IGNORED}
+    return {"settings": settings, "after": {req: rd.run_id(req) for req in REQUIRES[stage]}}
+
+
+def run_stages(cfg: Config, rd: RunDir) -> None:
+    requested = ORDER if cfg.stage == "all" else (cfg.stage,)
+    done: set[str] = set()
+
+    def ensure(stage: str) -> None:
+        if stage in done:
+            return
+        for req in REQUIRES[stage]:
+            ensure(req)
+        forced = cfg.force and stage in requested
+        fp = fingerprint(cfg, rd, stage)
+        if rd.is_complete(stage, fp) and not forced:
+            log.info("[%s] complete, skipped (force=true reruns it)", stage)
+        else:
+            log.info("[%s] running", stage)
+            rd.clear_marker(stage)
+            _stage_fn(stage)(dataclasses.replace(cfg, force=forced), rd)
+            rd.mark_complete(stage, fp, run_id=uuid.uuid4().hex)
+            log.info("[%s] done", stage)
+        done.add(stage)
+
+    for stage in requested:
+        ensure(stage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        world = world_from_env()
+        if world.size > 1 and cfg.parallel.name == "none":
+            raise UserError(f"{world.size} processes were launched but parallel=none runs one; launch a single process")
+        rd = RunDir(cfg.run_dir)
+        rd.root.mkdir(parents=True, exist_ok=True)
+        logs.setup(rd.logs, world.rank)
+        (rd.root / "config.yaml").write_text(to_yaml(cfg))
+        run_stages(cfg, rd)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,94 @@
+"""The memory-efficient training step: one optimizer step on a batch far larger than fits.
+
+1. Pass 1, no gradients: embed the batch chunk by chunk.
+2. The loss over the whole batch's embeddings, and its gradient with respect to them.
+3. Pass 2: embed each chunk again with gradients and back-propagate `(embedding * grad).sum()`.
+
+Each chunk runs under its own RNG seed, a function of (seed, step, chunk start), so drop-path and
+dropout draw the same masks in both passes (and on any number of processes), and the step equals
+one step over the whole batch at once. Memory is one chunk's activations plus B x D embeddings.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.engine import Engine
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def chunk_seed(seed: int, step: int, start: int) -> int:
+    """The RNG seed of the chunk that begins at `start` in the global batch of `step`."""
+    return int(np.random.default_rng([seed, step, start, 2]).integers(0, 2**62))
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block under a fixed RNG state, leaving the global RNG as it was."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def embed_without_grad(engine: Engine, images: torch.Tensor, chunk_size: int, seeds: list[int]) -> torch.Tensor:
+    """Pass 1."""
+    outputs = []
+    with torch.no_grad(), engine.autocast():
+        for part, seed in zip(chunks(len(images), chunk_size), seeds):
+            with seeded_rng(seed, engine.device):
+                outputs.append(engine.model(images[part]).float())
+    return torch.cat(outputs)
+
+
+def loss_and_grad(embeddings: torch.Tensor, labels: torch.Tensor, loss_fn: Loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss over the whole batch and d(loss)/d(embeddings); the encoder is not in this graph."""
+    embeddings = embeddings.detach().requires_grad_(True)
+    loss = loss_fn(embeddings, labels)
+    (grad,) = torch.autograd.grad(loss, embeddings)
+    return loss.detach(), grad
+
+
+def backward_in_chunks(engine: Engine, images: torch.Tensor, grad: torch.Tensor, chunk_size: int,
+                       seeds: list[int]) -> None:
+    """Pass 2: re-embed each chunk with gradients; the chain rule through the cached embedding gradient."""
+    parts = chunks(len(images), chunk_size)
+    for i, (part, seed) in enumerate(zip(parts, seeds)):
+        with engine.gradient_sync(enabled=i == len(parts) - 1), seeded_rng(seed, engine.device):
+            with engine.autocast():
+                embeddings = engine.model(images[part]).float()
+            engine.backward((embeddings * grad[part]).sum())
+
+
+def two_pass_step(engine: Engine, images: torch.Tensor, labels: torch.Tensor, loss_fn: Loss,
+                  chunk_size: int, seed: int, step: int, offset: int = 0) -> torch.Tensor:
+    """One optimizer step on (images, labels); `offset` is their start in the global batch."""
+    seeds = [chunk_seed(seed, step, offset + p.start) for p in chunks(len(images), chunk_size)]
+    embeddings = embed_without_grad(engine, images, chunk_size, seeds)
+    loss, grad = loss_and_grad(embeddings, labels, loss_fn)
+    backward_in_chunks(engine, images, grad, chunk_size, seeds)
+    engine.step()
+    return loss
+
+
+def one_pass_step(engine: Engine, images: torch.Tensor, labels: torch.Tensor, loss_fn: Loss,
+                  chunk_size: int, seed: int, step: int) -> torch.Tensor:
+    """The naive step, for comparison: every chunk's activations kept for one backward."""
+    parts = chunks(len(images), chunk_size)
+    outputs = []
+    with engine.autocast():
+        for part in parts:
+            with seeded_rng(chunk_seed(seed, step, part.start), engine.device):
+                outputs.append(engine.model(images[part]).float())
+    loss = loss_fn(torch.cat(outputs), labels)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()

@@ -1,0 +1,58 @@
+"""finetune: RS@k over P x K batches with the two-pass step; checkpoints every train.checkpoint_every steps.
+
+Running it again resumes from run_dir/checkpoints/latest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from pipeline import checkpoint
+from pipeline.config import Config
+from pipeline.data.loader import train_loader
+from pipeline.data.sampler import PKSampler
+from pipeline.data.shards import ShardIndex
+from pipeline.data.transforms import train_transform
+from pipeline.distributed import pick_device, world_from_env
+from pipeline.encoders import build_encoder
+from pipeline.engine import Engine
+from pipeline.losses import RecallAtK
+from pipeline.optim import build_optimizer
+from pipeline.run_dir import RunDir, fresh_dir
+from pipeline.two_pass import two_pass_step
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, rd: RunDir) -> None:
+    t = cfg.train
+    device = pick_device(cfg.device, world_from_env())
+    model = build_encoder(cfg.model, cfg.seed).to(device).train()
+    optimizer, scheduler = build_optimizer(model, t)
+    engine = Engine(model, optimizer, scheduler, device)
+    loss_fn = RecallAtK(t.ks, t.tau_rank, t.tau_count, t.include_query_in_rank)
+    model_meta = dataclasses.asdict(cfg.model)
+
+    start = 0
+    if cfg.force:
+        fresh_dir(rd.checkpoints)
+    elif (last := checkpoint.latest(rd.checkpoints)) is not None:
+        start = checkpoint.load(last, model, optimizer, scheduler, expect_model=model_meta)["step"]
+        log.info("resuming from %s", last)
+
+    index = ShardIndex.load(rd.shards / "train")
+    sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed)
+    batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps,
+                           workers=cfg.data.workers)
+    tic = time.perf_counter()
+    for step, (images, labels) in enumerate(batches, start=start):
+        loss = two_pass_step(engine, images.to(device), labels.to(device), loss_fn, t.chunk_size, cfg.seed, step)
+        done = step + 1
+        if done % t.log_every == 0 or done == t.max_steps:
+            rate = (done - start) * t.global_batch / (time.perf_counter() - tic)
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f img/s", done, t.max_steps, loss.item(),
+                     scheduler.get_last_lr()[0], rate)
+        if done % t.checkpoint_every == 0 or done == t.max_steps:
+            checkpoint.save(rd.checkpoints, done, model, optimizer, scheduler, {"model": model_meta},
+                            t.keep_checkpoints)

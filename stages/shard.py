@@ -1,0 +1,27 @@
+"""shard: a dataset on disk -> webdataset tars per split + index + summary.json."""
+from __future__ import annotations
+
+import logging
+
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.data.converters import convert
+from pipeline.data.shards import write_split
+from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, rd: RunDir) -> None:
+    splits = convert(cfg.data, cfg.seed)
+    tmp = fresh_dir(rd.shards.with_name("shards.tmp"))
+    summary = {}
+    for split, records in splits.items():
+        summary[split] = write_split(tqdm(records, desc=f"shard {split}", leave=False, mininterval=2), tmp / split,
+                                     split, cfg.data.image_size, cfg.data.image_format,
+                                     cfg.data.shard_max_count, cfg.data.shard_max_size)
+        log.info("shard %s: %d images, %d classes, %d shards, %d skipped", split, summary[split]["images"],
+                 summary[split]["classes"], summary[split]["shards"], summary[split]["skipped"])
+    write_json(tmp / "summary.json", {"dataset": cfg.data.name, "splits": summary})
+    replace_dir(tmp, rd.shards)

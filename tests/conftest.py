@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores on CI: one thread per process keeps parallel subprocesses from oversubscribing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A digits run small enough for the tests: a few steps of a 2-block ViT.
+SMALL = ["model.depth=2", "model.embed_dim=32", "train.global_batch=32", "train.chunk_size=8",
+         "train.max_steps=6", "train.checkpoint_every=3", "train.warmup_steps=2", "eval.batch_size=128"]
+
+
+def run_pipeline(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python pipeline/run.py ...` as a user runs it, in a subprocess."""
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """One complete `stage=all` run on digits, shared by the tests that only read its artifacts."""
+    run_dir = tmp_path_factory.mktemp("digits_run")
+    run_pipeline("stage=all", f"run_dir={run_dir}", *SMALL)
+    return run_dir

@@ -1,0 +1,94 @@
+"""`stage=all` end to end on digits, as a user runs it; skipping, resuming, rerunning."""
+import json
+import shutil
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from conftest import SMALL, run_pipeline
+from pipeline.config import ModelConfig
+from pipeline.data.shards import ShardIndex
+from pipeline.data.transforms import eval_transform
+from pipeline.encoders import load_exported
+from pipeline.inference import load_embeddings
+from pipeline.metrics import retrieval_metrics
+
+METRICS = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"}
+
+
+def test_all_stages_write_their_artifacts(digits_run):
+    metrics = json.loads((digits_run / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"frozen", "finetuned"}
+    for values in metrics.values():
+        assert METRICS <= set(values) and all(0.0 <= values[k] <= 1.0 for k in METRICS)
+    assert metrics["frozen"] != metrics["finetuned"]
+    assert (digits_run / "checkpoints" / "latest").read_text() == "step_6"
+    assert sorted(p.name for p in (digits_run / "checkpoints").iterdir()) == ["latest", "step_3", "step_6"]
+    assert (digits_run / "export" / "model.safetensors").is_file()
+    assert "max_steps: 6" in (digits_run / "config.yaml").read_text()
+    for stage in ("shard", "embed", "finetune", "export", "eval"):
+        assert (digits_run / "stages" / f"{stage}.json").is_file()
+    assert not list(digits_run.glob("*.tmp")) and not list((digits_run / "checkpoints").glob("*.tmp"))
+
+
+def test_metrics_json_matches_the_stored_embeddings(digits_run):
+    """The eval stage scores exactly the embeddings the export reproduces."""
+    stored = load_embeddings(digits_run / "embeddings" / "finetuned" / "test.npz")
+    metrics = json.loads((digits_run / "eval" / "metrics.json").read_text())["finetuned"]
+    again = retrieval_metrics(stored["embeddings"], stored["labels"], nmi=False)
+    assert again["recall@1"] == metrics["recall@1"] and again["map@r"] == metrics["map@r"]
+    assert set(stored["labels"]) == {5, 6, 7, 8, 9}
+    model = load_exported(digits_run / "export")
+    cfg = ModelConfig(**json.loads((digits_run / "export" / "config.json").read_text()))
+    index = ShardIndex.load(digits_run / "shards" / "test")
+    x = torch.stack([eval_transform(cfg)(index.image(i)) for i in range(4)])
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), stored["embeddings"][:4], rtol=1e-5, atol=1e-5)
+
+
+def test_completed_stages_are_skipped(digits_run):
+    before = (digits_run / "eval" / "metrics.json").stat().st_mtime_ns
+    proc = run_pipeline("stage=all", f"run_dir={digits_run}", *SMALL)
+    for stage in ("shard", "embed", "finetune", "export", "eval"):
+        assert f"[{stage}] complete, skipped" in proc.stderr
+    assert (digits_run / "eval" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_eval_alone_runs_missing_prerequisites(tmp_path):
+    proc = run_pipeline("stage=eval", f"run_dir={tmp_path}", *SMALL, "train.max_steps=2")
+    for stage in ("shard", "embed", "finetune", "export", "eval"):
+        assert f"[{stage}] running" in proc.stderr
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_resume_continues_to_the_same_weights(digits_run, tmp_path):
+    """Lose the last checkpoint (a crash after step 3): rerunning resumes and ends bit-identical."""
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    (run / "stages" / "finetune.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "step_6")
+    (run / "checkpoints" / "latest").write_text("step_3")
+    proc = run_pipeline("stage=finetune", f"run_dir={run}", *SMALL)
+    assert "resuming from" in proc.stderr and "step 6/6" in proc.stderr
+    dcp_to_torch_save(run / "checkpoints" / "step_6", tmp_path / "resumed.pt")
+    dcp_to_torch_save(digits_run / "checkpoints" / "step_6", tmp_path / "straight.pt")
+    resumed, straight = torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "straight.pt")
+    for name, tensor in straight["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+
+
+def test_changed_settings_rerun_the_stages_after_them(digits_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    proc = run_pipeline("stage=eval", f"run_dir={run}", *SMALL, "eval.ks=[1,4]")
+    assert "[finetune] complete, skipped" in proc.stderr and "[eval] running" in proc.stderr
+    assert set(json.loads((run / "eval" / "metrics.json").read_text())["frozen"]) >= {"recall@1", "recall@4"}
+
+
+def test_checkpoint_from_another_model_is_refused(digits_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    proc = run_pipeline("stage=finetune", f"run_dir={run}", *SMALL, "model.embed_dim=24", check=False)
+    assert proc.returncode == 2
+    assert "was made by another model config (differs in model.embed_dim)" in proc.stderr.strip().splitlines()[-1]

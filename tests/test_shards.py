@@ -1,0 +1,102 @@
+"""Shards: webdataset layout, random-access index, broken images, the class-disjoint splits."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_pipeline
+from pipeline.config import DataConfig
+from pipeline.data.converters import Record, convert
+from pipeline.data.sampler import PKSampler
+from pipeline.data.shards import ShardIndex, stream_split, write_split
+
+
+def image(value: int, size=12) -> Image.Image:
+    return Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8))
+
+
+def test_write_index_and_read_back(tmp_path):
+    records = [Record(f"s{i:03d}", i % 3, image(i * 10), {"i": i}) for i in range(10)]
+    summary = write_split(records, tmp_path, "train", image_size=8, image_format="png", max_count=4, max_size=1 << 20)
+    assert summary == {"images": 10, "classes": 3, "shards": 3, "skipped": 0, "skipped_files": []}
+    with tarfile.open(tmp_path / "train-000000.tar") as tar:
+        names = tar.getnames()
+    assert sorted(names[:3]) == ["s000.cls", "s000.json", "s000.png"]
+    index = ShardIndex.load(tmp_path)
+    streamed = list(stream_split(tmp_path))
+    assert [k for k, _, _ in streamed] == index.keys == [r.key for r in records]
+    assert list(index.labels) == [r.label for r in records] == [lab for _, _, lab in streamed]
+    for i in (0, 5, 9):  # random access returns the same pixels as the stream, shrunk to 8 px
+        assert index.image(i).size == (8, 8)
+        assert np.array_equal(np.asarray(index.image(i)), np.asarray(streamed[i][1]))
+        assert np.asarray(index.image(i))[0, 0, 0] == i * 10
+
+
+def test_broken_images_are_skipped_and_counted(tmp_path):
+    image(5).save(tmp_path / "good.png")
+    (tmp_path / "text.jpg").write_text("not an image")
+    buf = io.BytesIO()
+    image(9, size=64).save(buf, format="JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+    records = [Record(p.stem, 0, p, {"path": p.name}) for p in sorted(tmp_path.iterdir())]
+    summary = write_split(records, tmp_path / "out", "test", 8, "jpg", 100, 1 << 20)
+    assert (summary["images"], summary["skipped"]) == (1, 2)
+    assert sorted(summary["skipped_files"]) == ["text.jpg", "truncated.jpg"]
+    assert ShardIndex.load(tmp_path / "out").keys == ["good"]
+
+
+def test_digits_split_is_class_disjoint():
+    splits = convert(DataConfig(name="digits", image_size=16), seed=0)
+    train = {r.label for r in splits["train"]}
+    test = {r.label for r in splits["test"]}
+    assert train == {0, 1, 2, 3, 4} and test == {5, 6, 7, 8, 9}
+    assert len(splits["train"]) + len(splits["test"]) == 1797
+    assert splits["train"][0].image.size == (16, 16)
+
+
+def test_imagefolder_split_is_seeded_and_class_disjoint(tmp_path):
+    for c in range(6):
+        (tmp_path / f"class{c}").mkdir()
+        for j in range(2):
+            image(c).save(tmp_path / f"class{c}" / f"{j}.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), test_fraction=0.5)
+    a, b = convert(cfg, seed=1), convert(cfg, seed=1)
+    train, test = {r.meta["class"] for r in a["train"]}, {r.meta["class"] for r in a["test"]}
+    assert len(test) == 3 and not train & test and len(train | test) == 6
+    assert [r.key for r in a["test"]] == [r.key for r in b["test"]]
+
+
+def test_shard_stage_artifacts(digits_run):
+    summary = json.loads((digits_run / "shards" / "summary.json").read_text())
+    assert summary["splits"]["train"]["images"] == 901 and summary["splits"]["test"]["images"] == 896
+    assert summary["splits"]["train"]["classes"] == 5
+    assert list((digits_run / "shards" / "train").glob("*.tar"))
+
+
+class TestPKSampler:
+    labels = np.repeat(np.arange(10), [5, 5, 5, 5, 5, 3, 8, 2, 6, 4])
+
+    def test_groups_of_k_and_deterministic(self):
+        sampler = PKSampler(self.labels, batch_size=16, samples_per_class=4, seed=0)
+        batch = sampler.batch(3)
+        assert len(batch) == 16 and np.array_equal(batch, sampler.batch(3))
+        assert not np.array_equal(batch, sampler.batch(4))
+        counts = np.bincount(self.labels[batch])
+        assert set(counts[counts > 0]) == {4}
+        for c in np.unique(self.labels[batch]):  # distinct samples where the class has K of them
+            if (self.labels == c).sum() >= 4:
+                assert len(set(batch[self.labels[batch] == c])) == 4
+
+    def test_more_groups_than_classes(self):
+        labels = np.repeat(np.arange(3), 20)
+        batch = PKSampler(labels, batch_size=24, samples_per_class=4, seed=1).batch(0)
+        assert sorted(np.bincount(labels[batch])) == [8, 8, 8]
+        assert len(set(batch)) == 24  # distinct samples while the classes have enough
+
+    def test_local_batches_partition_the_global_batch(self):
+        sampler = PKSampler(self.labels, batch_size=16, samples_per_class=4, seed=0)
+        parts = [sampler.local_batch(5, r, 4) for r in range(4)]
+        assert np.array_equal(np.concatenate(parts), sampler.batch(5))
