@@ -59,7 +59,7 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
+    max_steps: int = 200
     global_batch: int = 128
     chunk_size: int = 32            # images per forward in the two-pass step
     samples_per_class: int = 4      # K of the P x K sampler
@@ -67,7 +67,7 @@ class TrainConfig:
     head_lr: float = 1e-3           # the new embedding head learns faster than the backbone
     weight_decay: float = 0.05
     warmup_steps: int = 10
-    checkpoint_every: int = 50
+    checkpoint_every: int = 100
     keep_checkpoints: int = 2
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     tau_rank: float = 0.01
