@@ -1,8 +1,8 @@
 """Checkpoints `run_dir/checkpoints/step_<N>/` through torch.distributed.checkpoint, and `latest`.
 
 A checkpoint is written into `step_<N>.tmp`, renamed when complete, and only then does `latest`
-name it; older ones beyond `keep` are removed. `meta.json` records the model config, so a
-checkpoint from another model is refused with a clear message instead of a shape error.
+name it; older ones beyond `keep` are removed. `meta.json` records the model's architecture, so
+a checkpoint from another model is refused with a clear message instead of a shape error.
 """
 from __future__ import annotations
 

@@ -53,6 +53,13 @@ def _timm_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
 
 BACKBONES = {"timm": _timm_backbone}
 
+# The settings that decide the parameters' names and shapes: a checkpoint fits a model iff these match.
+ARCHITECTURE = ("family", "arch", "image_size", "patch_size", "depth", "global_pool", "embed_dim", "head_norm")
+
+
+def architecture(cfg: ModelConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ARCHITECTURE}
+
 
 def build_encoder(cfg: ModelConfig, seed: int) -> Embedder:
     if cfg.family not in BACKBONES:

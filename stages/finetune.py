@@ -4,7 +4,6 @@ Running it again resumes from run_dir/checkpoints/latest.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -15,7 +14,7 @@ from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import train_transform
 from pipeline.distributed import pick_device, world_from_env
-from pipeline.encoders import build_encoder
+from pipeline.encoders import architecture, build_encoder
 from pipeline.engine import Engine
 from pipeline.losses import RecallAtK
 from pipeline.optim import build_optimizer
@@ -32,14 +31,16 @@ def run(cfg: Config, rd: RunDir) -> None:
     optimizer, scheduler = build_optimizer(model, t)
     engine = Engine(model, optimizer, scheduler, device)
     loss_fn = RecallAtK(t.ks, t.tau_rank, t.tau_count, t.include_query_in_rank)
-    model_meta = dataclasses.asdict(cfg.model)
+    arch = architecture(cfg.model)
 
     start = 0
     if cfg.force:
         fresh_dir(rd.checkpoints)
     elif (last := checkpoint.latest(rd.checkpoints)) is not None:
-        start = checkpoint.load(last, model, optimizer, scheduler, expect_model=model_meta)["step"]
+        start = checkpoint.load(last, model, optimizer, scheduler, expect_model=arch)["step"]
         log.info("resuming from %s", last)
+    if start >= t.max_steps:
+        log.info("the latest checkpoint is at step %d >= train.max_steps=%d: nothing to train", start, t.max_steps)
 
     index = ShardIndex.load(rd.shards / "train")
     sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed)
@@ -54,5 +55,5 @@ def run(cfg: Config, rd: RunDir) -> None:
             log.info("step %d/%d  loss %.4f  lr %.2e  %.0f img/s", done, t.max_steps, loss.item(),
                      scheduler.get_last_lr()[0], rate)
         if done % t.checkpoint_every == 0 or done == t.max_steps:
-            checkpoint.save(rd.checkpoints, done, model, optimizer, scheduler, {"model": model_meta},
+            checkpoint.save(rd.checkpoints, done, model, optimizer, scheduler, {"model": arch},
                             t.keep_checkpoints)

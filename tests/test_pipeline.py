@@ -86,6 +86,15 @@ def test_changed_settings_rerun_the_stages_after_them(digits_run, tmp_path):
     assert set(json.loads((run / "eval" / "metrics.json").read_text())["frozen"]) >= {"recall@1", "recall@4"}
 
 
+def test_resume_with_other_non_architecture_settings(digits_run, tmp_path):
+    """Activation checkpointing or another drop-path rate still fit the checkpoint's weights."""
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    proc = run_pipeline("stage=finetune", f"run_dir={run}", *SMALL, "model.grad_checkpointing=true",
+                        "model.drop_path=0.0", "train.max_steps=7")
+    assert "resuming from" in proc.stderr and "step 7/7" in proc.stderr
+
+
 def test_checkpoint_from_another_model_is_refused(digits_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)

@@ -10,6 +10,7 @@ from PIL import Image
 from conftest import run_pipeline
 from pipeline.config import DataConfig
 from pipeline.data.converters import Record, convert
+from pipeline.data.loader import StepBatches
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex, stream_split, write_split
 
@@ -96,7 +97,12 @@ class TestPKSampler:
         assert sorted(np.bincount(labels[batch])) == [8, 8, 8]
         assert len(set(batch)) == 24  # distinct samples while the classes have enough
 
-    def test_local_batches_partition_the_global_batch(self):
+    def test_rank_shares_partition_the_global_batch(self):
+        """Any world size sees the same (sample, augmentation seed) pairs at a step, split by rank."""
         sampler = PKSampler(self.labels, batch_size=16, samples_per_class=4, seed=0)
-        parts = [sampler.local_batch(5, r, 4) for r in range(4)]
-        assert np.array_equal(np.concatenate(parts), sampler.batch(5))
+        whole = list(StepBatches(sampler, 5, 7, rank=0, world_size=1))
+        for world in (2, 4):
+            shares = [list(StepBatches(sampler, 5, 7, rank=r, world_size=world)) for r in range(world)]
+            for s in range(2):
+                assert sum((share[s] for share in shares), []) == whole[s]
+        assert [i for i, _ in whole[0]] == list(sampler.batch(5))

@@ -42,12 +42,12 @@ class StepBatches:
         return max(0, self.end - self.start)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        share = self.sampler.batch_size // self.world
+        mine = slice(self.rank * share, (self.rank + 1) * share)  # this rank's contiguous share
         for step in range(self.start, self.end):
-            share = self.sampler.batch_size // self.world
-            first = self.rank * share
-            indices = self.sampler.local_batch(step, self.rank, self.world)
-            seeds = np.random.default_rng([self.sampler.seed, step, 1]).integers(0, 2**62, self.sampler.batch_size)
-            yield [(int(i), int(s)) for i, s in zip(indices, seeds[first:first + share])]
+            indices = self.sampler.batch(step)
+            seeds = np.random.default_rng([self.sampler.seed, step, 1]).integers(0, 2**62, len(indices))
+            yield [(int(i), int(s)) for i, s in zip(indices[mine], seeds[mine])]
 
 
 def train_loader(index: ShardIndex, transform: Callable, sampler: PKSampler, start: int, end: int,

@@ -33,9 +33,3 @@ class PKSampler:
             replace = picks[c] > len(members)
             batch.append(rng.choice(members, size=picks[c], replace=replace))
         return np.concatenate(batch)
-
-    def local_batch(self, step: int, rank: int, world_size: int) -> np.ndarray:
-        """This rank's contiguous share of the global batch."""
-        batch = self.batch(step)
-        share = len(batch) // world_size
-        return batch[rank * share:(rank + 1) * share]
