@@ -166,6 +166,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.global_batch={t.global_batch} must be a multiple of train.samples_per_class={t.samples_per_class}")
     if t.chunk_size < 1 or t.global_batch < 2:
         raise UserError("train.chunk_size must be >= 1 and train.global_batch >= 2")
+    if cfg.data.image_format not in ("png", "jpg", "webp"):
+        raise UserError(f"data.image_format={cfg.data.image_format}: use png, jpg or webp")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device={cfg.device}: use auto, cpu or cuda")
 

@@ -27,6 +27,7 @@ def test_contract_keys_exist():
     (["stage=finetun"], "did you mean 'finetune'?"),
     (["train.global_batch=30"], "must be a multiple of train.samples_per_class"),
     (["oops"], "is not key=value"),
+    (["data.image_format=gif"], "use png, jpg or webp"),
 ])
 def test_bad_config_raises_user_error(args, message):
     with pytest.raises(UserError, match=message.replace("?", r"\?").replace("[", r"\[")):
