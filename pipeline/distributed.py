@@ -1,13 +1,23 @@
-"""Who am I: rank, world size and local device, from torchrun / accelerate (RANK, WORLD_SIZE,
-LOCAL_RANK) or from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID)."""
+"""Who am I, and the process group: rank, world size and local device from torchrun / accelerate
+(RANK, WORLD_SIZE, LOCAL_RANK) or from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
+
+Every process-group call in the project goes through here, so the rest of the code never asks
+whether it runs in one process or many.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from pipeline.errors import UserError
+
+# Ranks that wait for rank 0 (sharding a large dataset, say) wait this long before giving up.
+TIMEOUT = timedelta(hours=6)
 
 
 @dataclass(frozen=True)
@@ -15,6 +25,10 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def world_from_env(env=os.environ) -> World:
@@ -31,3 +45,53 @@ def pick_device(name: str, world: World) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", world.local_rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init(world: World, device: torch.device) -> None:
+    """Join the process group when launched as several processes: NCCL on GPUs, gloo on CPUs."""
+    if world.size == 1 or initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
+                            world_size=world.size, timeout=TIMEOUT)
+
+
+def shutdown() -> None:
+    if initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if initialized():
+        dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's value, on every rank (so all ranks take the same decision)."""
+    if not initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn: Callable[[], None]) -> None:
+    """Run fn on rank 0 while the other ranks wait; an error on rank 0 is raised on every rank."""
+    error = None
+    if not initialized() or dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = e
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise UserError(f"rank 0 failed ({failed}); see its log")

@@ -12,9 +12,10 @@ import uuid
 
 from omegaconf import OmegaConf
 
+from pipeline import distributed
 from pipeline import log as logs
 from pipeline.config import Config, load_config, to_yaml
-from pipeline.distributed import world_from_env
+from pipeline.distributed import pick_device, world_from_env
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
 
@@ -32,10 +33,20 @@ INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size"), "fine
 IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "model.grad_checkpointing")
 
 
-def _stage_fn(name: str):
+def _stage_module(name: str):
     from stages import embed, evaluate, export, finetune, shard
-    return {"shard": shard.run, "embed": embed.run, "finetune": finetune.run, "export": export.run,
-            "eval": evaluate.run}[name]
+    return {"shard": shard, "embed": embed, "finetune": finetune, "export": export, "eval": evaluate}[name]
+
+
+def run_stage(stage: str, cfg: Config, rd: RunDir) -> None:
+    """Under several processes, a stage module with DISTRIBUTED = True runs on every rank;
+    any other runs on rank 0 while the others wait."""
+    module = _stage_module(stage)
+    if getattr(module, "DISTRIBUTED", False):
+        module.run(cfg, rd)
+        distributed.barrier()
+    else:
+        distributed.on_main(lambda: module.run(cfg, rd))
 
 
 def _flatten(node, prefix=""):
@@ -64,13 +75,13 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
             ensure(req)
         forced = cfg.force and stage in requested
         fp = fingerprint(cfg, rd, stage)
-        if rd.is_complete(stage, fp) and not forced:
+        if distributed.broadcast_object(rd.is_complete(stage, fp) and not forced):
             log.info("[%s] complete, skipped (force=true reruns it)", stage)
         else:
             log.info("[%s] running", stage)
-            rd.clear_marker(stage)
-            _stage_fn(stage)(dataclasses.replace(cfg, force=forced), rd)
-            rd.mark_complete(stage, fp, run_id=uuid.uuid4().hex)
+            distributed.on_main(lambda: rd.clear_marker(stage))
+            run_stage(stage, dataclasses.replace(cfg, force=forced), rd)
+            distributed.on_main(lambda: rd.mark_complete(stage, fp, run_id=uuid.uuid4().hex))
             log.info("[%s] done", stage)
         done.add(stage)
 
@@ -82,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         world = world_from_env()
-        if world.size > 1 and cfg.parallel.name == "none":
-            raise UserError(f"{world.size} processes were launched but parallel=none runs one; launch a single process")
         rd = RunDir(cfg.run_dir)
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
-        (rd.root / "config.yaml").write_text(to_yaml(cfg))
+        distributed.init(world, pick_device(cfg.device, world))
+        if world.is_main:
+            (rd.root / "config.yaml").write_text(to_yaml(cfg))
         run_stages(cfg, rd)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -95,4 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0

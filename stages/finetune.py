@@ -14,6 +14,7 @@ from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import train_transform
 from pipeline.distributed import pick_device, world_from_env
+from pipeline.errors import UserError
 from pipeline.encoders import architecture, build_encoder
 from pipeline.engine import Engine
 from pipeline.losses import RecallAtK
@@ -24,9 +25,15 @@ from pipeline.two_pass import two_pass_step
 log = logging.getLogger(__name__)
 
 
+DISTRIBUTED = True  # every rank trains (the runner starts it on all of them)
+
+
 def run(cfg: Config, rd: RunDir) -> None:
     t = cfg.train
-    device = pick_device(cfg.device, world_from_env())
+    world = world_from_env()
+    if world.size > 1 and cfg.parallel.name == "none":
+        raise UserError(f"{world.size} processes were launched but parallel=none trains in one; launch a single process")
+    device = pick_device(cfg.device, world)
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
     optimizer, scheduler = build_optimizer(model, t)
     engine = Engine(model, optimizer, scheduler, device)

@@ -26,6 +26,16 @@ def run_pipeline(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def run_torchrun(nproc: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N pipeline/run.py ...` (a free port, gloo on the CPU)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*launcher, str(REPO / "pipeline" / "run.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> Path:
     """One complete `stage=all` run on digits, shared by the tests that only read its artifacts."""

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import SMALL, run_pipeline
+from conftest import SMALL, run_pipeline, run_torchrun
 from pipeline.config import ModelConfig
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
@@ -101,3 +101,13 @@ def test_checkpoint_from_another_model_is_refused(digits_run, tmp_path):
     proc = run_pipeline("stage=finetune", f"run_dir={run}", *SMALL, "model.embed_dim=24", check=False)
     assert proc.returncode == 2
     assert "was made by another model config (differs in model.embed_dim)" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_stages_under_torchrun(tmp_path):
+    """Two processes: rank 0 runs the single-process stages while the other waits; markers once."""
+    run_torchrun(2, "stage=embed", f"run_dir={tmp_path}", *SMALL)
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["embed.json", "shard.json"]
+    assert (tmp_path / "embeddings" / "frozen" / "test.npz").is_file()
+    proc = run_torchrun(2, "stage=finetune", f"run_dir={tmp_path}", *SMALL, check=False)
+    assert proc.returncode != 0
+    assert "error: 2 processes were launched but parallel=none trains in one" in proc.stderr
