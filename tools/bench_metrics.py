@@ -1,0 +1,141 @@
+"""Benchmark of pipeline.metrics.retrieval_metrics against a bare faiss search and pytorch-metric-learning.
+
+    bash tools/env.sh python tools/bench_metrics.py                # SOP's test size, leave-one-out
+    bash tools/env.sh python tools/bench_metrics.py --million      # 1,000,000 x 512 gallery
+
+SOP mode: 60,502 synthetic clustered embeddings (512-d, L2-normalised) in 11,316 classes of 2 to
+about 12 images (SOP's test split has these counts), SOP's ks 1, 10, 100, 1000. In one run it
+times (1) a bare faiss IndexFlatIP built and searched with the same k as retrieval_metrics uses,
+(2) retrieval_metrics without NMI (recall@ks, map@r, r_precision), (3) NMI/AMI alone (k-means with
+11,316 clusters: a different cost, reported apart), (4) pytorch-metric-learning's
+AccuracyCalculator (precision_at_1, MAP@R, R-precision) searching as deep, and prints the ratios.
+
+Million mode: a gallery of 1,000,000 x 512 vectors and --queries distinct queries
+(query -> gallery; leave-one-out holds the same gallery and the same chunk buffers, it only has
+more queries). Prints time per query, the extrapolated time for 1,000,000 leave-one-out queries,
+and the process's peak resident memory (run it in its own process so the peak is its own).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from pipeline import metrics  # noqa: E402
+from pipeline.metrics import retrieval_metrics  # noqa: E402
+
+
+def class_sizes(rng, n: int, n_classes: int, smallest: int = 2) -> np.ndarray:
+    """n images over n_classes classes of at least `smallest`, spread like SOP's (mean ~5.3)."""
+    extra = rng.multinomial(n - smallest * n_classes, np.full(n_classes, 1.0 / n_classes))
+    return smallest + extra
+
+
+def clustered(rng, sizes: np.ndarray, dim: int, noise: float = 2.2, block: int = 1 << 16):
+    """L2-normalised float32 embeddings around random class centres, built in blocks (no float64 n x dim)."""
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    centres = (rng.standard_normal((len(sizes), dim)) / np.sqrt(dim)).astype(np.float32)
+    x = np.empty((len(labels), dim), np.float32)
+    for start in range(0, len(labels), block):
+        part = centres[labels[start:start + block]]
+        part += (noise / np.sqrt(dim)) * rng.standard_normal(part.shape, dtype=np.float32)
+        x[start:start + block] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    return x, labels
+
+
+def timed(fn):
+    tic = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - tic
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def bare_search(x: np.ndarray, k: int):
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    return index.search(x, k)
+
+
+def pml(x: np.ndarray, labels: np.ndarray, k: int) -> dict:
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+                              avg_of_avgs=False, k=k, device=torch.device("cpu"))
+    return calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels), ref_includes_query=True)
+
+
+def sop(args) -> None:
+    rng = np.random.default_rng(0)
+    x, labels = clustered(rng, class_sizes(rng, args.n, args.classes), args.dim)
+    ks = (1, 10, 100, 1000)
+    max_r = int(np.bincount(labels).max()) - 1
+    k_search = max(max(ks), max_r) + 1   # what retrieval_metrics searches (self included)
+    print(f"{len(x)} x {x.shape[1]}, {args.classes} classes (max {max_r + 1} per class), ks {ks}, "
+          f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, k searched {k_search}")
+    rows = []
+    for rep in range(args.repeats):
+        _, t_bare = timed(lambda: bare_search(x, k_search))
+        ours, t_ours = timed(lambda: retrieval_metrics(x, labels, ks=ks, nmi=False))
+        rows.append((t_bare, t_ours))
+        print(f"  run {rep}: bare faiss search {t_bare:.1f} s, retrieval_metrics (no NMI) {t_ours:.1f} s, "
+              f"ratio {t_ours / t_bare:.3f}")
+    print("  metrics:", {k: round(v, 4) if isinstance(v, float) else v for k, v in ours.items()})
+    t_bare, t_ours = min(r[0] for r in rows), min(r[1] for r in rows)
+    print(f"retrieval_metrics / bare faiss (best of {args.repeats}): {t_ours:.1f} / {t_bare:.1f} s = {t_ours / t_bare:.3f}")
+    if args.pml:
+        theirs, t_pml = timed(lambda: pml(x, labels, k_search - 1))
+        print(f"AccuracyCalculator (k={k_search - 1}): {t_pml:.1f} s; retrieval_metrics / AccuracyCalculator = "
+              f"{t_ours / t_pml:.3f}; its precision_at_1 {theirs['precision_at_1']:.4f} "
+              f"map@r {theirs['mean_average_precision_at_r']:.4f} r_precision {theirs['r_precision']:.4f}")
+    if args.nmi:
+        scores, t_nmi = timed(lambda: metrics._clustering_scores(x, labels))
+        print(f"NMI/AMI alone (faiss k-means++, {len(np.unique(labels))} clusters, {metrics.KMEANS_NITER} iterations): "
+              f"{t_nmi:.1f} s = {t_nmi / t_bare:.2f} x the bare search; {scores}")
+    print(f"peak resident memory {peak_rss_gib():.2f} GiB")
+
+
+def million(args) -> None:
+    rng = np.random.default_rng(0)
+    n, dim = 1_000_000, args.dim
+    sizes = class_sizes(rng, n + args.queries, (n + args.queries) // 5)
+    (x, labels), t_gen = timed(lambda: clustered(rng, sizes, dim))
+    q, ql, g, gl = x[:args.queries].copy(), labels[:args.queries], x[args.queries:], labels[args.queries:]
+    del x
+    print(f"gallery {g.shape}, {args.queries} queries, {len(sizes)} classes, generated in {t_gen:.0f} s; "
+          f"{faiss.omp_get_max_threads()} threads; resident {peak_rss_gib():.2f} GiB before the metrics")
+    m, t = timed(lambda: retrieval_metrics(q, ql, g, gl, ks=(1, 10, 100, 1000), nmi=False))
+    per_query = t / args.queries
+    print(f"retrieval_metrics: {t:.1f} s for {args.queries} queries ({per_query * 1e3:.2f} ms/query); "
+          f"1,000,000 leave-one-out queries on this machine: about {per_query * n / 3600:.1f} h")
+    print("  metrics:", {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()})
+    print(f"peak resident memory {peak_rss_gib():.2f} GiB (gallery alone {g.nbytes / 2**30:.2f} GiB)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=60_502)
+    p.add_argument("--classes", type=int, default=11_316)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-pml", dest="pml", action="store_false")
+    p.add_argument("--no-nmi", dest="nmi", action="store_false")
+    p.add_argument("--million", action="store_true")
+    p.add_argument("--queries", type=int, default=10_000)
+    args = p.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    million(args) if args.million else sop(args)
+
+
+if __name__ == "__main__":
+    main()
