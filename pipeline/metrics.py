@@ -19,7 +19,7 @@ out of every retrieval metric and counted in "num_excluded"; "num_queries" count
 If every query is excluded the retrieval metrics are NaN. A k larger than the gallery (less the
 query itself) sees the whole gallery.
 
-Scale: the gallery is held once (n x dim float32, in faiss); queries are searched CHUNK_ROWS at a
+Scale: faiss holds a float32 copy of the gallery (n x dim); queries are searched CHUNK_ROWS at a
 time (fewer when k is large), so the working memory is chunk x k, never n x n. Search and k-means
 run on the GPU when this faiss build sees one (faiss-gpu), on the CPU otherwise, and fall back to
 the CPU when the GPU refuses (out of memory, k above what GPU search supports).
@@ -27,9 +27,8 @@ the CPU when the GPU refuses (out of memory, k above what GPU search supports).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import logging
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
@@ -104,7 +103,7 @@ def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, loo: 
     return r - int(loo)
 
 
-def _drop_self(nbrs: np.ndarray, self_idx: np.ndarray | None) -> np.ndarray:
+def _self_mask(nbrs: np.ndarray, self_idx: np.ndarray | None) -> np.ndarray:
     """Where each query itself sits in its neighbour list (found by index, not by rank: ties and
     duplicates mean it need not come first). If it fell outside the k searched, the last column
     is marked instead, so every row keeps k - 1 neighbours. None: nothing to drop."""
@@ -120,7 +119,7 @@ def _score_chunk(nbrs: np.ndarray, self_idx: np.ndarray | None, relevant: np.nda
     """Sums over a chunk's queries. nbrs: their neighbours, nearest first; relevant[i, j]: whether
     nbrs[i, j] has query i's label; self_idx: the queries' own indices in leave-one-out."""
     n = len(nbrs)
-    is_self = _drop_self(nbrs, self_idx)
+    is_self = _self_mask(nbrs, self_idx)
     relevant &= ~is_self
     # recall@k from the rank of the first relevant neighbour (ranks counted without the query itself)
     first = relevant.argmax(axis=1)
