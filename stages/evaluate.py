@@ -15,8 +15,10 @@ import json
 import logging
 from pathlib import Path
 
+from torch import nn
+
 from pipeline import checkpoint, distributed, plots, protocols, report
-from pipeline.config import Config
+from pipeline.config import Config, ModelConfig
 from pipeline.data.transforms import eval_transform
 from pipeline.diagnostics import embedding_diagnostics, singular_values
 from pipeline.distributed import pick_device, world_from_env
@@ -44,28 +46,29 @@ def run(cfg: Config, rd: RunDir) -> None:
         if name == "frozen":
             sources[name] = f"the encoder before finetuning (`{rd.embeddings('frozen')}`)"
             continue
-        model, sources[name] = load_model(name, cfg, rd)
+        model, model_cfg, sources[name] = load_model(name, cfg, rd)
         model.to(device)
         for split in splits:
-            data = embed_split(model, rd.shards / split, eval_transform(cfg.model), cfg.eval.batch_size,
+            data = embed_split(model, rd.shards / split, eval_transform(model_cfg), cfg.eval.batch_size,
                                device, total=available[split]["images"], desc=f"embed {split} ({name})")
             if world_from_env().is_main:
                 save_embeddings(rd.embeddings(name) / f"{split}.npz", data)
     distributed.on_main(lambda: write_results(cfg, rd, proto, splits, sources))
 
 
-def load_model(name: str, cfg: Config, rd: RunDir):
-    """The encoder to embed with, and a line saying where it came from."""
+def load_model(name: str, cfg: Config, rd: RunDir) -> tuple[nn.Module, ModelConfig, str]:
+    """The encoder to embed with, its config (for the input transform), and where it came from."""
     if name == "finetuned":
         folder = Path(cfg.eval.export).expanduser() if cfg.eval.export else rd.export
         if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
             raise UserError(f"{folder} is not an exported model (model.safetensors + config.json); "
                             "run stage=export or set eval.export=<folder>")
-        return load_exported(folder), f"exported model `{folder}`"
+        model_cfg = ModelConfig(**json.loads((folder / "config.json").read_text()))
+        return load_exported(folder), model_cfg, f"exported model `{folder}`"
     path = checkpoint_path(cfg.eval.checkpoint, rd)
     model = build_encoder(cfg.model, cfg.seed)
     meta = checkpoint.load(path, model, expect_model=architecture(cfg.model))
-    return model.eval(), f"checkpoint `{path}` (step {meta['step']})"
+    return model.eval(), cfg.model, f"checkpoint `{path}` (step {meta['step']})"
 
 
 def checkpoint_path(spec: str, rd: RunDir) -> Path:

@@ -93,6 +93,8 @@ def sop(args) -> None:
         print(f"  run {rep}: bare faiss search {bare_wall:.1f} s wall / {bare_cpu:.1f} s CPU; retrieval_metrics "
               f"(no NMI) {wall:.1f} s / {cpu:.1f} s; ratio {wall / bare_wall:.3f} wall, {cpu / bare_cpu:.3f} CPU",
               flush=True)
+    if not rows:   # --repeats 0: NMI alone
+        return nmi(x, labels)
     print("  metrics:", {k: round(v, 4) if isinstance(v, float) else v for k, v in ours.items()})
     best = np.min(np.array(rows), axis=0)
     print(f"retrieval_metrics / bare faiss, best of {args.repeats}: wall {best[2]:.1f} / {best[0]:.1f} s = "
@@ -104,10 +106,15 @@ def sop(args) -> None:
               f"{theirs['precision_at_1']:.4f} map@r {theirs['mean_average_precision_at_r']:.4f} "
               f"r_precision {theirs['r_precision']:.4f}", flush=True)
     if args.nmi:
-        scores, nmi_wall, nmi_cpu = timed(lambda: metrics._clustering_scores(x, labels))
-        print(f"NMI/AMI alone (faiss k-means++, {len(np.unique(labels))} clusters, {metrics.KMEANS_NITER} iterations): "
-              f"{nmi_wall:.1f} s wall / {nmi_cpu:.1f} s CPU = {nmi_cpu / best[1]:.2f} x the bare search's CPU; {scores}")
+        nmi(x, labels, best[1])
     print(f"peak resident memory {peak_rss_gib():.2f} GiB")
+
+
+def nmi(x: np.ndarray, labels: np.ndarray, bare_cpu: float | None = None) -> None:
+    scores, wall, cpu = timed(lambda: metrics._clustering_scores(x, labels))
+    ratio = f" = {cpu / bare_cpu:.2f} x the bare search's CPU" if bare_cpu else ""
+    print(f"NMI/AMI alone (faiss k-means++, {len(np.unique(labels))} clusters, {metrics.KMEANS_NITER} iterations): "
+          f"{wall:.1f} s wall / {cpu:.1f} s CPU{ratio}; {scores}", flush=True)
 
 
 def million(args) -> None:
