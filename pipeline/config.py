@@ -176,7 +176,8 @@ def validate(cfg: Config) -> None:
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device={cfg.device}: use auto, cpu or cuda")
     models = ("frozen", "finetuned", "checkpoint")
-    if not cfg.eval.models or any(m not in models for m in cfg.eval.models) or len(set(cfg.eval.models)) < len(cfg.eval.models):
+    chosen = cfg.eval.models
+    if not chosen or any(m not in models for m in chosen) or len(set(chosen)) < len(chosen):
         raise UserError(f"eval.models={cfg.eval.models}: list some of {', '.join(models)}, each once")
 
 
