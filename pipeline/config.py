@@ -78,10 +78,15 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    ks: list[int] | None = None     # None: the dataset's standard ks (pipeline/protocols.py)
     batch_size: int = 256
     nmi: bool = True
-    split: str = "test"
+    split: str | None = None        # None: the dataset's protocol; else leave-one-out on this split
+    gallery: str | None = None      # with eval.split: query split -> this gallery split
+    models: list[str] = field(default_factory=lambda: ["frozen", "finetuned"])  # frozen | finetuned | checkpoint
+    export: str | None = None       # "finetuned" = this exported model folder instead of run_dir/export
+    checkpoint: str = "latest"      # "checkpoint" = latest | step_<N> of run_dir/checkpoints, or a checkpoint folder
+    diagnostics: bool = True        # rho and pi_ratio on train and test embeddings (embeds train too)
 
 
 @dataclass
@@ -170,6 +175,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.image_format={cfg.data.image_format}: use png, jpg or webp")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device={cfg.device}: use auto, cpu or cuda")
+    models = ("frozen", "finetuned", "checkpoint")
+    chosen = cfg.eval.models
+    if not chosen or any(m not in models for m in chosen) or len(set(chosen)) < len(chosen):
+        raise UserError(f"eval.models={cfg.eval.models}: list some of {', '.join(models)}, each once")
 
 
 def to_yaml(cfg: Config) -> str:

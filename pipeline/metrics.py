@@ -18,10 +18,16 @@ out of every retrieval metric and counted in "num_excluded"; "num_queries" count
 
 If every query is excluded the retrieval metrics are NaN. A k larger than the gallery (less the
 query itself) sees the whole gallery.
+
+Scale: faiss holds a float32 copy of the gallery (n x dim); queries are searched CHUNK_ROWS at a
+time (fewer when k is large), so the working memory is chunk x k, never n x n. Search and k-means
+run on the GPU when this faiss build sees one (faiss-gpu), on the CPU otherwise, and fall back to
+the CPU when the GPU refuses (out of memory, k above what GPU search supports).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import faiss
@@ -34,6 +40,9 @@ _MAX_CHUNK_ELEMENTS = 1 << 25  # fewer rows per chunk when k is large: memory st
 _GPU_MAX_K = 2048            # faiss GPU search supports k up to this
 KMEANS_NITER = 20
 KMEANS_SEED = 1234
+_FINITE_CHECK_ROWS = 1 << 16   # rows checked for NaN at a time: no n x dim temporary
+
+log = logging.getLogger(__name__)
 
 
 def _use_gpu() -> bool:
@@ -42,9 +51,15 @@ def _use_gpu() -> bool:
 
 
 def _flat_ip_index(gallery: np.ndarray, k: int) -> faiss.Index:
-    index = faiss.IndexFlatIP(gallery.shape[1])
+    """Exact inner-product index over the gallery: on the GPU(s) when possible, else on the CPU."""
     if _use_gpu() and k <= _GPU_MAX_K:
-        index = faiss.index_cpu_to_all_gpus(index)
+        try:
+            index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(gallery.shape[1]))
+            index.add(gallery)
+            return index
+        except (RuntimeError, MemoryError) as e:  # faiss reports GPU out-of-memory as RuntimeError
+            log.warning("faiss GPU index failed (%s); searching on the CPU", str(e).splitlines()[0])
+    index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(gallery)
     return index
 
@@ -57,8 +72,11 @@ def _embeddings(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D (n, dim) array, got shape {x.shape}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {x.shape})")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf values")
+    for start in range(0, len(x), _FINITE_CHECK_ROWS):
+        bad = ~np.isfinite(x[start:start + _FINITE_CHECK_ROWS]).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{name} contains NaN or inf values (row {start + int(np.argmax(bad))} is the first); "
+                             f"the model that made them has diverged or the embeddings file is corrupt")
     return x
 
 
@@ -85,14 +103,40 @@ def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, loo: 
     return r - int(loo)
 
 
-def _score_chunk(rel: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    """Sums over a chunk's queries; rel[i, j] says if query i's j-th neighbour is relevant."""
+def _self_mask(nbrs: np.ndarray, self_idx: np.ndarray | None) -> np.ndarray:
+    """Where each query itself sits in its neighbour list (found by index, not by rank: ties and
+    duplicates mean it need not come first). If it fell outside the k searched, the last column
+    is marked instead, so every row keeps k - 1 neighbours. None: nothing to drop."""
+    if self_idx is None:
+        return np.zeros(nbrs.shape, dtype=bool)
+    is_self = nbrs == self_idx[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    return is_self
+
+
+def _score_chunk(nbrs: np.ndarray, self_idx: np.ndarray | None, relevant: np.ndarray, r: np.ndarray,
+                 ks: Sequence[int]) -> dict[str, float]:
+    """Sums over a chunk's queries. nbrs: their neighbours, nearest first; relevant[i, j]: whether
+    nbrs[i, j] has query i's label; self_idx: the queries' own indices in leave-one-out."""
+    n = len(nbrs)
+    is_self = _self_mask(nbrs, self_idx)
+    relevant &= ~is_self
+    # recall@k from the rank of the first relevant neighbour (ranks counted without the query itself)
+    first = relevant.argmax(axis=1)
+    found = relevant[np.arange(n), first]
+    first_rank = first - (is_self.argmax(axis=1) < first) if self_idx is not None else first
+    sums = {f"recall@{k}": float((found & (first_rank < k)).sum()) for k in ks}
+    # MAP@R and R-precision look at the first R neighbours only: compact that narrow slice.
+    width = min(int(r.max()) + int(self_idx is not None), nbrs.shape[1])
+    keep = ~is_self[:, :width]
+    if self_idx is not None:
+        keep[keep.all(axis=1), -1] = False
+    rel = relevant[:, :width][keep].reshape(n, -1)
     rank = np.arange(1, rel.shape[1] + 1)
-    rel_r = rel & (rank[None, :] <= r[:, None])          # only the first R ranks count
-    hits_r = np.cumsum(rel_r, axis=1)
-    sums = {f"recall@{k}": float(rel[:, :k].any(axis=1).sum()) for k in ks}
-    sums["map@r"] = float((((hits_r / rank) * rel_r).sum(axis=1) / r).sum())
-    sums["r_precision"] = float((hits_r[:, -1] / r).sum())
+    rel &= rank[None, :] <= r[:, None]                       # only the first R ranks count
+    hits = np.cumsum(rel, axis=1)
+    sums["map@r"] = float((((hits / rank) * rel).sum(axis=1) / r).sum())
+    sums["r_precision"] = float((hits[:, -1] / r).sum())
     return sums
 
 
@@ -131,14 +175,8 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
         for start in range(0, len(scored), rows):
             idx = scored[start:start + rows]
             _, nbrs = index.search(q[idx], k_search)
-            if loo:
-                # Drop the query itself by index: ties and duplicates mean it need not come first.
-                # If it fell outside the top k_search, drop the last column so rows stay aligned.
-                is_self = nbrs == idx[:, None]
-                is_self[~is_self.any(axis=1), -1] = True
-                nbrs = nbrs[~is_self].reshape(len(idx), k_search - 1)
-            rel = g_labels[nbrs] == q_labels[idx, None]
-            for name, value in _score_chunk(rel, r[idx], ks).items():
+            relevant = g_labels[nbrs] == q_labels[idx, None]
+            for name, value in _score_chunk(nbrs, idx if loo else None, relevant, r[idx], ks).items():
                 totals[name] += value
 
     n = len(scored)
@@ -150,10 +188,8 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
     return out
 
 
-def _clustering_scores(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """NMI and AMI of seeded faiss k-means with one cluster per distinct label."""
-    n_clusters = len(np.unique(labels))
-    options = dict(niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=_use_gpu(), verbose=False)
+def _kmeans_assign(x: np.ndarray, n_clusters: int, gpu: bool) -> np.ndarray:
+    options = dict(niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=gpu, verbose=False)
     # Random init often puts two seeds in one class and merges two others, even when classes are
     # perfectly separated; k-means++ (recent faiss; costs a few iterations) avoids most of that.
     if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):
@@ -161,5 +197,18 @@ def _clustering_scores(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     kmeans = faiss.Kmeans(x.shape[1], n_clusters, **options)
     kmeans.train(x)
     _, assign = kmeans.index.search(x, 1)
-    return {"nmi": float(normalized_mutual_info_score(labels, assign[:, 0])),
-            "ami": float(adjusted_mutual_info_score(labels, assign[:, 0]))}
+    return assign[:, 0]
+
+
+def _clustering_scores(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """NMI and AMI of seeded faiss k-means with one cluster per distinct label."""
+    n_clusters = len(np.unique(labels))
+    try:
+        assign = _kmeans_assign(x, n_clusters, gpu=_use_gpu())
+    except (RuntimeError, MemoryError) as e:
+        if not _use_gpu():
+            raise
+        log.warning("faiss GPU k-means failed (%s); clustering on the CPU", str(e).splitlines()[0])
+        assign = _kmeans_assign(x, n_clusters, gpu=False)
+    return {"nmi": float(normalized_mutual_info_score(labels, assign)),
+            "ami": float(adjusted_mutual_info_score(labels, assign))}

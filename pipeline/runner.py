@@ -33,6 +33,16 @@ INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size"), "fine
 IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "model.grad_checkpointing")
 
 
+def requires(stage: str, cfg: Config) -> tuple[str, ...]:
+    """The stages `stage` needs; eval needs only those that make the models it evaluates."""
+    if stage != "eval":
+        return REQUIRES[stage]
+    models, e = cfg.eval.models, cfg.eval
+    need = {"embed": "frozen" in models, "export": "finetuned" in models and e.export is None,
+            "finetune": "checkpoint" in models and (e.checkpoint == "latest" or e.checkpoint.startswith("step_"))}
+    return tuple(s for s in ORDER if need.get(s)) or ("shard",)
+
+
 def _stage_module(name: str):
     from stages import embed, evaluate, export, finetune, shard
     return {"shard": shard, "embed": embed, "finetune": finetune, "export": export, "eval": evaluate}[name]
@@ -61,7 +71,7 @@ def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
     flat = dict(_flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
     settings = {k: v for k, v in flat.items()
                 if any(k == p or k.startswith(p + ".") for p in INPUTS[stage]) and k not in IGNORED}
-    return {"settings": settings, "after": {req: rd.run_id(req) for req in REQUIRES[stage]}}
+    return {"settings": settings, "after": {req: rd.run_id(req) for req in requires(stage, cfg)}}
 
 
 def run_stages(cfg: Config, rd: RunDir) -> None:
@@ -71,7 +81,7 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
     def ensure(stage: str) -> None:
         if stage in done:
             return
-        for req in REQUIRES[stage]:
+        for req in requires(stage, cfg):
             ensure(req)
         forced = cfg.force and stage in requested
         fp = fingerprint(cfg, rd, stage)

@@ -1,39 +1,131 @@
-"""eval: exact faiss kNN, leave-one-out on the test split, for the frozen and the finetuned encoder.
+"""eval: exact faiss kNN under the dataset's protocol, for each model in eval.models.
 
-Writes run_dir/eval/metrics.json as {"frozen": {...}, "finetuned": {...}} and prints a table.
+    frozen      the embed stage's embeddings (the encoder before finetuning)
+    finetuned   run_dir/export (or the exported folder eval.export), embedded here
+    checkpoint  eval.checkpoint (latest | step_<N> of run_dir/checkpoints, or a checkpoint folder), embedded here
+
+Every rank embeds (pipeline.inference.embed_split shares the work across ranks); rank 0 saves the
+embeddings and writes run_dir/eval/: metrics.json ({"frozen": {...}, "finetuned": {...}}; a
+protocol with several evaluations, VehicleID, nests them: {"frozen": {"test800": {...}, ...}}),
+diagnostics.json (Roth et al. per model and split), recall_at_k.png, spectrum.png and report.md.
 """
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
-from pipeline.config import Config
+from torch import nn
+
+from pipeline import checkpoint, distributed, plots, protocols, report
+from pipeline.config import Config, ModelConfig
 from pipeline.data.transforms import eval_transform
+from pipeline.diagnostics import embedding_diagnostics, singular_values
 from pipeline.distributed import pick_device, world_from_env
-from pipeline.encoders import load_exported
+from pipeline.encoders import architecture, build_encoder, load_exported
 from pipeline.errors import UserError
 from pipeline.inference import embed_split, load_embeddings, save_embeddings
 from pipeline.metrics import retrieval_metrics
-from pipeline.run_dir import RunDir, write_json
+from pipeline.protocols import Protocol
+from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
+DISTRIBUTED = True  # every rank embeds; metrics and files on rank 0
+
 
 def run(cfg: Config, rd: RunDir) -> None:
-    split = cfg.eval.split
     device = pick_device(cfg.device, world_from_env())
-    splits = json.loads((rd.shards / "summary.json").read_text())["splits"]
-    if split not in splits:
-        raise UserError(f"eval.split={split} is not in {rd.shards} (splits: {', '.join(splits)})")
-    total = splits[split]["images"]
-    finetuned = embed_split(load_exported(rd.export).to(device), rd.shards / split, eval_transform(cfg.model),
-                            cfg.eval.batch_size, device, total=total, desc=f"embed {split} (finetuned)")
-    save_embeddings(rd.embeddings("finetuned") / f"{split}.npz", finetuned)
-    results = {}
-    for name, data in (("frozen", load_embeddings(rd.embeddings("frozen") / f"{split}.npz")), ("finetuned", finetuned)):
-        results[name] = retrieval_metrics(data["embeddings"], data["labels"], ks=tuple(cfg.eval.ks), nmi=cfg.eval.nmi)
-    write_json(rd.eval / "metrics.json", results)
-    log.info("metrics on %s (%s):\n%s", split, rd.eval / "metrics.json", table(results))
+    available = json.loads((rd.shards / "summary.json").read_text())["splits"]
+    proto = protocols.resolve(cfg.data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery)
+    protocols.check_splits(proto, list(available), str(rd.shards))
+    splits = proto.splits + (["train"] if cfg.eval.diagnostics and "train" in available
+                             and "train" not in proto.splits else [])
+    sources = {}
+    for name in cfg.eval.models:
+        if name == "frozen":
+            sources[name] = f"the encoder before finetuning (`{rd.embeddings('frozen')}`)"
+            continue
+        model, model_cfg, sources[name] = load_model(name, cfg, rd)
+        model.to(device)
+        for split in splits:
+            data = embed_split(model, rd.shards / split, eval_transform(model_cfg), cfg.eval.batch_size,
+                               device, total=available[split]["images"], desc=f"embed {split} ({name})")
+            if world_from_env().is_main:
+                save_embeddings(rd.embeddings(name) / f"{split}.npz", data)
+    distributed.on_main(lambda: write_results(cfg, rd, proto, splits, sources))
+
+
+def load_model(name: str, cfg: Config, rd: RunDir) -> tuple[nn.Module, ModelConfig, str]:
+    """The encoder to embed with, its config (for the input transform), and where it came from."""
+    if name == "finetuned":
+        folder = Path(cfg.eval.export).expanduser() if cfg.eval.export else rd.export
+        if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
+            raise UserError(f"{folder} is not an exported model (model.safetensors + config.json); "
+                            "run stage=export or set eval.export=<folder>")
+        model_cfg = ModelConfig(**json.loads((folder / "config.json").read_text()))
+        return load_exported(folder), model_cfg, f"exported model `{folder}`"
+    path = checkpoint_path(cfg.eval.checkpoint, rd)
+    model = build_encoder(cfg.model, cfg.seed)
+    meta = checkpoint.load(path, model, expect_model=architecture(cfg.model))
+    return model.eval(), cfg.model, f"checkpoint `{path}` (step {meta['step']})"
+
+
+def checkpoint_path(spec: str, rd: RunDir) -> Path:
+    """eval.checkpoint: latest, step_<N> (in run_dir/checkpoints) or a checkpoint folder."""
+    if spec == "latest":
+        path = checkpoint.latest(rd.checkpoints)
+        if path is None:
+            raise UserError(f"eval.checkpoint=latest but {rd.checkpoints} has no checkpoint; run stage=finetune first")
+        return path
+    path = rd.checkpoints / spec if spec.startswith("step_") else Path(spec).expanduser()
+    if not (path / "meta.json").is_file():
+        raise UserError(f"eval.checkpoint={spec}: {path} is not a checkpoint folder (no meta.json); "
+                        f"use latest, step_<N> or a path to one")
+    return path
+
+
+def score(name: str, proto: Protocol, data: dict[str, dict], nmi: bool) -> dict[str, dict]:
+    """Evaluation name -> retrieval metrics of one model."""
+    out = {}
+    for e in proto.evaluations:
+        q = data[e.query]
+        gallery = (data[e.gallery]["embeddings"], data[e.gallery]["labels"]) if e.gallery else (None, None)
+        try:
+            out[e.name] = retrieval_metrics(q["embeddings"], q["labels"], *gallery, ks=proto.ks, nmi=nmi)
+        except ValueError as err:
+            raise UserError(f"{name} embeddings of {e.query}: {err}") from None
+    return out
+
+
+def write_results(cfg: Config, rd: RunDir, proto: Protocol, splits: list[str], sources: dict[str, str]) -> None:
+    results, diagnostics, spectra = {}, {}, {}
+    for name in cfg.eval.models:
+        data = {}
+        for split in splits:
+            path = rd.embeddings(name) / f"{split}.npz"
+            if not path.is_file():
+                raise UserError(f"{path} is missing; run stage=embed force=true")
+            data[split] = load_embeddings(path)
+        results[name] = score(name, proto, data, cfg.eval.nmi)
+        if cfg.eval.diagnostics:
+            diagnostics[name] = {s: embedding_diagnostics(d["embeddings"], d["labels"]) for s, d in data.items()}
+            spectra.update({(name, s): (singular_values(d["embeddings"]), diagnostics[name][s]["rho"])
+                            for s, d in data.items()})
+    tmp = fresh_dir(rd.eval.with_name("eval.tmp"))
+    plots.recall_at_k(results, list(proto.ks), tmp / "recall_at_k.png")
+    if spectra:
+        plots.spectrum(spectra, tmp / "spectrum.png")
+        write_json(tmp / "diagnostics.json", diagnostics)
+    title = f"Evaluation: {cfg.data.name}, run `{rd.root}`"
+    (tmp / "report.md").write_text(report.markdown(title, proto, results, sources, diagnostics or None))
+    flat = {name: by_eval[proto.evaluations[0].name] if len(proto.evaluations) == 1 else by_eval
+            for name, by_eval in results.items()}
+    write_json(tmp / "metrics.json", flat)
+    replace_dir(tmp, rd.eval)
+    for evaluation in results[cfg.eval.models[0]]:
+        log.info("metrics on %s (%s):\n%s", evaluation, rd.eval / "metrics.json",
+                 table({name: by_eval[evaluation] for name, by_eval in results.items()}))
 
 
 def table(results: dict[str, dict]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -220,3 +221,56 @@ Y = np.array([0, 0, 1, 1])
 def test_bad_input_raises_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         retrieval_metrics(**kwargs)
+
+
+class RecordingIndex:
+    """Wraps a faiss index and records the shape of every search."""
+
+    def __init__(self, index):
+        self.index, self.searches = index, []
+
+    def search(self, x, k):
+        self.searches.append((len(x), k))
+        return self.index.search(x, k)
+
+
+def test_memory_bounded_by_chunk_times_k(monkeypatch):
+    rng = np.random.default_rng(6)
+    x, labels = clustered(rng, [6, 9, 12, 7, 30, 16])
+    expected = retrieval_metrics(x, labels, ks=(1, 4, 64), nmi=False)
+    made = []
+    build = metrics._flat_ip_index
+    monkeypatch.setattr(metrics, "_flat_ip_index", lambda g, k: made.append(RecordingIndex(build(g, k))) or made[-1])
+    monkeypatch.setattr(metrics, "_MAX_CHUNK_ELEMENTS", 500)
+    got = retrieval_metrics(x, labels, ks=(1, 4, 64), nmi=False)
+    assert got == pytest.approx(expected, abs=1e-12)
+    searches = made[0].searches
+    assert sum(n for n, _ in searches) == len(x) and len(searches) > 1
+    assert all(k == 65 and n * k <= 500 for n, k in searches)   # k = 64 + the query itself
+
+
+def test_gpu_failure_falls_back_to_the_cpu(monkeypatch, caplog):
+    """Where faiss sees a GPU but cannot use it (out of memory), search and k-means run on the CPU."""
+    rng = np.random.default_rng(7)
+    x, labels = clustered(rng, [5, 8, 11, 6])
+    expected = retrieval_metrics(x, labels)
+
+    def no_gpu_memory(*args, **kwargs):
+        raise RuntimeError("Error: 'err == cudaSuccess' failed: out of memory")
+
+    assign = metrics._kmeans_assign
+    monkeypatch.setattr(metrics, "_use_gpu", lambda: True)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", no_gpu_memory)
+    monkeypatch.setattr(metrics, "_kmeans_assign", lambda x, n, gpu: no_gpu_memory() if gpu else assign(x, n, gpu))
+    with caplog.at_level("WARNING"):
+        got = retrieval_metrics(x, labels)
+    assert got == expected
+    assert "faiss GPU index failed" in caplog.text and "faiss GPU k-means failed" in caplog.text
+
+
+def test_nan_found_in_any_block_with_its_row(monkeypatch):
+    monkeypatch.setattr(metrics, "_FINITE_CHECK_ROWS", 3)
+    x = np.tile(circle(0, 10, 20, 30), (3, 1))
+    x[10, 0] = np.nan
+    with pytest.raises(ValueError, match=r"query contains NaN or inf values \(row 10 is the first\)"):
+        retrieval_metrics(x, np.arange(12) % 3)

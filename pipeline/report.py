@@ -1,0 +1,48 @@
+"""The eval stage's Markdown report: retrieval metrics per model, finetuned minus frozen, diagnostics."""
+from __future__ import annotations
+
+from pipeline.protocols import Protocol
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def _describe(proto: Protocol) -> str:
+    parts = [f"`{e.query}` leave-one-out" if e.gallery is None else f"`{e.query}` -> `{e.gallery}`"
+             for e in proto.evaluations]
+    return f"{'; '.join(parts)}; ks {', '.join(map(str, proto.ks))}"
+
+
+def markdown(title: str, proto: Protocol, results: dict[str, dict[str, dict]], sources: dict[str, str],
+             diagnostics: dict[str, dict[str, dict]] | None) -> str:
+    """results: model -> evaluation -> metrics; diagnostics: model -> split -> rho/pi values."""
+    lines = [f"# {title}", "", f"Protocol: {_describe(proto)}.", ""]
+    lines += [f"- **{model}**: {source}" for model, source in sources.items()] + [""]
+    for evaluation in next(iter(results.values())):
+        metrics = [k for k, v in next(iter(results.values()))[evaluation].items() if not k.startswith("num_")]
+        rows = [[model, *(by_eval[evaluation][k] for k in metrics)] for model, by_eval in results.items()]
+        if "frozen" in results and "finetuned" in results:
+            f, t = results["frozen"][evaluation], results["finetuned"][evaluation]
+            rows.append(["finetuned - frozen", *(f"{t[k] - f[k]:+.4f}" for k in metrics)])
+        counts = next(iter(results.values()))[evaluation]
+        lines += [f"## Retrieval: {evaluation}", "",
+                  f"{counts['num_queries']} queries scored, {counts['num_excluded']} excluded (no other image of "
+                  "their class in the gallery).", ""]
+        lines += _table(["model", *metrics], rows) + [""]
+    lines += ["![recall@k](recall_at_k.png)", ""]
+    if diagnostics:
+        rows = [[model, split, d["rho"], d["pi_intra"], d["pi_inter"], d["pi_ratio"]]
+                for model, by_split in diagnostics.items() for split, d in by_split.items()]
+        lines += ["## Embedding space (Roth et al. 2020)", "",
+                  "rho: KL divergence of the normalised singular-value spectrum from uniform (lower: more "
+                  "directions used). pi_intra / pi_inter: mean cosine distance within classes / between "
+                  "class centres; pi_ratio = pi_intra / pi_inter.", ""]
+        lines += _table(["model", "split", "rho", "pi_intra", "pi_inter", "pi_ratio"], rows) + [""]
+        lines += ["![singular-value spectrum](spectrum.png)", ""]
+    return "\n".join(lines)
