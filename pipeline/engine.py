@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -157,6 +159,7 @@ class DeepSpeedEngine(Engine):
                  config: dict):
         import deepspeed
 
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the training log
         super().__init__(model, optimizer, scheduler, device)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                 lr_scheduler=scheduler, config=config)
@@ -205,12 +208,22 @@ def deepspeed_config(cfg: ParallelConfig, chunk_size: int, device: torch.device)
             "train_batch_size": chunk_size * distributed.world_size()}
 
 
+def check_launcher(name: str, env=os.environ) -> None:
+    """`accelerate launch` with a DeepSpeed or FSDP config only starts the processes: the backend is
+    parallel=..., so a config file that says otherwise is a mistake worth one line."""
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true" and not name.startswith("zero"):
+        raise UserError(f"accelerate launched with a DeepSpeed config but parallel={name}; add parallel=zero1|zero2|zero3")
+    if env.get("ACCELERATE_USE_FSDP") == "true" and name != "fsdp2":
+        raise UserError(f"accelerate launched with an FSDP config but parallel={name}; add parallel=fsdp2")
+
+
 def build_engine(model: nn.Module, make_optimizer: OptimizerFactory, cfg: ParallelConfig, chunk_size: int,
                  device: torch.device) -> Engine:
     """The engine for `parallel=<cfg.name>`; `make_optimizer(model)` gives the optimizer and scheduler
     (called after sharding where the backend replaces the parameters)."""
     if cfg.name not in BACKENDS:
         raise UserError(f"parallel.name={cfg.name} is unknown; use one of {', '.join(BACKENDS)}")
+    check_launcher(cfg.name)
     if cfg.name == "none":
         return Engine(model, *make_optimizer(model), device)
     distributed.ensure_group(device)

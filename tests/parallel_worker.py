@@ -1,5 +1,6 @@
 """Two two-pass steps under each backend, on this rank's share of the global batch; rank 0 saves the
-weights after them, for tests/test_parallel.py to compare with one process doing one-pass steps.
+weights after them, for tests/test_parallel.py to compare with one process doing one-pass steps,
+and the weights of a fresh engine that loaded the engine's checkpoint.
 
     torchrun --nproc_per_node 2 tests/parallel_worker.py OUT_DIR ddp,zero1,... plain,frozen_ckpt
 """
@@ -61,6 +62,14 @@ def main(out: Path, backends: list[str], variants: list[str]) -> None:
             state = engine.full_state_dict()
             if world.is_main:
                 torch.save(state, out / f"{backend}-{variant}.pt")
+            if variant == VARIANTS[0]:
+                engine.save(out / f"checkpoint-{backend}")
+                model, _, _ = problem(variant)
+                again = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
+                again.load(out / f"checkpoint-{backend}")
+                state = again.full_state_dict()
+                if world.is_main:
+                    torch.save(state, out / f"{backend}-reloaded.pt")
     distributed.shutdown()
 
 
