@@ -94,9 +94,10 @@ def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "
     DCP checkpoints (parallel=none, ddp, fsdp2) load under any of those backends and world sizes;
     a DeepSpeed checkpoint only under the parallel setting that wrote it (resharding: a later issue)."""
     meta = _meta(path, expect_model)
-    written = meta.get("parallel", "none")
-    if meta.get("format", "dcp") != engine.checkpoint_format or (engine.checkpoint_format == "deepspeed" and written != parallel):
-        raise UserError(f"checkpoint {path} was written with parallel={written}; resume with parallel={written}, "
+    written, fmt = meta.get("parallel", "none"), meta.get("format", "dcp")
+    if fmt != engine.checkpoint_format or (fmt == "deepspeed" and written != parallel):
+        fits = "parallel=none, ddp or fsdp2" if fmt == "dcp" else f"parallel={written}"
+        raise UserError(f"checkpoint {path} was written with parallel={written}; resume with {fits}, "
                         f"or force=true to start over")
     engine.load(path)
     return meta

@@ -49,6 +49,14 @@ def sgd(model: torch.nn.Module):
     return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0)
 
 
+def local_numel(module: torch.nn.Module) -> int:
+    """Parameter elements this rank holds: its shard under ZeRO-3 (ds_tensor) and FSDP2 (DTensor)."""
+    total = 0
+    for p in module.parameters():
+        total += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return total
+
+
 def main(out: Path, backends: list[str], variants: list[str]) -> None:
     world = world_from_env()
     distributed.init(world, torch.device("cpu"))
@@ -56,7 +64,10 @@ def main(out: Path, backends: list[str], variants: list[str]) -> None:
     for backend in backends:
         for variant in variants:
             model, batches, loss_fn = problem(variant)
+            full = sum(p.numel() for p in model.parameters())
             engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
+            if world.is_main:
+                (out / f"{backend}-{variant}.numel").write_text(f"{local_numel(engine.module)} {full}")
             for step, (images, labels) in enumerate(batches):
                 two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, step)
             state = engine.full_state_dict()

@@ -70,6 +70,15 @@ def test_two_processes_equal_one_process(worker_out, backend, variant):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_sharded_under_zero3_and_fsdp2(worker_out, backend):
+    local, full = map(int, (worker_out / f"{backend}-plain.numel").read_text().split())
+    if backend in ("zero3", "fsdp2"):
+        assert local <= full // 2 + 1000, f"rank 0 holds {local} of {full} weights"  # + padding of odd sizes
+    else:
+        assert local == full
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_checkpoint_reloads_the_weights(worker_out, backend):
     saved = torch.load(worker_out / f"{backend}-{VARIANTS[0]}.pt")
     reloaded = torch.load(worker_out / f"{backend}-reloaded.pt")
