@@ -73,7 +73,8 @@ def test_two_processes_equal_one_process(worker_out, backend, variant):
 def test_weights_sharded_under_zero3_and_fsdp2(worker_out, backend):
     local, full = map(int, (worker_out / f"{backend}-plain.numel").read_text().split())
     if backend in ("zero3", "fsdp2"):
-        assert local <= full // 2 + 1000, f"rank 0 holds {local} of {full} weights"  # + padding of odd sizes
+        # Half, give or take tensors whose first dimension does not split evenly (the class token).
+        assert local <= 0.51 * full, f"rank 0 holds {local} of {full} weights"
     else:
         assert local == full
 
