@@ -173,3 +173,13 @@ def test_resume_under_accelerate_launch(tmp_path):
     assert "resuming from" in proc.stderr and "step 6/6" in proc.stderr
     resumed = load_file(tmp_path / "export" / "model.safetensors")
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
+@pytest.mark.slow
+def test_zero3_offload_equals_one_process(tmp_path):
+    torchrun_script(2, "tests/parallel_worker.py", str(tmp_path), "zero3_offload", "plain")
+    _, ref = one_process("plain")
+    got = torch.load(tmp_path / "zero3_offload-plain.pt")
+    for name in ref:
+        err = (got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
+        assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
