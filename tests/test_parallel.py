@@ -183,3 +183,21 @@ def test_zero3_offload_equals_one_process(tmp_path):
     for name in ref:
         err = (got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
         assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
+
+
+@pytest.mark.slow
+def test_launch_from_srun_variables(digits_run, tmp_path):
+    """Two processes started as srun starts them: only SLURM_* variables, no RANK or MASTER_ADDR; the
+    rendezvous comes from the node list and the job id. (A real Slurm cluster is not started here.)"""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    job = str(os.getpid() % 20000 + 1)
+    procs = [subprocess.Popen([sys.executable, str(REPO / "pipeline" / "run.py"), "stage=export", f"run_dir={tmp_path}",
+                               "parallel=ddp", *SMALL], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2",
+                                   "SLURM_LOCALID": str(rank), "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job})
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "step 6/6" in outputs[0][1]
+    exported_weights_close(tmp_path, digits_run)
