@@ -108,10 +108,20 @@ def load_weights(path: Path, model: nn.Module, expect_model: dict | None = None)
     A DeepSpeed checkpoint is consolidated from its ZeRO partitions with DeepSpeed's zero_to_fp32."""
     meta = _meta(path, expect_model)
     if meta.get("format", "dcp") == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="zero")
-        model.load_state_dict(state)
+        model.load_state_dict(_deepspeed_weights(path))
     else:
         load_dcp(path, model, no_dist=True)
     return meta
+
+
+def _deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="zero")
+    # ZeRO-1 keeps frozen weights only in its module state dict (a file of ZeRO-1/2 checkpoints),
+    # which zero_to_fp32 does not read.
+    module_file = path / "zero" / "mp_rank_00_model_states.pt"
+    if module_file.is_file():
+        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+        state = {**{k: v for k, v in module.items() if k not in state}, **state}
+    return state

@@ -1,16 +1,18 @@
 """Two two-pass steps under each backend, on this rank's share of the global batch; rank 0 saves the
 weights after them, for tests/test_parallel.py to compare with one process doing one-pass steps,
-and the weights of a fresh engine that loaded the engine's checkpoint.
+the weights of a fresh engine that loaded the engine's checkpoint, and those the export stage
+consolidates from it.
 
     torchrun --nproc_per_node 2 tests/parallel_worker.py OUT_DIR ddp,zero1,... plain,frozen_ckpt
 """
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import distributed  # noqa: E402
+from pipeline import checkpoint, distributed  # noqa: E402
 from pipeline.config import ModelConfig, ParallelConfig  # noqa: E402
 from pipeline.distributed import world_from_env  # noqa: E402
 from pipeline.encoders import build_encoder  # noqa: E402
@@ -73,14 +75,22 @@ def main(out: Path, backends: list[str], variants: list[str]) -> None:
             state = engine.full_state_dict()
             if world.is_main:
                 torch.save(state, out / f"{backend}-{variant}.pt")
+            folder = out / f"checkpoint-{backend}-{variant}"
+            engine.save(folder)
+            distributed.barrier()
+            if world.is_main:  # what the export stage does: one process, any backend's checkpoint
+                (folder / "meta.json").write_text(json.dumps({"format": engine.checkpoint_format}))
+                exported, _, _ = problem(variant)
+                checkpoint.load_weights(folder, exported)
+                torch.save(exported.state_dict(), out / f"{backend}-{variant}-exported.pt")
             if variant == VARIANTS[0]:
-                engine.save(out / f"checkpoint-{backend}")
                 model, _, _ = problem(variant)
                 again = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
-                again.load(out / f"checkpoint-{backend}")
+                again.load(folder)
                 state = again.full_state_dict()
                 if world.is_main:
                     torch.save(state, out / f"{backend}-reloaded.pt")
+            distributed.barrier()
     distributed.shutdown()
 
 

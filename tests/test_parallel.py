@@ -79,6 +79,18 @@ def test_weights_sharded_under_zero3_and_fsdp2(worker_out, backend):
         assert local == full
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_consolidates_the_checkpoint(worker_out, backend, variant):
+    """One process rebuilds the whole model from the ranks' checkpoint (ZeRO: zero_to_fp32), frozen
+    weights included."""
+    trained = torch.load(worker_out / f"{backend}-{variant}.pt")
+    exported = torch.load(worker_out / f"{backend}-{variant}-exported.pt")
+    assert set(exported) == set(trained)
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name], tensor), name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_checkpoint_reloads_the_weights(worker_out, backend):
     saved = torch.load(worker_out / f"{backend}-{VARIANTS[0]}.pt")
