@@ -3,6 +3,10 @@
 A checkpoint is written into `step_<N>.tmp`, renamed when complete, and only then does `latest`
 name it; older ones beyond `keep` are removed. `meta.json` records the model's architecture, so
 a checkpoint from another model is refused with a clear message instead of a shape error.
+
+Under parallel=none, ddp and fsdp2 the payload is a DCP checkpoint (resharded on load); under
+DeepSpeed ZeRO it is DeepSpeed's own (`save_checkpoint`, one partition per rank), which the
+export consolidates with DeepSpeed's zero_to_fp32.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from pipeline import distributed
 from pipeline.errors import UserError
 from pipeline.run_dir import write_json
 
@@ -31,19 +36,38 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler=
     return {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict()}
 
 
-def save(folder: Path, step: int, model: nn.Module, optimizer, scheduler, meta: dict, keep: int) -> Path:
+def save_dcp(folder: Path, model: nn.Module, optimizer, scheduler) -> None:
+    """Model, optimizer and scheduler through DCP (collective: each rank writes its shards)."""
+    dcp.save(_state(model, optimizer, scheduler), checkpoint_id=str(folder))
+
+
+def load_dcp(folder: Path, model: nn.Module, optimizer=None, scheduler=None, no_dist: bool = False) -> None:
+    state = _state(model, optimizer, scheduler)
+    dcp.load(state, checkpoint_id=str(folder), no_dist=no_dist)
+    set_state_dict(model, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+
+
+def save(folder: Path, step: int, engine, meta: dict, keep: int) -> Path:
+    """Collective under several processes: every rank writes its part; rank 0 publishes the folder."""
     final = folder / f"step_{step}"
     tmp = folder / f"step_{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    dcp.save(_state(model, optimizer, scheduler), checkpoint_id=str(tmp))
-    write_json(tmp / "meta.json", {**meta, "step": step})
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    (folder / "latest.tmp").write_text(final.name)
-    (folder / "latest.tmp").replace(folder / "latest")
-    for old in sorted(folder.glob("step_*[0-9]"), key=lambda p: int(p.name[5:]))[:-keep]:
-        shutil.rmtree(old)
-    log.info("checkpoint %s", final)
+    distributed.on_main(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    engine.save(tmp)
+    distributed.barrier()
+
+    def publish() -> None:
+        write_json(tmp / "meta.json", {**meta, "step": step, "format": engine.checkpoint_format})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (folder / "latest.tmp").write_text(final.name)
+        (folder / "latest.tmp").replace(folder / "latest")
+        for old in sorted(folder.glob("step_*[0-9]"), key=lambda p: int(p.name[5:]))[:-keep]:
+            shutil.rmtree(old)
+        log.info("checkpoint %s", final)
+
+    distributed.on_main(publish)
     return final
 
 
@@ -55,17 +79,49 @@ def latest(folder: Path) -> Path | None:
     return path if (path / "meta.json").is_file() else None
 
 
-def load(path: Path, model: nn.Module, optimizer=None, scheduler=None, expect_model: dict | None = None) -> dict:
-    """Load in place; returns meta.json (with `step`). Pass optimizer=None to load the weights only."""
+def _meta(path: Path, expect_model: dict | None) -> dict:
     meta = json.loads((path / "meta.json").read_text())
     if expect_model is not None and meta.get("model") != expect_model:
         diff = sorted(k for k in expect_model if meta.get("model", {}).get(k) != expect_model[k])
         raise UserError(f"checkpoint {path} was made by another model config (differs in model.{', model.'.join(diff)}); "
                         f"use another run_dir, or force=true to start over")
-    state = _state(model, optimizer, scheduler)
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer or [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}))
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
     return meta
+
+
+def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "none") -> dict:
+    """Resume: weights, optimizer and scheduler in place, through the engine (collective); returns meta.json.
+
+    DCP checkpoints (parallel=none, ddp, fsdp2) load under any of those backends and world sizes;
+    a DeepSpeed checkpoint only under the parallel setting that wrote it (resharding: a later issue)."""
+    meta = _meta(path, expect_model)
+    written, fmt = meta.get("parallel", "none"), meta.get("format", "dcp")
+    if fmt != engine.checkpoint_format or (fmt == "deepspeed" and written != parallel):
+        fits = "parallel=none, ddp or fsdp2" if fmt == "dcp" else f"parallel={written}"
+        raise UserError(f"checkpoint {path} was written with parallel={written}; resume with {fits}, "
+                        f"or force=true to start over")
+    engine.load(path)
+    return meta
+
+
+def load_weights(path: Path, model: nn.Module, expect_model: dict | None = None) -> dict:
+    """The weights alone, into an unwrapped model in one process (export); any backend's checkpoint.
+    A DeepSpeed checkpoint is consolidated from its ZeRO partitions with DeepSpeed's zero_to_fp32."""
+    meta = _meta(path, expect_model)
+    if meta.get("format", "dcp") == "deepspeed":
+        model.load_state_dict(_deepspeed_weights(path))
+    else:
+        load_dcp(path, model, no_dist=True)
+    return meta
+
+
+def _deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="zero")
+    # ZeRO-1 keeps frozen weights only in its module state dict (a file of ZeRO-1/2 checkpoints),
+    # which zero_to_fp32 does not read.
+    module_file = path / "zero" / "mp_rank_00_model_states.pt"
+    if module_file.is_file():
+        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+        state = {**{k: v for k, v in module.items() if k not in state}, **state}
+    return state

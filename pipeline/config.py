@@ -54,7 +54,9 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    name: str = "none"              # none (ddp, zero1-3 and fsdp2: see the distributed issue)
+    name: str = "none"              # none | ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp2 (pipeline/engine.py)
+    deepspeed_config: str | None = None  # zero*: DeepSpeed JSON; None = ds_configs/<name>.json
+    fsdp_reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward
 
 
 @dataclass

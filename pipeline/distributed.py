@@ -1,5 +1,6 @@
 """Who am I, and the process group: rank, world size and local device from torchrun / accelerate
-(RANK, WORLD_SIZE, LOCAL_RANK) or from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
+(RANK, WORLD_SIZE, LOCAL_RANK) or from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the
+rendezvous on the job's first node, at a port derived from the job id).
 
 Every process-group call in the project goes through here, so the rest of the code never asks
 whether it runs in one process or many.
@@ -7,6 +8,9 @@ whether it runs in one process or many.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
@@ -51,16 +55,82 @@ def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list, e.g. 'gpu[01-03,07],cpu5' -> gpu01 gpu02 gpu03 gpu07 cpu5."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            for i in range(int(first), int(last or first) + 1):
+                hosts.append(f"{prefix}{i:0{len(first)}d}")
+    return hosts
+
+
+def slurm_rendezvous(env=os.environ) -> tuple[str, str]:
+    """MASTER_ADDR and MASTER_PORT for an srun job: its first host, and a port from the job id
+    (so two jobs sharing a node do not collide)."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    if shutil.which("scontrol"):
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                               text=True).stdout.split()
+    else:
+        hosts = []
+    first = hosts[0] if hosts else expand_nodelist(nodelist)[0]
+    return first, str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+
+
 def init(world: World, device: torch.device) -> None:
-    """Join the process group when launched as several processes: NCCL on GPUs, gloo on CPUs."""
+    """Join the process group when launched as several processes: NCCL on GPUs, gloo on CPUs.
+
+    RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous are exported too, for the libraries that read
+    them (DeepSpeed would otherwise go looking for MPI under srun)."""
     if world.size == 1 or initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if "MASTER_ADDR" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_rendezvous()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    _export(world)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
                             world_size=world.size, timeout=TIMEOUT)
+
+
+def ensure_group(device: torch.device) -> None:
+    """A process group even in one process (DDP, FSDP2 and DeepSpeed need one): an in-memory
+    store, so no port is taken."""
+    if initialized():
+        return
+    _export(World())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1, timeout=TIMEOUT)
+
+
+def _export(world: World) -> None:
+    for key, value in (("RANK", world.rank), ("WORLD_SIZE", world.size), ("LOCAL_RANK", world.local_rank)):
+        os.environ.setdefault(key, str(value))
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor (same shape on all), concatenated in rank order along the first axis.
+    No gradient flows through it: the two-pass step differentiates the loss itself, not the gather."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def shutdown() -> None:

@@ -1,16 +1,37 @@
-"""One interface over the training backends: forward precision, backward, gradient sync, step.
+"""One interface over the training backends: forward precision, backward, gradient sync, step, save, load.
 
-The two-pass step talks only to this interface. Backend differences live here and nowhere else;
-this issue has the single-process backend (`parallel=none`); DDP, ZeRO and FSDP2 add classes
-with the same four methods.
+    parallel=none     one process, one device
+    parallel=ddp      torch DistributedDataParallel: replicated weights, gradients all-reduced
+    parallel=zero1-3  DeepSpeed ZeRO (ds_configs/<name>.json): optimizer state / gradients / weights sharded
+    parallel=fsdp2    torch fully_shard on each transformer block, then the root: everything sharded
+
+The two-pass step talks only to this interface, and backend differences live here and nowhere
+else. `engine.backward(x)` takes this rank's share of a sum over ranks: the global loss's gradient
+is the sum of the ranks' contributions, while DDP, ZeRO and FSDP2 average gradients over ranks,
+so those engines multiply by the world size first.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+from pipeline import checkpoint, distributed
+from pipeline.config import ParallelConfig
+from pipeline.errors import UserError
+
+BACKENDS = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")
+REPO = Path(__file__).resolve().parents[1]
+
+Optimizer = torch.optim.Optimizer
+Scheduler = torch.optim.lr_scheduler.LRScheduler
+OptimizerFactory = Callable[[nn.Module], "tuple[Optimizer, Scheduler]"]
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -21,11 +42,14 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 class Engine:
-    """Single process, one device."""
+    """Single process, one device. Checkpoints through torch.distributed.checkpoint."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device):
-        self.model, self.optimizer, self.scheduler, self.device = model, optimizer, scheduler, device
+    checkpoint_format = "dcp"
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device):
+        self.module = model   # the bare model: parameters and state dicts
+        self.model = model    # what the forward calls: a wrapper under DDP and DeepSpeed
+        self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device)
@@ -42,3 +66,169 @@ class Engine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on the CPU, on every rank (collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                          broadcast_from_rank0=False))
+
+    def save(self, folder: Path) -> None:
+        """Collective: every rank calls it with the same folder."""
+        checkpoint.save_dcp(folder, self.module, self.optimizer, self.scheduler)
+
+    def load(self, folder: Path) -> None:
+        checkpoint.load_dcp(folder, self.module, self.optimizer, self.scheduler)
+
+
+class DDPEngine(Engine):
+    """Replicated weights; the gradients are all-reduced once, in the backward of the last chunk."""
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device):
+        super().__init__(model, optimizer, scheduler, device)
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        with contextlib.nullcontext() if enabled else self.model.no_sync():
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * distributed.world_size()).backward()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The encoder's repeated blocks: the longest ModuleList/Sequential whose children share one class
+    (timm `blocks`, open_clip `resblocks`, transformers `layer`)."""
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            children = list(module.children())
+            if len(children) > len(best) and len({type(c) for c in children}) == 1:
+                best = children
+    return best
+
+
+class FSDP2Engine(Engine):
+    """Weights, gradients and optimizer state sharded over the ranks (torch fully_shard); each block's
+    weights are gathered for its forward and backward, and gradients reduce-scattered on the last chunk.
+
+    fully_shard goes on each transformer block, then on the root, so that only one block's full
+    weights exist at a time. It composes with timm's (non-reentrant) activation checkpointing: the
+    recomputed block forward gathers the block's weights again."""
+
+    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, device: torch.device,
+                 reshard_after_forward: bool):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (distributed.world_size(),))
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        super().__init__(model, *make_optimizer(model), device)  # the optimizer holds the sharded parameters
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * distributed.world_size()).backward()
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO 1/2/3 around our optimizer and scheduler (DeepSpeed steps both).
+
+    The step's chunks are DeepSpeed micro-batches of one accumulation: the boundary is False for all
+    but the last chunk, so ZeRO-1 reduces once per step; ZeRO-2/3 reduce-scatter every chunk's
+    gradients into the owning rank's partition (that is how they keep gradients sharded, and why
+    DeepSpeed refuses `no_sync` there) and finish at the boundary. The weights stay fp32 (no
+    DeepSpeed bf16 mode): precision comes from the same autocast as every other backend."""
+
+    checkpoint_format = "deepspeed"
+    TAG = "zero"  # the checkpoint's sub-folder
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device,
+                 config: dict):
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the training log
+        super().__init__(model, optimizer, scheduler, device)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                lr_scheduler=scheduler, config=config)
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        self.model.set_gradient_accumulation_boundary(enabled)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Not divided by the accumulation steps: each chunk adds its own part of the global gradient.
+        self.model.backward(loss * distributed.world_size(), scale_wrt_gas=False)
+
+    def step(self) -> None:
+        self.model.step()  # optimizer, scheduler, zero_grad
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):  # no-op below ZeRO-3
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def save(self, folder: Path) -> None:
+        self.model.save_checkpoint(str(folder), tag=self.TAG)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.model.load_checkpoint(str(folder), tag=self.TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"checkpoint {folder} has no DeepSpeed state; use another run_dir, or force=true to start over")
+
+
+def deepspeed_config(cfg: ParallelConfig, chunk_size: int, device: torch.device) -> dict:
+    """The JSON's ZeRO settings, plus the batch sizes DeepSpeed checks (one chunk per micro-batch)."""
+    path = Path(cfg.deepspeed_config or f"ds_configs/{cfg.name}.json").expanduser()
+    path = path if path.is_absolute() or path.exists() else REPO / path
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config {path} does not exist; set parallel.deepspeed_config to a JSON file")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON ({e})") from None
+    if device.type == "cpu" and config.get("zero_optimization", {}).get("offload_optimizer"):
+        config["zero_optimization"]["offload_optimizer"]["pin_memory"] = False
+    return {**config, "train_micro_batch_size_per_gpu": chunk_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": chunk_size * distributed.world_size()}
+
+
+def check_launcher(name: str, env=os.environ) -> None:
+    """`accelerate launch` with a DeepSpeed or FSDP config only starts the processes: the backend is
+    parallel=..., so a config file that says otherwise is a mistake worth one line."""
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true" and not name.startswith("zero"):
+        raise UserError(f"accelerate launched with a DeepSpeed config but parallel={name}; add parallel=zero1|zero2|zero3")
+    if env.get("ACCELERATE_USE_FSDP") == "true" and name != "fsdp2":
+        raise UserError(f"accelerate launched with an FSDP config but parallel={name}; add parallel=fsdp2")
+
+
+def build_engine(model: nn.Module, make_optimizer: OptimizerFactory, cfg: ParallelConfig, chunk_size: int,
+                 device: torch.device) -> Engine:
+    """The engine for `parallel=<cfg.name>`; `make_optimizer(model)` gives the optimizer and scheduler
+    (called after sharding where the backend replaces the parameters)."""
+    if cfg.name not in BACKENDS:
+        raise UserError(f"parallel.name={cfg.name} is unknown; use one of {', '.join(BACKENDS)}")
+    check_launcher(cfg.name)
+    if cfg.name == "none":
+        return Engine(model, *make_optimizer(model), device)
+    distributed.ensure_group(device)
+    if cfg.name == "ddp":
+        return DDPEngine(model, *make_optimizer(model), device)
+    if cfg.name == "fsdp2":
+        return FSDP2Engine(model, make_optimizer, device, cfg.fsdp_reshard_after_forward)
+    return DeepSpeedEngine(model, *make_optimizer(model), device, deepspeed_config(cfg, chunk_size, device))

@@ -7,6 +7,11 @@
 Each chunk runs under its own RNG seed, a function of (seed, step, chunk start), so drop-path and
 dropout draw the same masks in both passes (and on any number of processes), and the step equals
 one step over the whole batch at once. Memory is one chunk's activations plus B x D embeddings.
+
+Under several processes each rank holds a contiguous share of the global batch: pass 1 embeds the
+share, the embeddings and labels are gathered, every rank computes the same loss over the global
+batch, and pass 2 back-propagates the gradient of its own rows only; the engine sums the ranks'
+contributions when it synchronises the gradients (once per step).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.engine import Engine
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,12 +75,15 @@ def backward_in_chunks(engine: Engine, images: torch.Tensor, grad: torch.Tensor,
 
 
 def two_pass_step(engine: Engine, images: torch.Tensor, labels: torch.Tensor, loss_fn: Loss,
-                  chunk_size: int, seed: int, step: int, offset: int = 0) -> torch.Tensor:
-    """One optimizer step on (images, labels); `offset` is their start in the global batch."""
+                  chunk_size: int, seed: int, step: int) -> torch.Tensor:
+    """One optimizer step on the global batch, of which (images, labels) is this rank's share (all
+    shares equal). Returns the global loss (the same on every rank)."""
+    offset = distributed.rank() * len(images)  # the share's start in the global batch
+    mine = slice(offset, offset + len(images))
     seeds = [chunk_seed(seed, step, offset + p.start) for p in chunks(len(images), chunk_size)]
     embeddings = embed_without_grad(engine, images, chunk_size, seeds)
-    loss, grad = loss_and_grad(embeddings, labels, loss_fn)
-    backward_in_chunks(engine, images, grad, chunk_size, seeds)
+    loss, grad = loss_and_grad(distributed.gather_rows(embeddings), distributed.gather_rows(labels), loss_fn)
+    backward_in_chunks(engine, images, grad[mine], chunk_size, seeds)
     engine.step()
     return loss
 

@@ -17,7 +17,7 @@ def run(cfg: Config, rd: RunDir) -> None:
     if last is None:
         raise UserError(f"no checkpoint in {rd.checkpoints}; run stage=finetune first")
     model = build_encoder(cfg.model, cfg.seed)
-    checkpoint.load(last, model, expect_model=architecture(cfg.model))
+    checkpoint.load_weights(last, model, expect_model=architecture(cfg.model))
     tmp = fresh_dir(rd.export.with_name("export.tmp"))
     export(model, cfg.model, tmp)
     replace_dir(tmp, rd.export)

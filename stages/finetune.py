@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline import checkpoint
-from pipeline.config import Config
+from pipeline import checkpoint, distributed
+from pipeline.config import Config, TrainConfig
 from pipeline.data.loader import train_loader
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
@@ -16,7 +16,7 @@ from pipeline.data.transforms import train_transform
 from pipeline.distributed import pick_device, world_from_env
 from pipeline.errors import UserError
 from pipeline.encoders import architecture, build_encoder
-from pipeline.engine import Engine
+from pipeline.engine import build_engine
 from pipeline.losses import RecallAtK
 from pipeline.optim import build_optimizer
 from pipeline.run_dir import RunDir, fresh_dir
@@ -33,18 +33,18 @@ def run(cfg: Config, rd: RunDir) -> None:
     world = world_from_env()
     if world.size > 1 and cfg.parallel.name == "none":
         raise UserError(f"{world.size} processes were launched but parallel=none trains in one; launch a single process")
+    check_shares(t, world.size)
     device = pick_device(cfg.device, world)
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
-    optimizer, scheduler = build_optimizer(model, t)
-    engine = Engine(model, optimizer, scheduler, device)
+    engine = build_engine(model, lambda m: build_optimizer(m, t), cfg.parallel, t.chunk_size, device)
     loss_fn = RecallAtK(t.ks, t.tau_rank, t.tau_count, t.include_query_in_rank)
     arch = architecture(cfg.model)
 
     start = 0
     if cfg.force:
-        fresh_dir(rd.checkpoints)
+        distributed.on_main(lambda: fresh_dir(rd.checkpoints))
     elif (last := checkpoint.latest(rd.checkpoints)) is not None:
-        start = checkpoint.load(last, model, optimizer, scheduler, expect_model=arch)["step"]
+        start = checkpoint.load(last, engine, expect_model=arch, parallel=cfg.parallel.name)["step"]
         log.info("resuming from %s", last)
     if start >= t.max_steps:
         log.info("the latest checkpoint is at step %d >= train.max_steps=%d: nothing to train", start, t.max_steps)
@@ -52,7 +52,7 @@ def run(cfg: Config, rd: RunDir) -> None:
     index = ShardIndex.load(rd.shards / "train")
     sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed)
     batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps,
-                           workers=cfg.data.workers)
+                           world.rank, world.size, workers=cfg.data.workers)
     tic = time.perf_counter()
     for step, (images, labels) in enumerate(batches, start=start):
         loss = two_pass_step(engine, images.to(device), labels.to(device), loss_fn, t.chunk_size, cfg.seed, step)
@@ -60,7 +60,17 @@ def run(cfg: Config, rd: RunDir) -> None:
         if done % t.log_every == 0 or done == t.max_steps:
             rate = (done - start) * t.global_batch / (time.perf_counter() - tic)
             log.info("step %d/%d  loss %.4f  lr %.2e  %.0f img/s", done, t.max_steps, loss.item(),
-                     scheduler.get_last_lr()[0], rate)
+                     engine.scheduler.get_last_lr()[0], rate)
         if done % t.checkpoint_every == 0 or done == t.max_steps:
-            checkpoint.save(rd.checkpoints, done, model, optimizer, scheduler, {"model": arch},
+            checkpoint.save(rd.checkpoints, done, engine, {"model": arch, "parallel": cfg.parallel.name},
                             t.keep_checkpoints)
+
+
+def check_shares(t: TrainConfig, processes: int) -> None:
+    """Each rank takes an equal, contiguous share of the global batch, cut into whole chunks, so that
+    the chunks (and their drop-path masks) are those of a single process: the weights do not
+    depend on the number of processes."""
+    share = t.global_batch // processes
+    if processes > 1 and (t.global_batch % processes or share % t.chunk_size):
+        raise UserError(f"train.global_batch={t.global_batch} over {processes} processes must give each a multiple of "
+                        f"train.chunk_size={t.chunk_size}; pick a global batch divisible by {processes * t.chunk_size}")

@@ -1,0 +1,215 @@
+"""The two-pass step across 2 gloo processes under each backend equals one process's one-pass step on
+the whole batch; checkpoints, launchers and the srun environment."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, SMALL, run_torchrun
+from parallel_worker import CHUNK, SEED, VARIANTS, problem, sgd
+from pipeline.config import TrainConfig
+from pipeline.distributed import expand_nodelist, slurm_rendezvous, world_from_env
+from pipeline.engine import Engine, check_launcher, transformer_blocks
+from pipeline.errors import UserError
+from pipeline.two_pass import one_pass_step
+from stages.finetune import check_shares
+
+BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
+
+
+def torchrun_script(nproc: int, script: str, *args: str) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*launcher, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def worker_out(tmp_path_factory):
+    """One torchrun launch runs every backend and variant (the start-up is most of the cost)."""
+    out = tmp_path_factory.mktemp("parallel")
+    torchrun_script(2, "tests/parallel_worker.py", str(out), ",".join(BACKENDS), ",".join(VARIANTS))
+    return out
+
+
+@lru_cache
+def one_process(variant: str) -> tuple[dict, dict]:
+    """Independent reference: one process, the naive one-pass step on the whole global batch."""
+    model, batches, loss_fn = problem(variant)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = Engine(model, *sgd(model), torch.device("cpu"))
+    for step, (images, labels) in enumerate(batches):
+        one_pass_step(engine, images, labels, loss_fn, CHUNK, SEED, step)
+    return start, model.state_dict()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_processes_equal_one_process(worker_out, backend, variant):
+    start, ref = one_process(variant)
+    got = torch.load(worker_out / f"{backend}-{variant}.pt")
+    assert set(got) == set(ref)
+    for name in ref:
+        err = (got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
+        assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
+    # The steps moved the weights far more than the tolerance, so a wrong gradient (half of it, one
+    # rank's rows only, another drop-path mask) would fail; frozen weights did not move at all.
+    update = torch.cat([(ref[n] - start[n]).flatten() for n in ref])
+    error = torch.cat([(got[n] - ref[n]).flatten() for n in ref])
+    assert error.norm() <= 1e-5 * update.norm()
+    if variant == "frozen_ckpt":
+        for name in ("backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight", "backbone.pos_embed"):
+            assert torch.equal(got[name], start[name]), name
+        assert not torch.equal(got["backbone.blocks.1.attn.qkv.weight"], start["backbone.blocks.1.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_sharded_under_zero3_and_fsdp2(worker_out, backend):
+    local, full = map(int, (worker_out / f"{backend}-plain.numel").read_text().split())
+    if backend in ("zero3", "fsdp2"):
+        # Half, give or take tensors whose first dimension does not split evenly (the class token).
+        assert local <= 0.51 * full, f"rank 0 holds {local} of {full} weights"
+    else:
+        assert local == full
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_consolidates_the_checkpoint(worker_out, backend, variant):
+    """One process rebuilds the whole model from the ranks' checkpoint (ZeRO: zero_to_fp32), frozen
+    weights included."""
+    trained = torch.load(worker_out / f"{backend}-{variant}.pt")
+    exported = torch.load(worker_out / f"{backend}-{variant}-exported.pt")
+    assert set(exported) == set(trained)
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_checkpoint_reloads_the_weights(worker_out, backend):
+    saved = torch.load(worker_out / f"{backend}-{VARIANTS[0]}.pt")
+    reloaded = torch.load(worker_out / f"{backend}-reloaded.pt")
+    start, _ = one_process(VARIANTS[0])
+    for name, tensor in saved.items():
+        assert torch.equal(reloaded[name], tensor), name
+    assert not torch.equal(saved["head.1.weight"], start["head.1.weight"])
+
+
+def test_transformer_blocks_found():
+    model, _, _ = problem("plain")
+    assert transformer_blocks(model) == list(model.backbone.blocks)
+
+
+def test_shares_must_be_whole_chunks():
+    check_shares(TrainConfig(global_batch=32, chunk_size=8), 2)
+    check_shares(TrainConfig(global_batch=36, chunk_size=8), 1)  # one process: a short last chunk is fine
+    with pytest.raises(UserError, match="pick a global batch divisible by 16"):
+        check_shares(TrainConfig(global_batch=24, chunk_size=8), 2)
+
+
+def test_accelerate_config_must_match_parallel():
+    check_launcher("zero2", {"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(UserError, match="add parallel=fsdp2"):
+        check_launcher("ddp", {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(UserError, match="add parallel=zero1"):
+        check_launcher("fsdp2", {"ACCELERATE_USE_DEEPSPEED": "true"})
+
+
+def test_srun_environment(monkeypatch):
+    assert expand_nodelist("gpu[01-03,10],cpu5") == ["gpu01", "gpu02", "gpu03", "gpu10", "cpu5"]
+    assert expand_nodelist("node7") == ["node7"]
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the list is parsed here
+    env = {"SLURM_JOB_NODELIST": "a[100-101]", "SLURM_JOB_ID": "123456", "SLURM_PROCID": "3", "SLURM_NTASKS": "8",
+           "SLURM_LOCALID": "1"}
+    assert slurm_rendezvous(env) == ("a100", str(20000 + 123456 % 20000))
+    assert world_from_env(env).rank == 3 and world_from_env(env).size == 8 and world_from_env(env).local_rank == 1
+
+
+def exported_weights_close(run, reference):
+    """AdamW turns float noise into real steps on weights whose true gradient is zero (the attention
+    key bias) or nearly so, so N processes match one only to about 1e-5 after a few steps, while a
+    wrong batch split moves the weights by about the learning rate (1e-4) per step."""
+    got, ref = load_file(run / "export" / "model.safetensors"), load_file(reference / "export" / "model.safetensors")
+    worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst < 5e-5, f"largest weight difference from one process: {worst:.1e}"
+
+
+def test_stage_all_zero3_under_torchrun(digits_run, tmp_path):
+    run_torchrun(2, "stage=all", f"run_dir={tmp_path}", "parallel=zero3", *SMALL)
+    meta = json.loads((tmp_path / "checkpoints" / "step_6" / "meta.json").read_text())
+    assert meta["format"] == "deepspeed" and meta["parallel"] == "zero3"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_3", "step_6"]
+    assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())) == {"frozen", "finetuned"}
+    exported_weights_close(tmp_path, digits_run)
+
+
+def crash_after_step_3(run) -> None:
+    """As if the run had died after its step-3 checkpoint."""
+    shutil.rmtree(run / "checkpoints" / "step_6")
+    (run / "checkpoints" / "latest").write_text("step_3")
+    for stage in ("finetune", "export", "eval"):
+        (run / "stages" / f"{stage}.json").unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_stage_all_fsdp2_under_torchrun_and_resume(digits_run, tmp_path):
+    run_torchrun(2, "stage=all", f"run_dir={tmp_path}", "parallel=fsdp2", *SMALL)
+    assert json.loads((tmp_path / "checkpoints" / "step_6" / "meta.json").read_text())["format"] == "dcp"
+    exported_weights_close(tmp_path, digits_run)
+    straight = load_file(tmp_path / "export" / "model.safetensors")
+    crash_after_step_3(tmp_path)
+    proc = run_torchrun(2, "stage=export", f"run_dir={tmp_path}", "parallel=fsdp2", *SMALL)
+    assert "resuming from" in proc.stderr and "step 6/6" in proc.stderr
+    resumed = load_file(tmp_path / "export" / "model.safetensors")
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
+@pytest.mark.slow
+def test_resume_under_accelerate_launch(tmp_path):
+    """`accelerate launch` with the repository's DeepSpeed YAML (it starts the processes; the pipeline
+    reads RANK / WORLD_SIZE) resumes a torchrun run's ZeRO-2 checkpoint to the same weights."""
+    run_torchrun(2, "stage=export", f"run_dir={tmp_path}", "parallel=zero2", *SMALL)
+    straight = load_file(tmp_path / "export" / "model.safetensors")
+    crash_after_step_3(tmp_path)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "ds_configs" / "accelerate_deepspeed.yaml"), str(REPO / "pipeline" / "run.py")]
+    proc = subprocess.run([*launch, "stage=export", f"run_dir={tmp_path}", "parallel=zero2", *SMALL], cwd=REPO,
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resuming from" in proc.stderr and "step 6/6" in proc.stderr
+    resumed = load_file(tmp_path / "export" / "model.safetensors")
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
+@pytest.mark.slow
+def test_zero3_offload_equals_one_process(tmp_path):
+    torchrun_script(2, "tests/parallel_worker.py", str(tmp_path), "zero3_offload", "plain")
+    _, ref = one_process("plain")
+    got = torch.load(tmp_path / "zero3_offload-plain.pt")
+    for name in ref:
+        err = (got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
+        assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
+
+
+@pytest.mark.slow
+def test_launch_from_srun_variables(digits_run, tmp_path):
+    """Two processes started as srun starts them: only SLURM_* variables, no RANK or MASTER_ADDR; the
+    rendezvous comes from the node list and the job id. (A real Slurm cluster is not started here.)"""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    job = str(os.getpid() % 20000 + 1)
+    procs = [subprocess.Popen([sys.executable, str(REPO / "pipeline" / "run.py"), "stage=export", f"run_dir={tmp_path}",
+                               "parallel=ddp", *SMALL], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2",
+                                   "SLURM_LOCALID": str(rank), "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job})
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "step 6/6" in outputs[0][1]
+    exported_weights_close(tmp_path, digits_run)
