@@ -67,7 +67,7 @@ def load_model(name: str, cfg: Config, rd: RunDir) -> tuple[nn.Module, ModelConf
         return load_exported(folder), model_cfg, f"exported model `{folder}`"
     path = checkpoint_path(cfg.eval.checkpoint, rd)
     model = build_encoder(cfg.model, cfg.seed)
-    meta = checkpoint.load(path, model, expect_model=architecture(cfg.model))
+    meta = checkpoint.load_weights(path, model, expect_model=architecture(cfg.model))
     return model.eval(), cfg.model, f"checkpoint `{path}` (step {meta['step']})"
 
 
