@@ -75,7 +75,7 @@ def test_eval_of_a_checkpoint(digits_run, tmp_path):
     # The same embeddings as the step-3 weights loaded by hand.
     cfg = load_config([f"run_dir={run}", *SMALL])
     model = build_encoder(cfg.model, cfg.seed)
-    checkpoint.load(run / "checkpoints" / "step_3", model)
+    checkpoint.load_weights(run / "checkpoints" / "step_3", model)
     index = ShardIndex.load(run / "shards" / "test")
     with torch.no_grad():
         x = model.eval()(torch.stack([eval_transform(cfg.model)(index.image(i)) for i in range(4)]))
