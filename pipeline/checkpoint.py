@@ -31,11 +31,17 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler=
     return {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict()}
 
 
-def save(folder: Path, step: int, model: nn.Module, optimizer, scheduler, meta: dict, keep: int) -> Path:
+def _with_loss(state: dict, loss: tuple | None) -> dict:
+    """The loss's own parameters (module, optimizer or None, scheduler), under the key `loss`."""
+    return state if loss is None else {**state, "loss": _state(*loss)}
+
+
+def save(folder: Path, step: int, model: nn.Module, optimizer, scheduler, meta: dict, keep: int,
+         loss: tuple | None = None) -> Path:
     final = folder / f"step_{step}"
     tmp = folder / f"step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    dcp.save(_state(model, optimizer, scheduler), checkpoint_id=str(tmp))
+    dcp.save(_with_loss(_state(model, optimizer, scheduler), loss), checkpoint_id=str(tmp))
     write_json(tmp / "meta.json", {**meta, "step": step})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -55,17 +61,33 @@ def latest(folder: Path) -> Path | None:
     return path if (path / "meta.json").is_file() else None
 
 
-def load(path: Path, model: nn.Module, optimizer=None, scheduler=None, expect_model: dict | None = None) -> dict:
-    """Load in place; returns meta.json (with `step`). Pass optimizer=None to load the weights only."""
+def load(path: Path, model: nn.Module, optimizer=None, scheduler=None, expect_model: dict | None = None,
+         loss: tuple | None = None) -> dict:
+    """Load in place; returns meta.json (with `step`). Pass optimizer=None to load the weights only;
+    loss=(module, optimizer, scheduler) also loads the loss's parameters saved with them."""
     meta = json.loads((path / "meta.json").read_text())
     if expect_model is not None and meta.get("model") != expect_model:
         diff = sorted(k for k in expect_model if meta.get("model", {}).get(k) != expect_model[k])
         raise UserError(f"checkpoint {path} was made by another model config (differs in model.{', model.'.join(diff)}); "
                         f"use another run_dir, or force=true to start over")
-    state = _state(model, optimizer, scheduler)
+    if loss is not None and meta.get("loss") != expect_loss(loss[0]):
+        raise UserError(f"checkpoint {path} was made with another loss ({meta.get('loss')}); "
+                        f"use another run_dir, or force=true to start over")
+    state = _with_loss(_state(model, optimizer, scheduler), loss)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer or [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if loss is not None:
+        set_state_dict(loss[0], loss[1] or [], model_state_dict=state["loss"]["model"],
+                       optim_state_dict=state["loss"].get("optim", {}))
+        if loss[2] is not None:
+            loss[2].load_state_dict(state["loss"]["scheduler"])
     return meta
+
+
+def expect_loss(loss_fn: nn.Module) -> dict:
+    """What a checkpoint records of the loss: its class and the shapes of its saved state."""
+    return {"class": type(loss_fn).__name__,
+            "state": {k: list(v.shape) for k, v in loss_fn.state_dict().items()}}
