@@ -32,8 +32,8 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler=
 
 
 def _with_loss(state: dict, loss: tuple | None) -> dict:
-    """The loss's own parameters (module, optimizer or None, scheduler), under the key `loss`."""
-    return state if loss is None else {**state, "loss": _state(*loss)}
+    """The loss's own state (module, optimizer or None, scheduler), under the key `loss`; none for RS@k."""
+    return state if loss is None or not loss[0].state_dict() else {**state, "loss": _state(*loss)}
 
 
 def save(folder: Path, step: int, model: nn.Module, optimizer, scheduler, meta: dict, keep: int,
@@ -79,7 +79,7 @@ def load(path: Path, model: nn.Module, optimizer=None, scheduler=None, expect_mo
                    optim_state_dict=state.get("optim", {}))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    if loss is not None:
+    if "loss" in state:
         set_state_dict(loss[0], loss[1] or [], model_state_dict=state["loss"]["model"],
                        optim_state_dict=state["loss"].get("optim", {}))
         if loss[2] is not None:
