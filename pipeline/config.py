@@ -187,6 +187,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.image_format={cfg.data.image_format}: use png, jpg or webp")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device={cfg.device}: use auto, cpu or cuda")
+    from pipeline.losses.build import check_loss_config  # here, not at the top: the losses import this module
+    check_loss_config(cfg.loss)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,11 +1,15 @@
 """`loss=<name>` through the CLI: a loss with parameters trains, checkpoints, resumes; export holds the encoder only."""
+import copy
+
 import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import SMALL, run_pipeline
+from pipeline import checkpoint
 from pipeline.config import ModelConfig
 from pipeline.encoders import build_encoder
+from pipeline.losses.intra_batch import IntraBatchLoss
 
 
 def test_mpn_end_to_end_and_resume(tmp_path):
@@ -20,6 +24,13 @@ def test_mpn_end_to_end_and_resume(tmp_path):
     saved = FileSystemReader(str(run_dir / "checkpoints" / "step_6")).read_metadata().state_dict_metadata
     assert any(k.startswith("loss.model.layers.0.attention") for k in saved)
     assert any(k.startswith("loss.optim.") for k in saved)
+    # The loss's parameters trained: the checkpoint's differ from their initialisation.
+    fresh = IntraBatchLoss(32, range(5), layers=2, heads=4, seed=0)
+    loaded = copy.deepcopy(fresh)
+    checkpoint.load(run_dir / "checkpoints" / "step_6", build_encoder(ModelConfig(depth=2, embed_dim=32, patch_size=8), 0),
+                    loss=(loaded, None, None))
+    for name, p in fresh.named_parameters():
+        assert not torch.equal(p, dict(loaded.named_parameters())[name]), f"{name} did not train"
 
     resumed = run_pipeline("stage=finetune", f"run_dir={run_dir}", "loss=mpn", *SMALL, "train.max_steps=8")
     assert "resuming from" in resumed.stderr + (run_dir / "logs" / "rank0.log").read_text()

@@ -14,7 +14,6 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from pipeline.config import LossConfig
-from pipeline.errors import UserError
 from pipeline.losses.rho import RhoMiner
 from pipeline.losses.seeding import StepSeeded
 
@@ -79,8 +78,6 @@ def build_baseline(cfg: LossConfig, classes: Sequence[int], dim: int, seed: int)
         loss, miner = _tuple_loss(cfg, n_classes)
         return MetricLoss(loss, RhoMiner(miner, cfg.p_switch, seed), classes, seed)
     if cfg.name in CLASS_LOSSES:
-        if cfg.p_switch:
-            raise UserError(f"loss.p_switch is for the tuple losses ({', '.join(TUPLE_LOSSES)}), not loss={cfg.name}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the proxies' / class weights' initialisation depends on the seed only
             return MetricLoss(_class_loss(cfg, n_classes, dim), None, classes, seed)

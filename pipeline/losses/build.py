@@ -15,17 +15,24 @@ from pipeline.losses.simix import RecallAtKSiMix
 NAMES = ("rsk", "rsk_simix", *TUPLE_LOSSES, *CLASS_LOSSES, "mpn")
 
 
-def build_loss(cfg: LossConfig, train: TrainConfig, classes: Sequence[int], dim: int, seed: int) -> nn.Module:
-    """classes: the training split's labels (proxy/classifier losses index them); dim: embedding size."""
+def check_loss_config(cfg: LossConfig) -> None:
+    """The loss settings a user can get wrong, each refused in one line."""
     if cfg.name not in NAMES:
         raise UserError(f"unknown loss.name={cfg.name}; available: {', '.join(NAMES)}")
     if not 0.0 <= cfg.p_switch <= 1.0:
         raise UserError(f"loss.p_switch={cfg.p_switch} must be a probability in [0, 1]")
+    if cfg.p_switch and cfg.name not in TUPLE_LOSSES:
+        raise UserError(f"loss.p_switch is for the tuple losses ({', '.join(TUPLE_LOSSES)}), not loss={cfg.name}")
+    if cfg.simix_per_class < 0:
+        raise UserError(f"loss.simix_per_class={cfg.simix_per_class}: use 0 (every pair) or a positive count")
+
+
+def build_loss(cfg: LossConfig, train: TrainConfig, classes: Sequence[int], dim: int, seed: int) -> nn.Module:
+    """classes: the training split's labels (proxy/classifier losses index them); dim: embedding size."""
+    check_loss_config(cfg)
     if cfg.name == "rsk":
         return RecallAtK(train.ks, train.tau_rank, train.tau_count, train.include_query_in_rank)
     if cfg.name == "rsk_simix":
-        if cfg.simix_per_class < 0:
-            raise UserError(f"loss.simix_per_class={cfg.simix_per_class}: use 0 (every pair) or a positive count")
         return RecallAtKSiMix(train.ks, train.tau_rank, train.tau_count, train.include_query_in_rank,
                               cfg.simix_per_class, seed)
     if cfg.name == "mpn":
