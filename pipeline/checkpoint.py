@@ -71,7 +71,8 @@ def load(path: Path, model: nn.Module, optimizer=None, scheduler=None, expect_mo
         raise UserError(f"checkpoint {path} was made by another model config (differs in model.{', model.'.join(diff)}); "
                         f"use another run_dir, or force=true to start over")
     if loss is not None and meta.get("loss") != expect_loss(loss[0]):
-        raise UserError(f"checkpoint {path} was made with another loss ({meta.get('loss')}); "
+        made = (meta.get("loss") or {}).get("class", "unrecorded")
+        raise UserError(f"checkpoint {path} was made with another loss ({made}, or other loss settings); "
                         f"use another run_dir, or force=true to start over")
     state = _with_loss(_state(model, optimizer, scheduler), loss)
     dcp.load(state, checkpoint_id=str(path))

@@ -77,7 +77,8 @@ def embedding_dim(model, cfg) -> int:
     if cfg.embed_dim:
         return cfg.embed_dim
     device = next(model.parameters()).device
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):   # drop-path must not move the global RNG
+    # Drop-path must not move the global RNG.
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return model(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[-1]
 
 
