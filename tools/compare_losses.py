@@ -32,6 +32,7 @@ BEGIN, END = "<!-- compare_losses: begin -->", "<!-- compare_losses: end -->"
 
 def run(args: list[str]) -> float:
     tic = time.perf_counter()
+    # One thread by default: on the shared 2-core machine, 2 threads per run trained ~10x slower (oversubscription).
     proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), *args], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if proc.returncode != 0:
