@@ -6,7 +6,8 @@ a checkpoint from another model is refused with a clear message instead of a sha
 
 Under parallel=none, ddp and fsdp2 the payload is a DCP checkpoint (resharded on load); under
 DeepSpeed ZeRO it is DeepSpeed's own (`save_checkpoint`, one partition per rank), which the
-export consolidates with DeepSpeed's zero_to_fp32.
+export consolidates with DeepSpeed's zero_to_fp32. A loss with its own state (proxies, MPN layers:
+replicated on every rank, never wrapped by the backend) is saved beside it, in `loss/`, through DCP.
 """
 from __future__ import annotations
 
@@ -49,16 +50,20 @@ def load_dcp(folder: Path, model: nn.Module, optimizer=None, scheduler=None, no_
         scheduler.load_state_dict(state["scheduler"])
 
 
-def save(folder: Path, step: int, engine, meta: dict, keep: int) -> Path:
-    """Collective under several processes: every rank writes its part; rank 0 publishes the folder."""
+def save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | None = None) -> Path:
+    """Collective under several processes: every rank writes its part; rank 0 publishes the folder.
+    loss=(module, optimizer or None, scheduler or None) saves the loss's own state too."""
     final = folder / f"step_{step}"
     tmp = folder / f"step_{step}.tmp"
     distributed.on_main(lambda: shutil.rmtree(tmp, ignore_errors=True))
     engine.save(tmp)
+    if _has_state(loss):
+        save_dcp(tmp / "loss", *loss)
     distributed.barrier()
+    loss_meta = {"loss": expect_loss(loss[0])} if loss is not None else {}
 
     def publish() -> None:
-        write_json(tmp / "meta.json", {**meta, "step": step, "format": engine.checkpoint_format})
+        write_json(tmp / "meta.json", {**meta, **loss_meta, "step": step, "format": engine.checkpoint_format})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         (folder / "latest.tmp").write_text(final.name)
@@ -88,19 +93,37 @@ def _meta(path: Path, expect_model: dict | None) -> dict:
     return meta
 
 
-def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "none") -> dict:
+def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "none",
+         loss: tuple | None = None) -> dict:
     """Resume: weights, optimizer and scheduler in place, through the engine (collective); returns meta.json.
+    loss=(module, optimizer, scheduler) also loads the loss's state saved with them.
 
     DCP checkpoints (parallel=none, ddp, fsdp2) load under any of those backends and world sizes;
     a DeepSpeed checkpoint only under the parallel setting that wrote it (resharding: a later issue)."""
     meta = _meta(path, expect_model)
+    if loss is not None and (_has_state(loss) or "loss" in meta) and meta.get("loss") != expect_loss(loss[0]):
+        made = (meta.get("loss") or {}).get("class", "unrecorded")
+        raise UserError(f"checkpoint {path} was made with another loss ({made}, or other loss settings); "
+                        f"use another run_dir, or force=true to start over")
     written, fmt = meta.get("parallel", "none"), meta.get("format", "dcp")
     if fmt != engine.checkpoint_format or (fmt == "deepspeed" and written != parallel):
         fits = "parallel=none, ddp or fsdp2" if fmt == "dcp" else f"parallel={written}"
         raise UserError(f"checkpoint {path} was written with parallel={written}; resume with {fits}, "
                         f"or force=true to start over")
     engine.load(path)
+    if _has_state(loss):
+        load_dcp(path / "loss", *loss)
     return meta
+
+
+def _has_state(loss: tuple | None) -> bool:
+    return loss is not None and bool(loss[0].state_dict())
+
+
+def expect_loss(loss_fn: nn.Module) -> dict:
+    """What a checkpoint records of the loss: its class and the shapes of its saved state."""
+    return {"class": type(loss_fn).__name__,
+            "state": {k: list(v.shape) for k, v in loss_fn.state_dict().items()}}
 
 
 def load_weights(path: Path, model: nn.Module, expect_model: dict | None = None) -> dict:

@@ -79,6 +79,22 @@ class TrainConfig:
 
 
 @dataclass
+class LossConfig:
+    """The training loss (`loss=<preset>`); RS@k's own keys stay train.ks, train.tau_rank, ..."""
+    name: str = "rsk"               # see pipeline/losses/build.py for every name
+    lr: float = 1e-3                # AdamW for the loss's own parameters (proxies, beta, MPN), same schedule
+    simix_per_class: int = 0        # SiMix virtual samples per class and step; 0 = every within-class pair
+    margin: float = 0.2             # the loss's margin (arcface: degrees; contrastive, lifted: negative margin)
+    scale: float = 32.0             # proxy_anchor alpha, arcface scale
+    beta: float = 1.2               # margin loss: initial beta (learnt per class)
+    temperature: float = 0.05       # normalized_softmax and mpn classifiers
+    p_switch: float = 0.0           # rho-regularisation (Roth et al.) for the tuple losses
+    mpn_layers: int = 2             # intra-batch message passing: attention layers
+    mpn_heads: int = 4
+    label_smoothing: float = 0.1    # mpn cross entropy
+
+
+@dataclass
 class EvalConfig:
     ks: list[int] | None = None     # None: the dataset's standard ks (pipeline/protocols.py)
     batch_size: int = 256
@@ -102,10 +118,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-GROUPS = ("data", "model", "parallel")  # groups that presets fill
+GROUPS = ("data", "model", "parallel", "loss")  # groups that presets fill
 
 
 def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
@@ -181,6 +198,8 @@ def validate(cfg: Config) -> None:
     chosen = cfg.eval.models
     if not chosen or any(m not in models for m in chosen) or len(set(chosen)) < len(chosen):
         raise UserError(f"eval.models={cfg.eval.models}: list some of {', '.join(models)}, each once")
+    from pipeline.losses.build import check_loss_config  # here, not at the top: the losses import this module
+    check_loss_config(cfg.loss)
 
 
 def to_yaml(cfg: Config) -> str:

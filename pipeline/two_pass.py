@@ -59,7 +59,12 @@ def loss_and_grad(embeddings: torch.Tensor, labels: torch.Tensor, loss_fn: Loss)
     """The loss over the whole batch and d(loss)/d(embeddings); the encoder is not in this graph."""
     embeddings = embeddings.detach().requires_grad_(True)
     loss = loss_fn(embeddings, labels)
-    (grad,) = torch.autograd.grad(loss, embeddings)
+    # The loss's own parameters (proxies, MPN layers) accumulate into .grad, as backward() would.
+    params = [p for p in loss_fn.parameters() if p.requires_grad] if isinstance(loss_fn, torch.nn.Module) else []
+    grad, *param_grads = torch.autograd.grad(loss, [embeddings, *params], allow_unused=True)
+    for p, g in zip(params, param_grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
     return loss.detach(), grad
 
 

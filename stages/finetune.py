@@ -1,11 +1,14 @@
-"""finetune: RS@k over P x K batches with the two-pass step; checkpoints every train.checkpoint_every steps.
+"""finetune: the loss (RS@k by default) over P x K batches with the two-pass step; checkpoints every train.checkpoint_every steps.
 
 Running it again resumes from run_dir/checkpoints/latest.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+
+import torch
 
 from pipeline import checkpoint, distributed
 from pipeline.config import Config, TrainConfig
@@ -17,7 +20,7 @@ from pipeline.distributed import pick_device, world_from_env
 from pipeline.errors import UserError
 from pipeline.encoders import architecture, build_encoder
 from pipeline.engine import build_engine
-from pipeline.losses import RecallAtK
+from pipeline.losses import build_loss, set_step
 from pipeline.optim import build_optimizer
 from pipeline.run_dir import RunDir, fresh_dir
 from pipeline.two_pass import two_pass_step
@@ -36,26 +39,29 @@ def run(cfg: Config, rd: RunDir) -> None:
     check_shares(t, world.size)
     device = pick_device(cfg.device, world)
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
+    index = ShardIndex.load(rd.shards / "train")
+    loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), embedding_dim(model, cfg.model), cfg.seed).to(device)
+    loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg))
     engine = build_engine(model, lambda m: build_optimizer(m, t), cfg.parallel, t.chunk_size, device)
-    loss_fn = RecallAtK(t.ks, t.tau_rank, t.tau_count, t.include_query_in_rank)
     arch = architecture(cfg.model)
 
     start = 0
     if cfg.force:
         distributed.on_main(lambda: fresh_dir(rd.checkpoints))
     elif (last := checkpoint.latest(rd.checkpoints)) is not None:
-        start = checkpoint.load(last, engine, expect_model=arch, parallel=cfg.parallel.name)["step"]
+        start = checkpoint.load(last, engine, expect_model=arch, parallel=cfg.parallel.name, loss=loss_state)["step"]
         log.info("resuming from %s", last)
     if start >= t.max_steps:
         log.info("the latest checkpoint is at step %d >= train.max_steps=%d: nothing to train", start, t.max_steps)
 
-    index = ShardIndex.load(rd.shards / "train")
     sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed)
     batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps,
                            world.rank, world.size, workers=cfg.data.workers)
     tic = time.perf_counter()
     for step, (images, labels) in enumerate(batches, start=start):
+        set_step(loss_fn, step)
         loss = two_pass_step(engine, images.to(device), labels.to(device), loss_fn, t.chunk_size, cfg.seed, step)
+        step_loss_parameters(*loss_state[1:])
         done = step + 1
         if done % t.log_every == 0 or done == t.max_steps:
             rate = (done - start) * t.global_batch / (time.perf_counter() - tic)
@@ -63,7 +69,7 @@ def run(cfg: Config, rd: RunDir) -> None:
                      engine.scheduler.get_last_lr()[0], rate)
         if done % t.checkpoint_every == 0 or done == t.max_steps:
             checkpoint.save(rd.checkpoints, done, engine, {"model": arch, "parallel": cfg.parallel.name},
-                            t.keep_checkpoints)
+                            t.keep_checkpoints, loss=loss_state)
 
 
 def check_shares(t: TrainConfig, processes: int) -> None:
@@ -74,3 +80,28 @@ def check_shares(t: TrainConfig, processes: int) -> None:
     if processes > 1 and (t.global_batch % processes or share % t.chunk_size):
         raise UserError(f"train.global_batch={t.global_batch} over {processes} processes must give each a multiple of "
                         f"train.chunk_size={t.chunk_size}; pick a global batch divisible by {processes * t.chunk_size}")
+
+
+def embedding_dim(model, cfg) -> int:
+    """model.embed_dim, or with no head (0) the backbone's width, found by embedding one blank image."""
+    if cfg.embed_dim:
+        return cfg.embed_dim
+    device = next(model.parameters()).device
+    # Drop-path must not move the global RNG.
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return model(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[-1]
+
+
+def loss_optimizer(loss_fn, cfg: Config) -> tuple:
+    """The loss's own parameters (proxies, beta, MPN) train with AdamW at loss.lr under the model's
+    schedule; every rank computes the same loss gradient, so no communication. (None, None) if none."""
+    if not any(p.requires_grad for p in loss_fn.parameters()):
+        return None, None
+    return build_optimizer(loss_fn, dataclasses.replace(cfg.train, lr=cfg.loss.lr, head_lr=cfg.loss.lr))
+
+
+def step_loss_parameters(optimizer, scheduler) -> None:
+    if optimizer is not None:
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)

@@ -23,8 +23,8 @@ Converter = Callable[[DataConfig, int], dict[str, Iterable[Record]]]
 
 
 def _registry() -> dict[str, Converter]:
-    from pipeline.data.converters import digits, imagefolder
-    return {"digits": digits.convert, "imagefolder": imagefolder.convert}
+    from pipeline.data.converters import digits, fashion_mnist, imagefolder
+    return {"digits": digits.convert, "fashion_mnist": fashion_mnist.convert, "imagefolder": imagefolder.convert}
 
 
 def convert(cfg: DataConfig, seed: int) -> dict[str, Iterable[Record]]:

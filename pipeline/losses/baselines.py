@@ -1,0 +1,84 @@
+"""The deep-metric-learning baselines of Roth et al.'s comparison, through pytorch-metric-learning.
+
+Tuple losses (contrastive, triplet, margin, multi-similarity, lifted) take their miner wrapped in
+`RhoMiner` (rho-regularisation when p_switch > 0). Proxy and classifier losses (proxy-anchor,
+normalized softmax, ArcFace) and the margin loss's per-class beta hold parameters indexed by class:
+labels are mapped to 0..C-1 over the training classes, kept as a buffer.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pytorch_metric_learning import losses, miners
+from torch import nn
+
+from pipeline.config import LossConfig
+from pipeline.losses.rho import RhoMiner
+from pipeline.losses.seeding import StepSeeded
+
+TUPLE_LOSSES = ("contrastive", "triplet", "margin", "multi_similarity", "lifted")
+CLASS_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface")
+
+
+class ClassIndex(nn.Module):
+    """Maps dataset labels to 0..C-1 over the training classes."""
+
+    def __init__(self, classes: Sequence[int]):
+        super().__init__()
+        self.register_buffer("classes", torch.as_tensor(sorted(set(int(c) for c in classes)), dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        index = torch.searchsorted(self.classes, labels).clamp_max(len(self.classes) - 1)
+        if not torch.equal(self.classes[index], labels):
+            raise ValueError("a batch label is not among the training classes the loss was built for")
+        return index
+
+
+class MetricLoss(nn.Module, StepSeeded):
+    """A pytorch-metric-learning loss (+ optional miner) called as loss(embeddings, labels)."""
+
+    def __init__(self, loss: nn.Module, miner: nn.Module | None, classes: Sequence[int], seed: int = 0):
+        super().__init__()
+        self.loss, self.miner, self.index, self.seed = loss, miner, ClassIndex(classes), seed
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        y = self.index(labels)
+        with self.rng(embeddings.device):
+            tuples = self.miner(embeddings, y) if self.miner is not None else None
+            return self.loss(embeddings, y, tuples)
+
+
+def _tuple_loss(cfg: LossConfig, n_classes: int) -> tuple[nn.Module, nn.Module | None]:
+    if cfg.name == "contrastive":
+        return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=cfg.margin), None
+    if cfg.name == "triplet":
+        return (losses.TripletMarginLoss(margin=cfg.margin),
+                miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard"))
+    if cfg.name == "margin":
+        return (losses.MarginLoss(margin=cfg.margin, beta=cfg.beta, learn_beta=True, num_classes=n_classes),
+                miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4))
+    if cfg.name == "multi_similarity":
+        return losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
+    return losses.LiftedStructureLoss(neg_margin=cfg.margin, pos_margin=0.0), None
+
+
+def _class_loss(cfg: LossConfig, n_classes: int, dim: int) -> nn.Module:
+    if cfg.name == "proxy_anchor":
+        return losses.ProxyAnchorLoss(n_classes, dim, margin=cfg.margin, alpha=cfg.scale)
+    if cfg.name == "normalized_softmax":
+        return losses.NormalizedSoftmaxLoss(n_classes, dim, temperature=cfg.temperature)
+    return losses.ArcFaceLoss(n_classes, dim, margin=cfg.margin, scale=cfg.scale)
+
+
+def build_baseline(cfg: LossConfig, classes: Sequence[int], dim: int, seed: int) -> MetricLoss:
+    n_classes = len(set(classes))
+    if cfg.name in TUPLE_LOSSES:
+        loss, miner = _tuple_loss(cfg, n_classes)
+        return MetricLoss(loss, RhoMiner(miner, cfg.p_switch, seed), classes, seed)
+    if cfg.name in CLASS_LOSSES:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the proxies' / class weights' initialisation depends on the seed only
+            return MetricLoss(_class_loss(cfg, n_classes, dim), None, classes, seed)
+    raise ValueError(cfg.name)

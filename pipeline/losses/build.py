@@ -1,0 +1,42 @@
+"""`loss=<name>` -> the loss module the two-pass step calls as loss(embeddings, labels)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from pipeline.config import LossConfig, TrainConfig
+from pipeline.errors import UserError
+from pipeline.losses.baselines import CLASS_LOSSES, TUPLE_LOSSES, build_baseline
+from pipeline.losses.intra_batch import IntraBatchLoss
+from pipeline.losses.recall_at_k import RecallAtK
+from pipeline.losses.simix import RecallAtKSiMix
+
+NAMES = ("rsk", "rsk_simix", *TUPLE_LOSSES, *CLASS_LOSSES, "mpn")
+
+
+def check_loss_config(cfg: LossConfig) -> None:
+    """The loss settings a user can get wrong, each refused in one line."""
+    if cfg.name not in NAMES:
+        raise UserError(f"unknown loss.name={cfg.name}; available: {', '.join(NAMES)}")
+    if not 0.0 <= cfg.p_switch <= 1.0:
+        raise UserError(f"loss.p_switch={cfg.p_switch} must be a probability in [0, 1]")
+    if cfg.p_switch and cfg.name not in TUPLE_LOSSES:
+        raise UserError(f"loss.p_switch is for the tuple losses ({', '.join(TUPLE_LOSSES)}), not loss={cfg.name}")
+    if cfg.simix_per_class < 0:
+        raise UserError(f"loss.simix_per_class={cfg.simix_per_class}: use 0 (every pair) or a positive count")
+
+
+def build_loss(cfg: LossConfig, train: TrainConfig, classes: Sequence[int], dim: int, seed: int) -> nn.Module:
+    """classes: the training split's labels (proxy/classifier losses index them); dim: embedding size."""
+    check_loss_config(cfg)
+    if cfg.name == "rsk":
+        return RecallAtK(train.ks, train.tau_rank, train.tau_count, train.include_query_in_rank)
+    if cfg.name == "rsk_simix":
+        return RecallAtKSiMix(train.ks, train.tau_rank, train.tau_count, train.include_query_in_rank,
+                              cfg.simix_per_class, seed)
+    if cfg.name == "mpn":
+        if dim % cfg.mpn_heads:
+            raise UserError(f"loss.mpn_heads={cfg.mpn_heads} must divide the embedding size {dim}")
+        return IntraBatchLoss(dim, classes, cfg.mpn_layers, cfg.mpn_heads, cfg.temperature, cfg.label_smoothing, seed)
+    return build_baseline(cfg, classes, dim, seed)
