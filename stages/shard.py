@@ -20,7 +20,7 @@ def run(cfg: Config, rd: RunDir) -> None:
     for split, records in splits.items():
         summary[split] = write_split(tqdm(records, desc=f"shard {split}", leave=False, mininterval=2), tmp / split,
                                      split, cfg.data.image_size, cfg.data.image_format,
-                                     cfg.data.shard_max_count, cfg.data.shard_max_size)
+                                     cfg.data.shard_max_count, cfg.data.shard_max_size, cfg.data.shard_workers)
         log.info("shard %s: %d images, %d classes, %d shards, %d skipped", split, summary[split]["images"],
                  summary[split]["classes"], summary[split]["shards"], summary[split]["skipped"])
     write_json(tmp / "summary.json", {"dataset": cfg.data.name, "splits": summary})

@@ -106,3 +106,31 @@ class TestPKSampler:
             for s in range(2):
                 assert sum((share[s] for share in shares), []) == whole[s]
         assert [i for i, _ in whole[0]] == list(sampler.batch(5))
+
+
+def test_parallel_writing_is_byte_identical_to_serial(tmp_path):
+    """Worker processes decode and encode; the tars, index and summary equal the serial run's."""
+    (tmp_path / "broken.jpg").write_text("not an image")
+    records = [Record(f"s{i:03d}", i % 4, image(i * 7, size=16 + i), {"i": i}) for i in range(23)]
+    records.insert(5, Record("broken", 1, tmp_path / "broken.jpg", {"path": "broken.jpg"}))
+    serial = write_split(records, tmp_path / "serial", "train", 12, "jpg", max_count=5, max_size=1 << 20, workers=0)
+    parallel = write_split(records, tmp_path / "parallel", "train", 12, "jpg", max_count=5, max_size=1 << 20, workers=2)
+    assert serial == parallel and serial["skipped"] == 1 and serial["shards"] == 5
+    names = sorted(p.name for p in (tmp_path / "serial").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "parallel").iterdir())
+    for name in names:
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes(), name
+
+
+def test_index_reads_each_sample_from_its_shard(tmp_path):
+    records = [Record(f"s{i:03d}", i % 3, image(i * 20), {}) for i in range(10)]
+    write_split(records, tmp_path, "train", 8, "png", max_count=4, max_size=1 << 20)
+    index = ShardIndex.load(tmp_path)
+    assert list(index.shard_counts()) == [4, 4, 2]
+    assert list(index.locations[:, 0]) == [0] * 4 + [1] * 4 + [2] * 2
+    for i in range(10):  # the byte range is the image member inside that shard's tar
+        shard, offset, size = index.locations[i]
+        with tarfile.open(tmp_path / index.shards[shard]) as tar:
+            member = tar.getmember(f"{index.keys[i]}.png")
+            assert (member.offset_data, member.size) == (offset, size)
+        assert np.asarray(index.image(i))[0, 0, 0] == i * 20
