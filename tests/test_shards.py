@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import torch
+
 from conftest import run_pipeline
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, ModelConfig
 from pipeline.data.converters import Record, convert
-from pipeline.data.loader import StepBatches
+from pipeline.data.loader import StepBatches, train_loader
+from pipeline.data.transforms import train_transform
+from pipeline.errors import UserError
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex, stream_split, write_split
 
@@ -134,3 +138,32 @@ def test_index_reads_each_sample_from_its_shard(tmp_path):
             member = tar.getmember(f"{index.keys[i]}.png")
             assert (member.offset_data, member.size) == (offset, size)
         assert np.asarray(index.image(i))[0, 0, 0] == i * 20
+
+
+def test_rank_slices_are_disjoint_and_make_the_global_batch():
+    labels = np.repeat(np.arange(12), 6)
+    sampler = PKSampler(labels, batch_size=24, samples_per_class=4, seed=3)
+    for step in (0, 9):
+        for world in (1, 2, 3, 4):
+            slices = [sampler.rank_slice(step, r, world) for r in range(world)]
+            assert all(len(i) == 24 // world for i, _ in slices)
+            assert np.array_equal(np.concatenate([i for i, _ in slices]), sampler.batch(step))
+            assert np.array_equal(np.concatenate([s for _, s in slices]), sampler.augmentation_seeds(step))
+            assert len(set(np.concatenate([i for i, _ in slices]))) == 24  # no sample on two ranks
+    with pytest.raises(UserError, match="multiple of the 5 processes"):
+        sampler.rank_slice(0, 0, 5)
+
+
+def test_loader_workers_give_the_same_augmented_batches(tmp_path):
+    """Decoding and augmentation in DataLoader workers, seeded per sample: same tensors as in-process."""
+    records = [Record(f"s{i:03d}", i % 4, Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), np.uint8)), {})
+               for i in range(32)]
+    write_split(records, tmp_path, "train", 16, "png", max_count=10, max_size=1 << 20)
+    index = ShardIndex.load(tmp_path)
+    sampler = PKSampler(index.labels, batch_size=8, samples_per_class=2, seed=0)
+    transform = train_transform(DataConfig(crop_scale=[0.3, 1.0]), ModelConfig(image_size=12))
+    runs = [list(train_loader(index, transform, sampler, 2, 5, workers=w)) for w in (0, 2)]
+    assert len(runs[0]) == 3
+    for (a, la), (b, lb) in zip(*runs):
+        assert a.shape == (8, 3, 12, 12) and torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(runs[0][0][0], runs[0][1][0])

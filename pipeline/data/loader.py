@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -42,12 +41,9 @@ class StepBatches:
         return max(0, self.end - self.start)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        share = self.sampler.batch_size // self.world
-        mine = slice(self.rank * share, (self.rank + 1) * share)  # this rank's contiguous share
         for step in range(self.start, self.end):
-            indices = self.sampler.batch(step)
-            seeds = np.random.default_rng([self.sampler.seed, step, 1]).integers(0, 2**62, len(indices))
-            yield [(int(i), int(s)) for i, s in zip(indices[mine], seeds[mine])]
+            indices, seeds = self.sampler.rank_slice(step, self.rank, self.world)
+            yield [(int(i), int(s)) for i, s in zip(indices, seeds)]
 
 
 def train_loader(index: ShardIndex, transform: Callable, sampler: PKSampler, start: int, end: int,
