@@ -60,12 +60,23 @@ def test_accelerate_launch(tmp_path, single_process_embeddings):
         assert_same_embeddings(load_embeddings(tmp_path / "embeddings" / "frozen" / f"{split}.npz"), expected)
 
 
-def test_rerun_after_a_crash_embeds_only_the_missing_shards(tmp_path):
+def small_split(tmp_path):
     records = [Record(f"s{i:03d}", i % 5, Image.fromarray(np.full((8, 8, 3), 3 * i, np.uint8)), {}) for i in range(50)]
     write_split(records, tmp_path / "split", "test", 8, "png", max_count=8, max_size=1 << 20)
     cfg = ModelConfig(image_size=8, patch_size=4, depth=1, embed_dim=8, mean=[0.5] * 3, std=[0.5] * 3)
-    model = build_encoder(cfg, seed=0)
-    transform = eval_transform(cfg)
+    return records, build_encoder(cfg, seed=0), eval_transform(cfg)
+
+
+def test_dataloader_workers_split_the_shards_and_the_merge_restores_order(tmp_path):
+    records, model, transform = small_split(tmp_path)
+    one = embed_split(model, tmp_path / "split", transform, 16, torch.device("cpu"), workers=0)
+    three = embed_split(model, tmp_path / "split", transform, 16, torch.device("cpu"), workers=3)
+    assert_same_embeddings(three, one)
+    assert list(one["keys"]) == [r.key for r in records] and list(one["labels"]) == [r.label for r in records]
+
+
+def test_rerun_after_a_crash_embeds_only_the_missing_shards(tmp_path):
+    records, model, transform = small_split(tmp_path)
     full = embed_split(model, tmp_path / "split", transform, 16, torch.device("cpu"), parts=tmp_path / "parts")
     assert full["embeddings"].shape == (50, 8) and list(full["keys"]) == [r.key for r in records]
     x = torch.stack([transform(r.image.convert("RGB")) for r in records])
@@ -81,6 +92,7 @@ def test_rerun_after_a_crash_embeds_only_the_missing_shards(tmp_path):
     np.testing.assert_array_equal(again["embeddings"][16:24], full["embeddings"][16:24])
 
 
+@pytest.mark.slow
 def test_embed_stage_resumes_from_its_parts(tmp_path, single_process_embeddings):
     """The stage crashes on a damaged test shard after finishing train; once the shard is restored,
     the rerun reuses train's saved parts (one marked with zeros shows it) and cleans up."""
