@@ -7,7 +7,8 @@ each rank embeds its own, and the results are merged in shard order on every ran
 the same number of forward passes (the largest share, known in advance from the index; the short
 ranks pad with blank batches whose outputs are dropped), so a model whose forward communicates
 (FSDP, ZeRO-3) never leaves a rank waiting. With `parts`, each finished shard's embeddings are
-saved there and a rerun (after a crash, say) skips the shards already saved.
+saved there and a rerun (after a crash, say) skips the shards already saved; `parts` must be
+on a filesystem every rank sees (as the run directory is on a cluster).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data.shards import ShardIndex
+from pipeline.distributed import broadcast_object
 from pipeline.engine import autocast
 
 
@@ -80,13 +82,14 @@ def embed_split(model: nn.Module, folder: Path, transform, batch_size: int, devi
         return {"embeddings": np.zeros((0, 0), np.float32), "labels": index.labels.copy(), "keys": np.array([], str)}
     counts = index.shard_counts()
     position = {key: i for i, key in enumerate(index.keys)}
-    done = {s for s in range(len(index.shards)) if parts is not None and (parts / f"{s:06d}.npz").is_file()}
-    todo = [s for s in range(len(index.shards)) if s not in done]
+    saved = [s for s in range(len(index.shards)) if parts is not None and (parts / f"{s:06d}.npz").is_file()]
+    saved = broadcast_object(saved)  # rank 0's view, taken before any rank writes: all deal out the same list
+    todo = [s for s in range(len(index.shards)) if s not in saved]
     mine = _by_rank(todo, rank, world)
     steps = max(math.ceil(sum(counts[_by_rank(todo, r, world)]) / batch_size) for r in range(world))
 
     rows: dict[int, list[tuple[int, np.ndarray]]] = {s: [] for s in mine}  # shard -> (position, embedding)
-    finished: dict[int, np.ndarray] = {}
+    finished: dict[int, dict] = {}
     batches = _exact_batches(_stream(index, mine, transform, batch_size, workers), batch_size) if mine else iter(())
     blank = None
     for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=2, disable=rank != 0):

@@ -5,7 +5,9 @@ Writes a synthetic split of JPEGs (natural-looking smooth images with noise) int
           nothing else (no index, no sampler, no DataLoader, no batching, no IPC of tensors);
   loader: `pipeline.data.loader.train_loader` with `workers` DataLoader workers (index reads from
           the shards, P x K sampler, per-sample seeding, collation, transfer to the main process).
-and prints both in images/s and their ratio.
+and prints both in images/s and their ratio. The two are measured in turn, --repeats times; each
+round's ratio compares two measurements taken a few seconds apart (the machine may be shared), and
+the median of the rounds is the headline figure.
 
   bash tools/env.sh python tools/bench_loader.py --images 2048 --workers 2
 """
@@ -47,6 +49,15 @@ def _decode_augment(args) -> int:
     return len(blobs)
 
 
+def _loader_rate(index, data, model, sampler, steps, workers) -> float:
+    """images/s of the training loader over steps+1..2*steps, after one warm-up step (worker start-up)."""
+    loader = iter(train_loader(index, train_transform(data, model), sampler, steps, 2 * steps + 1, workers=workers))
+    next(loader)
+    tic = time.perf_counter()
+    n = sum(len(images) for images, _ in loader)
+    return n / (time.perf_counter() - tic)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=2048)
@@ -55,6 +66,7 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=224, help="model input side")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(1)
     data, model = DataConfig(crop_scale=[0.2, 1.0], hflip=True), ModelConfig(image_size=args.crop)
@@ -74,23 +86,20 @@ def main() -> None:
                 blobs.append(f.read(size))
 
         chunks = [(blobs[w::args.workers], data, model) for w in range(args.workers)]
+        limits, rates = [], []
         with mp.get_context("fork").Pool(args.workers) as pool:
             pool.map(_decode_augment, [(c[0][:4], data, model) for c in chunks])  # warm the workers
-            tic = time.perf_counter()
-            n = sum(pool.map(_decode_augment, chunks))
-            limit = n / (time.perf_counter() - tic)
-
-        # one warm-up step (worker start-up), as the limit's pool was warmed; then `steps` timed steps
-        loader = iter(train_loader(index, train_transform(data, model), sampler, steps, 2 * steps + 1,
-                                   workers=args.workers))
-        next(loader)
-        tic = time.perf_counter()
-        n = sum(len(images) for images, _ in loader)
-        rate = n / (time.perf_counter() - tic)
+            for _ in range(args.repeats):  # alternated, so that load from other jobs hits both alike
+                tic = time.perf_counter()
+                n = sum(pool.map(_decode_augment, chunks))
+                limits.append(n / (time.perf_counter() - tic))
+                rates.append(_loader_rate(index, data, model, sampler, steps, args.workers))
     print(f"images {len(seen)}  batch {args.batch}  workers {args.workers}  stored {args.size}px jpg -> crop {args.crop}px")
-    print(f"decode+augment limit: {limit:8.1f} images/s")
-    print(f"train_loader:         {rate:8.1f} images/s")
-    print(f"ratio loader/limit:   {rate / limit:8.3f}")
+    print("round ratios loader/limit: " + " ".join(f"{r / lim:.3f}" for r, lim in zip(rates, limits)))
+    print(f"decode+augment limit: {max(limits):8.1f} images/s (best of {args.repeats})")
+    print(f"train_loader:         {max(rates):8.1f} images/s (best of {args.repeats})")
+    print(f"ratio loader/limit:   {np.median(np.array(rates) / np.array(limits)):8.3f} (median of the rounds; "
+          f"best/best {max(rates) / max(limits):.3f})")
 
 
 if __name__ == "__main__":

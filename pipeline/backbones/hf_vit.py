@@ -32,6 +32,11 @@ class PooledOutput(nn.Module):
         return self.model(pixel_values=images, **self.extra).pooler_output
 
 
+def _checkpointing(model):
+    """transformers >= 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)."""
+    return getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+
+
 def _spec(cfg: ModelConfig):
     if cfg.arch not in MODELS:
         raise UserError(f"model.arch={cfg.arch} is not a supported transformers model; use one of {', '.join(MODELS)}")
@@ -62,7 +67,7 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
     root = "model.vision_model." if hasattr(model, "vision_model") else "model."  # transformers < 5 nests CLIP
     return Backbone(module, model.config.hidden_size, module.get_submodule(root + blocks),
                     tuple(root + name for name in after),
-                    lambda: model.gradient_checkpointing_enable({"use_reentrant": False}),
+                    lambda: _checkpointing(model)({"use_reentrant": False}),
                     saved_config=model.config.to_dict())
 
 

@@ -26,7 +26,8 @@ class AugmentedImages(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         i, seed = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator alone: torch.manual_seed would also queue a CUDA seeding call per sample
+            torch.default_generator.manual_seed(seed)
             image = self.transform(self.index.image(i))
         return image, int(self.index.labels[i])
 
