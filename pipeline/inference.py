@@ -38,8 +38,10 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _by_rank(shards: list[int], rank: int, world: int) -> list[int]:
-    """wds.split_by_node's rule, with the process group's rank (wds prefers $RANK, which a caller
-    outside the group may also have)."""
+    """wds.split_by_node's rule (every world-th shard from rank), applied here rather than inside the
+    pipeline because every rank must know every rank's share in advance (equal forward passes), and
+    the shards left to do depend on the saved parts. It also takes the rank from the process group,
+    where wds would prefer $RANK."""
     return list(islice(shards, rank, None, world))
 
 

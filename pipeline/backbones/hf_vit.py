@@ -3,7 +3,8 @@
 Local weights: a `from_pretrained` folder (config.json + model.safetensors, as `save_pretrained`
 writes it, e.g. a hub snapshot of facebook/dinov2-large). The output is the model's pooled
 output (the layer-normed CLS token). The architecture is the folder's config with the user's
-overrides; random init starts from the config class's defaults.
+overrides; random init starts from the config class's defaults. model.drop_path applies to
+Dinov2Model (drop_path_rate); CLIPVisionModel has no stochastic depth.
 """
 from __future__ import annotations
 

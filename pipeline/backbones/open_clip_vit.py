@@ -4,7 +4,8 @@ Only the image tower is built, from the model's open_clip config. Local weights:
 checkpoint as open_clip saves it (`.bin`/`.pt` or `.safetensors`, read by open_clip's own
 `load_state_dict`); its `visual.*` tensors are loaded strictly (after open_clip's position
 embedding resize for another image size) and the text tower's are never built. The output is
-the tower's projected embedding (the CLIP embedding space).
+the tower's projected embedding (the CLIP embedding space). open_clip's ViT has no stochastic
+depth, so model.drop_path does not apply.
 """
 from __future__ import annotations
 
