@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, SMALL, run_pipeline, run_torchrun
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, load_config
 from pipeline.data.converters import Record
 from pipeline.data.shards import write_split
 from pipeline.data.transforms import eval_transform
@@ -26,24 +26,25 @@ def assert_same_embeddings(a: dict, b: dict) -> None:
     np.testing.assert_allclose(a["embeddings"], b["embeddings"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def single_process_embeddings(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("embed_single")
-    run_pipeline("stage=embed", f"run_dir={run_dir}", *SHARDED)
-    return {s: load_embeddings(run_dir / "embeddings" / "frozen" / f"{s}.npz") for s in ("train", "test")}
+def single_process(run_dir) -> dict:
+    """The frozen encoder over run_dir's shards, embedded here, in one process."""
+    cfg = load_config(["stage=embed", *SHARDED])
+    model = build_encoder(cfg.model, cfg.seed)
+    return {split: embed_split(model, run_dir / "shards" / split, eval_transform(cfg.model), 64, torch.device("cpu"))
+            for split in ("train", "test")}
 
 
-def test_two_ranks_give_the_single_process_embeddings(tmp_path, single_process_embeddings):
+def test_two_ranks_give_the_single_process_embeddings(tmp_path):
     run_torchrun(2, "stage=embed", f"run_dir={tmp_path}", *SHARDED, "data.workers=1")
-    for split, expected in single_process_embeddings.items():
+    for split, expected in single_process(tmp_path).items():
         assert_same_embeddings(load_embeddings(tmp_path / "embeddings" / "frozen" / f"{split}.npz"), expected)
+    assert len(list((tmp_path / "shards" / "test").glob("*.tar"))) == 9  # unequal shares: 5 and 4 shards
     assert not (tmp_path / "embeddings" / "frozen.parts").exists()
-    log = (tmp_path / "logs" / "rank1.log").read_text()
-    assert "Traceback" not in log
+    assert "Traceback" not in (tmp_path / "logs" / "rank1.log").read_text()
 
 
 @pytest.mark.slow
-def test_accelerate_launch(tmp_path, single_process_embeddings):
+def test_accelerate_launch(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` starts torch.distributed.run; on a machine
     without GPUs the ranks join a gloo group on the CPU. (`--cpu` would start one process.)"""
     with socket.socket() as s:
@@ -56,7 +57,7 @@ def test_accelerate_launch(tmp_path, single_process_embeddings):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "logs" / "rank1.log").is_file()
-    for split, expected in single_process_embeddings.items():
+    for split, expected in single_process(tmp_path).items():
         assert_same_embeddings(load_embeddings(tmp_path / "embeddings" / "frozen" / f"{split}.npz"), expected)
 
 
@@ -93,7 +94,7 @@ def test_rerun_after_a_crash_embeds_only_the_missing_shards(tmp_path):
 
 
 @pytest.mark.slow
-def test_embed_stage_resumes_from_its_parts(tmp_path, single_process_embeddings):
+def test_embed_stage_resumes_from_its_parts(tmp_path):
     """The stage crashes on a damaged test shard after finishing train; once the shard is restored,
     the rerun reuses train's saved parts (one marked with zeros shows it) and cleans up."""
     run_pipeline("stage=shard", f"run_dir={tmp_path}", *SHARDED)
@@ -110,7 +111,6 @@ def test_embed_stage_resumes_from_its_parts(tmp_path, single_process_embeddings)
     assert not parts.exists()
     train = load_embeddings(tmp_path / "embeddings" / "frozen" / "train.npz")
     assert np.all(train["embeddings"][:100] == 0)
-    expected = single_process_embeddings["train"]
-    np.testing.assert_allclose(train["embeddings"][100:], expected["embeddings"][100:], rtol=1e-5, atol=1e-6)
-    assert_same_embeddings(load_embeddings(tmp_path / "embeddings" / "frozen" / "test.npz"),
-                           single_process_embeddings["test"])
+    expected = single_process(tmp_path)
+    np.testing.assert_allclose(train["embeddings"][100:], expected["train"]["embeddings"][100:], rtol=1e-5, atol=1e-6)
+    assert_same_embeddings(load_embeddings(tmp_path / "embeddings" / "frozen" / "test.npz"), expected["test"])
