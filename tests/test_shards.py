@@ -167,3 +167,24 @@ def test_loader_workers_give_the_same_augmented_batches(tmp_path):
     for (a, la), (b, lb) in zip(*runs):
         assert a.shape == (8, 3, 12, 12) and torch.equal(a, b) and torch.equal(la, lb)
     assert not torch.equal(runs[0][0][0], runs[0][1][0])
+
+
+def test_loader_batches_equal_the_per_image_transform(tmp_path):
+    """The float conversion and normalisation run per batch; the result is the per-image transform's."""
+    records = [Record(f"s{i:03d}", i % 4, Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), np.uint8)), {})
+               for i in range(16)]
+    write_split(records, tmp_path, "train", 16, "png", max_count=10, max_size=1 << 20)
+    index = ShardIndex.load(tmp_path)
+    sampler = PKSampler(index.labels, batch_size=8, samples_per_class=2, seed=0)
+    transform = train_transform(DataConfig(crop_scale=[0.3, 1.0]), ModelConfig(image_size=12, mean=[0.4, 0.5, 0.6],
+                                                                               std=[0.2, 0.3, 0.4]))
+    (images, labels), = list(train_loader(index, transform, sampler, 3, 4))
+    pairs = list(StepBatches(sampler, 3, 4, 0, 1))[0]
+    expected = []
+    for i, seed in pairs:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            expected.append(transform(index.image(i)))
+    assert images.dtype == torch.float32
+    torch.testing.assert_close(images, torch.stack(expected), rtol=0, atol=0)
+    assert labels.tolist() == [int(index.labels[i]) for i, _ in pairs]
