@@ -12,6 +12,7 @@ on a filesystem every rank sees (as the run directory is on a cluster).
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from itertools import islice
@@ -50,8 +51,8 @@ def _stream(index: ShardIndex, shards: list[int], transform: Callable, batch_siz
     urls = [str(index.folder / index.shards[s]) for s in shards]
     dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=lambda src: src,
                               workersplitter=wds.split_by_worker)
-               .decode("pil").to_tuple("__key__", "png;jpg;webp")
-               .map_tuple(str, lambda image: transform(image.convert("RGB")))
+               .to_tuple("__key__", "png;jpg;webp")  # only the image is decoded, not cls/json
+               .map_tuple(str, lambda data: transform(Image.open(io.BytesIO(data)).convert("RGB")))
                .batched(batch_size, collation_fn=lambda rows: (torch.stack([r[1] for r in rows]), [r[0] for r in rows])))
     return wds.WebLoader(dataset, batch_size=None, num_workers=min(workers, len(urls)))
 
