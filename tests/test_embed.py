@@ -17,8 +17,9 @@ from pipeline.data.transforms import eval_transform
 from pipeline.encoders import build_encoder
 from pipeline.inference import embed_split, load_embeddings, save_embeddings
 
-# Digits in shards of 100: 10 train shards, 9 test shards, so two ranks get unequal shares.
-SHARDED = [*SMALL, "data.shard_max_count=100", "eval.batch_size=64"]
+# Digits in shards of 100 (written by 2 processes): 10 train shards, 9 test shards, so two ranks get
+# unequal shares.
+SHARDED = [*SMALL, "data.shard_max_count=100", "eval.batch_size=64", "data.shard_workers=2"]
 
 
 def assert_same_embeddings(a: dict, b: dict) -> None:

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
+from tqdm import tqdm
 from PIL import Image, ImageOps
 
 from pipeline.data.converters import Record
@@ -84,7 +85,10 @@ def write_split(records: Iterable[Record], out: Path, split: str, image_size: in
     labels, skipped = [], []
     with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0,
                          mtime=0) as sink:
-        for key, label, meta, data, error in _prepared(records, image_size, image_format, workers):
+        prepared = _prepared(records, image_size, image_format, workers)
+        total = len(records) if hasattr(records, "__len__") else None
+        for key, label, meta, data, error in tqdm(prepared, desc=f"shard {split}", total=total, leave=False,
+                                                  mininterval=2):
             if error is not None:
                 log.warning("skipping %s (%s): %s", key, meta.get("path", ""), error)
                 skipped.append(meta.get("path", key))
