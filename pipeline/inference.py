@@ -110,17 +110,20 @@ def embed_split(model: nn.Module, folder: Path, transform, batch_size: int, devi
             if len(rows[shard]) == counts[shard]:
                 finished[shard] = _save_part(parts, shard, rows.pop(shard))
     assert not rows, f"shards {sorted(rows)} were not read completely"
+    return _assemble(_merge(finished, parts, len(index.shards), world), index)
+
+
+def _merge(finished: dict[int, dict], parts: Path | None, n_shards: int, world: int) -> dict[int, dict]:
+    """Every shard's part, on every rank: gathered from the ranks, or read back from `parts`."""
     if parts is None:
         gathered = [finished]
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, finished)
-        merged = {s: part for share in gathered for s, part in share.items()}
-    else:
-        if world > 1:
-            dist.barrier()  # every rank's parts are on disk
-        merged = {s: _load_part(parts, s) for s in range(len(index.shards))}
-    return _assemble(merged, index)
+        return {s: part for share in gathered for s, part in share.items()}
+    if world > 1:
+        dist.barrier()  # every rank's parts are on disk
+    return {s: _load_part(parts, s) for s in range(n_shards)}
 
 
 def _save_part(parts: Path | None, shard: int, rows: list[tuple[int, np.ndarray]]) -> dict:
