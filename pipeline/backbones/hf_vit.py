@@ -64,6 +64,8 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
             raise UserError(f"model.pretrained={cfg.pretrained}: {str(e).splitlines()[0]}") from None
     else:
         model = model_cls(config_cls(image_size=cfg.image_size, **overrides))
+    if getattr(model.embeddings, "mask_token", None) is not None:
+        model.embeddings.mask_token.requires_grad_(False)  # masked pretraining only: never used here (DDP would fail)
     module = PooledOutput(model)
     root = "model.vision_model." if hasattr(model, "vision_model") else "model."  # transformers < 5 nests CLIP
     return Backbone(module, model.config.hidden_size, module.get_submodule(root + blocks),
