@@ -30,6 +30,7 @@ class DataConfig:
     shard_max_count: int = 10_000   # samples per tar shard
     shard_max_size: int = 1 << 30   # bytes per tar shard
     workers: int = 0                # DataLoader workers for training
+    shard_workers: int = 0          # processes decoding/encoding images in the shard stage (0: none)
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop
     hflip: bool = True              # random horizontal flips (off for digits: a flipped 2 is not a 2)
 
@@ -37,19 +38,22 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    family: str = "timm"            # timm (open_clip and transformers: see the encoders issue)
-    arch: str = "vit_tiny_patch16_224"
-    pretrained: str | None = None   # a local weights file in the upstream format; None = random init
+    family: str = "timm"            # timm | open_clip | transformers (see pipeline/backbones/)
+    arch: str = "vit_tiny_patch16_224"  # timm name | open_clip name (ViT-L-14) | Dinov2Model | CLIPVisionModel
+    pretrained: str | None = None   # local weights in the upstream format (file; transformers: folder); None = random init
     image_size: int = 32
     patch_size: int | None = None   # None = the architecture's own (set by the tiny preset)
     depth: int | None = None        # transformer blocks; None = the architecture's own
+    width: int | None = None        # backbone width (hidden size); None = the architecture's own
+    heads: int | None = None        # attention heads; None = the architecture's own
     global_pool: str | None = None  # timm pooling (token | avg | ...); None = the architecture's own
     embed_dim: int = 128            # output of the embedding head; 0 = the backbone's own width
     head_norm: bool = True          # LayerNorm before the head's Linear
     drop_path: float = 0.1
     grad_checkpointing: bool = False
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    trainable_blocks: int = -1      # -1: all train; N >= 0: only the last N blocks (and what follows them) + head
+    mean: list[float] | None = None  # input normalisation; None = the model's own (its weights' preprocessing)
+    std: list[float] | None = None
 
 
 @dataclass

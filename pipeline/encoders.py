@@ -1,4 +1,5 @@
-"""Encoders: a backbone (timm for now) plus an embedding head, L2-normalised output.
+"""Encoders: a backbone (timm, open_clip or transformers; see pipeline/backbones/) plus an
+embedding head, L2-normalised output, with the freezing policy and activation checkpointing.
 
 `build_encoder(cfg, seed)` gives the same weights for the same seed and config, so the frozen
 baseline of the embed stage and the starting point of the finetune stage are one model.
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.backbones import Backbone, family
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 
@@ -33,56 +35,71 @@ class Embedder(nn.Module):
         return F.normalize(self.head(self.backbone(images)).float(), dim=-1)
 
 
-def _timm_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    import timm
-
-    overrides = {k: v for k, v in {"patch_size": cfg.patch_size, "depth": cfg.depth, "global_pool": cfg.global_pool}.items()
-                 if v is not None}
-    pretrained = {}
-    if cfg.pretrained:
-        path = Path(cfg.pretrained).expanduser()
-        if not path.is_file():
-            raise UserError(f"model.pretrained={cfg.pretrained} does not exist; give a local timm weights file")
-        pretrained = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
-    model = timm.create_model(cfg.arch, num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path,
-                              **overrides, **pretrained)
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model, model.num_features
-
-
-BACKBONES = {"timm": _timm_backbone}
-
 # The settings that decide the parameters' names and shapes: a checkpoint fits a model iff these match.
-ARCHITECTURE = ("family", "arch", "image_size", "patch_size", "depth", "global_pool", "embed_dim", "head_norm")
+ARCHITECTURE = ("family", "arch", "image_size", "patch_size", "depth", "width", "heads", "global_pool", "embed_dim",
+                "head_norm")
 
 
 def architecture(cfg: ModelConfig) -> dict:
     return {k: getattr(cfg, k) for k in ARCHITECTURE}
 
 
-def build_encoder(cfg: ModelConfig, seed: int) -> Embedder:
-    if cfg.family not in BACKBONES:
-        raise UserError(f"model.family={cfg.family} is not supported yet; available: {', '.join(BACKBONES)}")
+def freeze(backbone: Backbone, trainable_blocks: int) -> None:
+    """model.trainable_blocks = N >= 0: only the last N blocks and the layers after them train (N = 0:
+    none of the backbone); -1: everything trains. The embedding head always trains."""
+    if trainable_blocks < 0:
+        return
+    if trainable_blocks > len(backbone.blocks):
+        raise UserError(f"model.trainable_blocks={trainable_blocks} but the backbone has {len(backbone.blocks)} blocks")
+    backbone.module.requires_grad_(False)
+    if trainable_blocks:
+        for block in backbone.blocks[len(backbone.blocks) - trainable_blocks:]:
+            block.requires_grad_(True)
+        for name, param in backbone.module.named_parameters():
+            if any(name == p or name.startswith(p + ".") for p in backbone.after_blocks):
+                param.requires_grad_(True)
+
+
+def build_encoder(cfg: ModelConfig, seed: int, saved_config: dict | None = None) -> Embedder:
+    """`saved_config`: the backbone config stored by `export` (transformers models), for `load_exported`."""
+    builder = family(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random-init weights (the tiny preset, the head) depend on the seed only
-        backbone, width = BACKBONES[cfg.family](cfg)
-        return Embedder(backbone, width, cfg.embed_dim, cfg.head_norm)
+        backbone = builder.build(cfg, saved_config)
+        model = Embedder(backbone.module, backbone.width, cfg.embed_dim, cfg.head_norm)
+    freeze(backbone, cfg.trainable_blocks)
+    if cfg.grad_checkpointing:
+        backbone.set_grad_checkpointing()
+    model.saved_config = backbone.saved_config
+    return model
+
+
+def preprocessing(cfg: ModelConfig) -> tuple[list[float], list[float]]:
+    """(mean, std): model.mean/model.std where set, else the values the model's weights were trained with."""
+    if cfg.mean is not None and cfg.std is not None:
+        return list(cfg.mean), list(cfg.std)
+    return family(cfg).preprocessing(cfg)
 
 
 def export(model: nn.Module, cfg: ModelConfig, out: Path) -> None:
-    """`model.safetensors` + `config.json` (the model config that rebuilds the architecture)."""
+    """`model.safetensors` (backbone + head) + `config.json` (the model config, with its normalisation
+    resolved) + for transformers models `backbone_config.json`: all that rebuilds the encoder."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    mean, std = preprocessing(cfg)
+    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "mean": mean, "std": std}, indent=2))
+    if getattr(model, "saved_config", None) is not None:
+        (out / "backbone_config.json").write_text(json.dumps(model.saved_config, indent=2))
 
 
 def load_exported(folder: Path | str) -> Embedder:
-    """Rebuild an exported encoder with plain torch + timm: no distributed machinery needed."""
+    """Rebuild an exported encoder with plain torch and the family's own library: no pretrained
+    weights, no distributed machinery needed."""
     folder = Path(folder)
     cfg = ModelConfig(**json.loads((folder / "config.json").read_text()))
-    cfg.pretrained, cfg.drop_path, cfg.grad_checkpointing = None, 0.0, False
-    model = build_encoder(cfg, seed=0)
+    cfg.pretrained, cfg.drop_path, cfg.grad_checkpointing, cfg.trainable_blocks = None, 0.0, False, -1
+    saved = folder / "backbone_config.json"
+    model = build_encoder(cfg, seed=0, saved_config=json.loads(saved.read_text()) if saved.is_file() else None)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval()

@@ -1,25 +1,58 @@
-"""embed: the frozen encoder over every split -> run_dir/embeddings/frozen/<split>.npz (the zero-shot baseline)."""
+"""embed: the frozen encoder over every split -> run_dir/embeddings/frozen/<split>.npz (the zero-shot baseline).
+
+Runs on every rank: each embeds its share of each split's shards. Finished shards are kept in
+run_dir/embeddings/frozen.parts/ (tagged with the settings that made them), so a rerun after a
+crash embeds only what is missing; rank 0 writes the merged files, then removes the parts.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 
+from pipeline import distributed
 from pipeline.config import Config
 from pipeline.data.transforms import eval_transform
 from pipeline.distributed import pick_device, world_from_env
 from pipeline.encoders import build_encoder
 from pipeline.inference import embed_split, save_embeddings
-from pipeline.run_dir import RunDir
+from pipeline.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)
 
+DISTRIBUTED = True  # every rank embeds its shards (the runner starts it on all of them)
+
+
+def _parts(cfg: Config, rd: RunDir):
+    """The parts folder, emptied (on rank 0) unless it was made with these very settings."""
+    parts = rd.root / "embeddings" / "frozen.parts"
+    tag = {"model": dataclasses.asdict(cfg.model), "seed": cfg.seed, "shards": rd.run_id("shard")}
+
+    def check():
+        if parts.exists() and (not (parts / "tag.json").is_file()
+                               or json.loads((parts / "tag.json").read_text()) != json.loads(json.dumps(tag))):
+            shutil.rmtree(parts)
+        if not parts.exists():
+            write_json(parts / "tag.json", tag)
+        else:
+            log.info("resuming: reusing the embedded shards in %s", parts)
+    distributed.on_main(check)
+    return parts
+
 
 def run(cfg: Config, rd: RunDir) -> None:
-    device = pick_device(cfg.device, world_from_env())
+    world = world_from_env()
+    device = pick_device(cfg.device, world)
     model = build_encoder(cfg.model, cfg.seed).to(device)
     splits = json.loads((rd.shards / "summary.json").read_text())["splits"]
+    parts = _parts(cfg, rd)
     for split, info in splits.items():
         data = embed_split(model, rd.shards / split, eval_transform(cfg.model), cfg.eval.batch_size, device,
-                           total=info["images"], desc=f"embed {split}")
-        save_embeddings(rd.embeddings("frozen") / f"{split}.npz", data)
-        log.info("embed %s: %s", split, data["embeddings"].shape)
+                           desc=f"embed {split}", workers=cfg.data.workers, parts=parts / split)
+        if world.is_main:
+            save_embeddings(rd.embeddings("frozen") / f"{split}.npz", data)
+            log.info("embed %s: %s", split, data["embeddings"].shape)
+    distributed.barrier()
+    if world.is_main:
+        shutil.rmtree(parts)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 
-from tqdm import tqdm
-
 from pipeline.config import Config
 from pipeline.data.converters import convert
 from pipeline.data.shards import write_split
@@ -18,9 +16,8 @@ def run(cfg: Config, rd: RunDir) -> None:
     tmp = fresh_dir(rd.shards.with_name("shards.tmp"))
     summary = {}
     for split, records in splits.items():
-        summary[split] = write_split(tqdm(records, desc=f"shard {split}", leave=False, mininterval=2), tmp / split,
-                                     split, cfg.data.image_size, cfg.data.image_format,
-                                     cfg.data.shard_max_count, cfg.data.shard_max_size)
+        summary[split] = write_split(records, tmp / split, split, cfg.data.image_size, cfg.data.image_format,
+                                     cfg.data.shard_max_count, cfg.data.shard_max_size, cfg.data.shard_workers)
         log.info("shard %s: %d images, %d classes, %d shards, %d skipped", split, summary[split]["images"],
                  summary[split]["classes"], summary[split]["shards"], summary[split]["skipped"])
     write_json(tmp / "summary.json", {"dataset": cfg.data.name, "splits": summary})

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import torch
+
 from conftest import run_pipeline
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, ModelConfig
 from pipeline.data.converters import Record, convert
-from pipeline.data.loader import StepBatches
+from pipeline.data.loader import StepBatches, train_loader
+from pipeline.data.transforms import train_transform
+from pipeline.errors import UserError
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex, stream_split, write_split
 
@@ -106,3 +110,81 @@ class TestPKSampler:
             for s in range(2):
                 assert sum((share[s] for share in shares), []) == whole[s]
         assert [i for i, _ in whole[0]] == list(sampler.batch(5))
+
+
+def test_parallel_writing_is_byte_identical_to_serial(tmp_path):
+    """Worker processes decode and encode; the tars, index and summary equal the serial run's."""
+    (tmp_path / "broken.jpg").write_text("not an image")
+    records = [Record(f"s{i:03d}", i % 4, image(i * 7, size=16 + i), {"i": i}) for i in range(23)]
+    records.insert(5, Record("broken", 1, tmp_path / "broken.jpg", {"path": "broken.jpg"}))
+    serial = write_split(records, tmp_path / "serial", "train", 12, "jpg", max_count=5, max_size=1 << 20, workers=0)
+    parallel = write_split(records, tmp_path / "parallel", "train", 12, "jpg", max_count=5, max_size=1 << 20, workers=2)
+    assert serial == parallel and serial["skipped"] == 1 and serial["shards"] == 5
+    names = sorted(p.name for p in (tmp_path / "serial").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "parallel").iterdir())
+    for name in names:
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes(), name
+
+
+def test_index_reads_each_sample_from_its_shard(tmp_path):
+    records = [Record(f"s{i:03d}", i % 3, image(i * 20), {}) for i in range(10)]
+    write_split(records, tmp_path, "train", 8, "png", max_count=4, max_size=1 << 20)
+    index = ShardIndex.load(tmp_path)
+    assert list(index.shard_counts()) == [4, 4, 2]
+    assert list(index.locations[:, 0]) == [0] * 4 + [1] * 4 + [2] * 2
+    for i in range(10):  # the byte range is the image member inside that shard's tar
+        shard, offset, size = index.locations[i]
+        with tarfile.open(tmp_path / index.shards[shard]) as tar:
+            member = tar.getmember(f"{index.keys[i]}.png")
+            assert (member.offset_data, member.size) == (offset, size)
+        assert np.asarray(index.image(i))[0, 0, 0] == i * 20
+
+
+def test_rank_slices_are_disjoint_and_make_the_global_batch():
+    labels = np.repeat(np.arange(12), 6)
+    sampler = PKSampler(labels, batch_size=24, samples_per_class=4, seed=3)
+    for step in (0, 9):
+        for world in (1, 2, 3, 4):
+            slices = [sampler.rank_slice(step, r, world) for r in range(world)]
+            assert all(len(i) == 24 // world for i, _ in slices)
+            assert np.array_equal(np.concatenate([i for i, _ in slices]), sampler.batch(step))
+            assert np.array_equal(np.concatenate([s for _, s in slices]), sampler.augmentation_seeds(step))
+            assert len(set(np.concatenate([i for i, _ in slices]))) == 24  # no sample on two ranks
+    with pytest.raises(UserError, match="multiple of the 5 processes"):
+        sampler.rank_slice(0, 0, 5)
+
+
+def test_loader_workers_give_the_same_augmented_batches(tmp_path):
+    """Decoding and augmentation in DataLoader workers, seeded per sample: same tensors as in-process."""
+    records = [Record(f"s{i:03d}", i % 4, Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), np.uint8)), {})
+               for i in range(32)]
+    write_split(records, tmp_path, "train", 16, "png", max_count=10, max_size=1 << 20)
+    index = ShardIndex.load(tmp_path)
+    sampler = PKSampler(index.labels, batch_size=8, samples_per_class=2, seed=0)
+    transform = train_transform(DataConfig(crop_scale=[0.3, 1.0]), ModelConfig(image_size=12))
+    runs = [list(train_loader(index, transform, sampler, 2, 5, workers=w)) for w in (0, 2)]
+    assert len(runs[0]) == 3
+    for (a, la), (b, lb) in zip(*runs):
+        assert a.shape == (8, 3, 12, 12) and torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(runs[0][0][0], runs[0][1][0])
+
+
+def test_loader_batches_equal_the_per_image_transform(tmp_path):
+    """The float conversion and normalisation run per batch; the result is the per-image transform's."""
+    records = [Record(f"s{i:03d}", i % 4, Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), np.uint8)), {})
+               for i in range(16)]
+    write_split(records, tmp_path, "train", 16, "png", max_count=10, max_size=1 << 20)
+    index = ShardIndex.load(tmp_path)
+    sampler = PKSampler(index.labels, batch_size=8, samples_per_class=2, seed=0)
+    transform = train_transform(DataConfig(crop_scale=[0.3, 1.0]), ModelConfig(image_size=12, mean=[0.4, 0.5, 0.6],
+                                                                               std=[0.2, 0.3, 0.4]))
+    (images, labels), = list(train_loader(index, transform, sampler, 3, 4))
+    pairs = list(StepBatches(sampler, 3, 4, 0, 1))[0]
+    expected = []
+    for i, seed in pairs:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            expected.append(transform(index.image(i)))
+    assert images.dtype == torch.float32
+    torch.testing.assert_close(images, torch.stack(expected), rtol=0, atol=0)
+    assert labels.tolist() == [int(index.labels[i]) for i, _ in pairs]

@@ -2,10 +2,15 @@
 
 The batch at step t is a function of (seed, t) alone, never of the number of processes, so runs
 on different world sizes see the same data, and a resumed run continues exactly where it was.
+Under several processes every rank computes the same global batch (cheap: labels only) and takes
+its own contiguous slice of positions, so the ranks' slices are disjoint and together are the
+global batch, with no communication.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from pipeline.errors import UserError
 
 
 class PKSampler:
@@ -33,3 +38,15 @@ class PKSampler:
             replace = picks[c] > len(members)
             batch.append(rng.choice(members, size=picks[c], replace=replace))
         return np.concatenate(batch)
+
+    def augmentation_seeds(self, step: int) -> np.ndarray:
+        """One seed per position of the global batch at `step`, for that sample's random crop and flip."""
+        return np.random.default_rng([self.seed, step, 1]).integers(0, 2**62, self.batch_size)
+
+    def rank_slice(self, step: int, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (sample indices, augmentation seeds): positions [rank * B/W, (rank + 1) * B/W)."""
+        if self.batch_size % world_size:
+            raise UserError(f"train.global_batch={self.batch_size} must be a multiple of the {world_size} processes")
+        share = self.batch_size // world_size
+        mine = slice(rank * share, (rank + 1) * share)
+        return self.batch(step)[mine], self.augmentation_seeds(step)[mine]

@@ -1,22 +1,28 @@
 """Webdataset tar shards: write a split, index it for random access, read it back.
 
 Layout of a split folder: `<split>-000000.tar ...` (each sample: `__key__`, the image under
-png/jpg/webp, the label under `cls`, metadata under `json`) and `index.json`, which records for
-every sample its shard, key, label and the byte range of its image, so that a P x K sampler can
-read any sample without scanning the tars.
+png/jpg/webp, the label under `cls`, metadata under `json`) and `index.json`, the per-shard sample
+index: the shard names in order, and for every sample its shard number, key, label and the byte
+range of its image inside that shard. Samples are listed shard by shard, in the order they were
+written. A P x K sampler draws classes from the labels alone, and reading one sample is one
+`pread` of one byte range of one shard (each process keeps its shards open), never a scan.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
+import multiprocessing as mp
+import os
 import tarfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
+from tqdm import tqdm
 from PIL import Image, ImageOps
 
 from pipeline.data.converters import Record
@@ -47,23 +53,48 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _prepare(record: Record, size: int, fmt: str) -> tuple[str, int, dict, bytes | None, str | None]:
+    """Decode, shrink and re-encode one record (in a worker process): (key, label, meta, bytes, error)."""
+    try:
+        return record.key, record.label, record.meta, _encode(_load(record, size), fmt), None
+    except Exception as e:  # a broken file is skipped and counted, never fatal
+        return record.key, record.label, record.meta, None, f"{type(e).__name__}: {e}"
+
+
+def _prepared(records: Iterable[Record], size: int, fmt: str, workers: int) -> Iterator[tuple]:
+    """The records prepared in order, by `workers` processes (0: in this one)."""
+    prepare = partial(_prepare, size=size, fmt=fmt)
+    if workers <= 0:
+        yield from map(prepare, records)
+        return
+    # spawn, not fork: the caller may hold a process group and threads; the workers only need PIL.
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(prepare, records, chunksize=8)
+
+
 def write_split(records: Iterable[Record], out: Path, split: str, image_size: int, image_format: str,
-                max_count: int, max_size: int) -> dict:
-    """Write one split's shards and index into `out`; return its summary (images, classes, skipped)."""
+                max_count: int, max_size: int, workers: int = 0) -> dict:
+    """Write one split's shards and index into `out`; return its summary (images, classes, skipped).
+
+    Decoding and encoding run in `workers` processes; the tars are written here, in record order,
+    with a fixed mtime, so the output is byte-identical whatever the number of workers.
+    """
     if image_format not in SAVE_FORMAT:
         raise ValueError(f"image format {image_format} not in {list(SAVE_FORMAT)}")
     out.mkdir(parents=True, exist_ok=True)
     labels, skipped = [], []
-    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0) as sink:
-        for record in records:
-            try:
-                data = _encode(_load(record, image_size), image_format)
-            except Exception as e:  # a broken file is skipped and counted, never fatal
-                log.warning("skipping %s (%s): %s", record.key, record.meta.get("path", ""), e)
-                skipped.append(record.meta.get("path", record.key))
+    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0,
+                         mtime=0) as sink:
+        prepared = _prepared(records, image_size, image_format, workers)
+        total = len(records) if hasattr(records, "__len__") else None
+        for key, label, meta, data, error in tqdm(prepared, desc=f"shard {split}", total=total, leave=False,
+                                                  mininterval=2):
+            if error is not None:
+                log.warning("skipping %s (%s): %s", key, meta.get("path", ""), error)
+                skipped.append(meta.get("path", key))
                 continue
-            sink.write({"__key__": record.key, image_format: data, "cls": record.label, "json": record.meta})
-            labels.append(record.label)
+            sink.write({"__key__": key, image_format: data, "cls": label, "json": meta})
+            labels.append(label)
     index = build_index(out)
     (out / "index.json").write_text(json.dumps(index))
     return {"images": len(labels), "classes": len(set(labels)), "shards": len(index["shards"]),
@@ -95,6 +126,10 @@ class ShardIndex:
     keys: list[str]
     labels: np.ndarray
     locations: np.ndarray  # (n, 3): shard number, byte offset, byte size
+    _files: dict = None     # shard number -> open file descriptor, per process
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own descriptors
+        return {**self.__dict__, "_files": None}
 
     @classmethod
     def load(cls, folder: Path) -> "ShardIndex":
@@ -107,12 +142,17 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def shard_counts(self) -> np.ndarray:
+        """Samples per shard, in shard order."""
+        return np.bincount(self.locations[:, 0], minlength=len(self.shards))
+
     def image(self, i: int) -> Image.Image:
-        shard, offset, size = self.locations[i]
-        with open(self.folder / self.shards[shard], "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        shard, offset, size = (int(v) for v in self.locations[i])
+        if self._files is None:
+            self._files = {}
+        if shard not in self._files:
+            self._files[shard] = os.open(self.folder / self.shards[shard], os.O_RDONLY)
+        return Image.open(io.BytesIO(os.pread(self._files[shard], size, offset))).convert("RGB")
 
 
 def _all_shards(urls):

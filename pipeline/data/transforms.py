@@ -8,7 +8,10 @@ from pipeline.config import DataConfig, ModelConfig
 
 
 def _to_tensor(model: ModelConfig) -> list:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(model.mean, model.std)]
+    from pipeline.encoders import preprocessing  # the model's own mean and std unless the config sets them
+
+    mean, std = preprocessing(model)
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
 
 
 def train_transform(data: DataConfig, model: ModelConfig) -> T.Compose:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 from PIL import Image
 
 from pipeline.config import DataConfig
@@ -23,8 +24,10 @@ Converter = Callable[[DataConfig, int], dict[str, Iterable[Record]]]
 
 
 def _registry() -> dict[str, Converter]:
-    from pipeline.data.converters import digits, fashion_mnist, imagefolder
-    return {"digits": digits.convert, "fashion_mnist": fashion_mnist.convert, "imagefolder": imagefolder.convert}
+    from pipeline.data.converters import cars, csv, cub, digits, fashion_mnist, imagefolder, inat, inshop, sop, vehicleid
+    return {"digits": digits.convert, "fashion_mnist": fashion_mnist.convert, "imagefolder": imagefolder.convert,
+            "csv": csv.convert, "cub": cub.convert, "cars": cars.convert, "sop": sop.convert, "inshop": inshop.convert,
+            "inat": inat.convert, "vehicleid": vehicleid.convert}
 
 
 def convert(cfg: DataConfig, seed: int) -> dict[str, Iterable[Record]]:
@@ -43,5 +46,32 @@ def require_root(cfg: DataConfig, *expected: str) -> Path:
         raise UserError(f"data.root={cfg.root} is not a folder; point it at the {cfg.name} dataset")
     for name in expected:
         if not (root / name).exists():
-            raise UserError(f"data.root={cfg.root} has no {name}; is it the {cfg.name} dataset?")
+            raise UserError(f"data.root={cfg.root} has no {name}; set data.root to the {cfg.name} folder that holds it")
     return root
+
+
+def find_file(cfg: DataConfig, root: Path, *candidates: str) -> Path:
+    """The first of `candidates` (paths relative to root) that exists: datasets ship in a few layouts."""
+    for name in candidates:
+        if (root / name).is_file():
+            return root / name
+    raise UserError(f"data.root={cfg.root} has no {candidates[0]}; set data.root to the {cfg.name} folder that holds it")
+
+
+def read_rows(path: Path, skip: int = 0) -> list[list[str]]:
+    """Whitespace-separated rows of a text list file, after `skip` header lines; blank lines dropped."""
+    lines = path.read_text().splitlines()[skip:]
+    return [line.split() for line in lines if line.strip()]
+
+
+def split_classes(cfg: DataConfig, classes: list[str], seed: int) -> set[str]:
+    """The test classes: a seeded data.test_fraction of `classes` (at least one), the rest train."""
+    if len(classes) < 2:
+        raise UserError(f"data.root={cfg.root} has {len(classes)} class(es); an open-set split needs at least 2")
+    order = np.random.default_rng(seed).permutation(len(classes))
+    n_test = min(len(classes) - 1, max(1, round(cfg.test_fraction * len(classes))))
+    return {classes[i] for i in order[:n_test]}
+
+
+def image_record(root: Path, relative: str, label: int, key: str, **meta) -> Record:
+    return Record(key=key, label=label, image=root / relative, meta={"path": relative, **meta})

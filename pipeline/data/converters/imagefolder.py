@@ -1,10 +1,8 @@
 """A user's own images, `root/<class>/<image>`, split class-disjointly (open set) by a seeded fraction."""
 from __future__ import annotations
 
-import numpy as np
-
 from pipeline.config import DataConfig
-from pipeline.data.converters import Record, require_root
+from pipeline.data.converters import Record, require_root, split_classes
 from pipeline.errors import UserError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -15,9 +13,7 @@ def convert(cfg: DataConfig, seed: int) -> dict[str, list[Record]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if len(classes) < 2:
         raise UserError(f"data.root={cfg.root} needs at least 2 class folders (root/<class>/<image>)")
-    order = np.random.default_rng(seed).permutation(len(classes))
-    n_test = max(1, round(cfg.test_fraction * len(classes)))
-    test = {classes[i] for i in order[:n_test]}
+    test = split_classes(cfg, classes, seed)
     splits: dict[str, list[Record]] = {"train": [], "test": []}
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in EXTENSIONS)

@@ -1,0 +1,36 @@
+"""PKU VehicleID: `train_test_split/train_list.txt` and `test_list_{800,1600,2400}.txt`, lines
+"<image name> <vehicle id>"; images at `image/<image name>.jpg`.
+
+The standard protocol: for each test size S, one image per vehicle drawn at random (seeded) forms
+the gallery `test{S}_gallery`, the others are the queries `test{S}_query`.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from pipeline.config import DataConfig
+from pipeline.data.converters import Record, find_file, image_record, read_rows, require_root
+
+TEST_SIZES = (800, 1600, 2400)
+
+
+def _records(cfg: DataConfig, root, name: str) -> list[Record]:
+    rows = read_rows(find_file(cfg, root, f"train_test_split/{name}", name))
+    return [image_record(root, f"image/{image}.jpg", int(vehicle), key=f"v{image}") for image, vehicle in rows]
+
+
+def convert(cfg: DataConfig, seed: int) -> dict[str, list]:
+    root = require_root(cfg)
+    splits: dict[str, list] = {"train": _records(cfg, root, "train_list.txt")}
+    for size in TEST_SIZES:
+        records = _records(cfg, root, f"test_list_{size}.txt")
+        by_vehicle = defaultdict(list)
+        for i, record in enumerate(records):
+            by_vehicle[record.label].append(i)
+        rng = np.random.default_rng([seed, size])
+        gallery = {int(rng.choice(members)) for _, members in sorted(by_vehicle.items())}
+        splits[f"test{size}_query"] = [r for i, r in enumerate(records) if i not in gallery]
+        splits[f"test{size}_gallery"] = [r for i, r in enumerate(records) if i in gallery]
+    return splits
