@@ -134,7 +134,12 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def shutdown() -> None:
+    """Leave the group together: a rank that tears gloo down while another still talks to it can abort."""
     if initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a rank already failed; nothing left to wait for
+            pass
         dist.destroy_process_group()
 
 
