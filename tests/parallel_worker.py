@@ -59,6 +59,44 @@ def local_numel(module: torch.nn.Module) -> int:
     return total
 
 
+class SyncCounter:
+    """Counts gradient synchronisations: DDP's bucket all-reduces (a comm hook) and FSDP2's
+    reduce-scatters (one per FSDP unit and sync), so the test can check they happen once per step."""
+
+    def __init__(self, engine, backend: str):
+        self.calls = 0
+        if backend == "ddp":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def hook(state, bucket):
+                self.calls += 1
+                return allreduce_hook(state, bucket)
+
+            engine.model.register_comm_hook(None, hook)
+        elif backend == "fsdp2":
+            from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+            original = _fsdp_param_group.foreach_reduce
+
+            def counted(*args, **kwargs):
+                self.calls += 1
+                return original(*args, **kwargs)
+
+            _fsdp_param_group.foreach_reduce = counted
+            self.restore = lambda: setattr(_fsdp_param_group, "foreach_reduce", original)
+
+    def close(self) -> None:
+        getattr(self, "restore", lambda: None)()
+
+
+def syncs_of_one_backward(engine, images: torch.Tensor, counter: SyncCounter) -> int:
+    """The synchronisations of a single plain backward (no two-pass): one per DDP bucket or FSDP unit."""
+    before = counter.calls
+    engine.model(images).sum().backward()
+    engine.optimizer.zero_grad(set_to_none=True)
+    return counter.calls - before
+
+
 def main(out: Path, backends: list[str], variants: list[str]) -> None:
     world = world_from_env()
     distributed.init(world, torch.device("cpu"))
@@ -70,9 +108,18 @@ def main(out: Path, backends: list[str], variants: list[str]) -> None:
             engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
             if world.is_main:
                 (out / f"{backend}-{variant}.numel").write_text(f"{local_numel(engine.module)} {full}")
+            counter = SyncCounter(engine, backend) if variant == VARIANTS[0] else None
+            per_step = []
             for step, (images, labels) in enumerate(batches):
+                before = counter.calls if counter else 0
                 two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, step)
+                per_step.append(counter.calls - before if counter else 0)
             state = engine.full_state_dict()
+            if counter is not None and backend in ("ddp", "fsdp2"):
+                units = syncs_of_one_backward(engine, batches[0][0][share][:CHUNK], counter)
+                counter.close()
+                if world.is_main:  # several chunks per rank, so a sync per chunk would show as a multiple
+                    (out / f"{backend}-syncs.json").write_text(json.dumps({"per_step": per_step, "units": units}))
             if world.is_main:
                 torch.save(state, out / f"{backend}-{variant}.pt")
             folder = out / f"checkpoint-{backend}-{variant}"

@@ -91,6 +91,16 @@ def test_export_consolidates_the_checkpoint(worker_out, backend, variant):
         assert torch.equal(exported[name], tensor), name
 
 
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_gradients_are_synchronised_once_per_step(worker_out, backend):
+    """Each rank embeds 2 chunks per step; the step synchronises as often as ONE plain backward does
+    (DDP: once per bucket; FSDP2: once per sharded unit), not once per chunk. DDP rebuilds its
+    buckets after the first step, so the first step may use fewer; the last one is compared."""
+    syncs = json.loads((worker_out / f"{backend}-syncs.json").read_text())
+    assert syncs["units"] >= 1 and syncs["per_step"][-1] == syncs["units"], syncs
+    assert all(1 <= n <= syncs["units"] for n in syncs["per_step"]), syncs
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_checkpoint_reloads_the_weights(worker_out, backend):
     saved = torch.load(worker_out / f"{backend}-{VARIANTS[0]}.pt")
