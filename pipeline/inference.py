@@ -28,14 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data.shards import ShardIndex
+from pipeline import distributed
 from pipeline.distributed import broadcast_object
 from pipeline.engine import autocast
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _by_rank(shards: list[int], rank: int, world: int) -> list[int]:
@@ -73,13 +68,11 @@ def _exact_batches(loader, size: int) -> Iterator[tuple[torch.Tensor, list[str]]
 
 @torch.no_grad()
 def embed_split(model: nn.Module, folder: Path, transform, batch_size: int, device: torch.device,
-                total: int | None = None, desc: str = "embed", workers: int = 0,
-                parts: Path | None = None) -> dict[str, np.ndarray]:
+                desc: str = "embed", workers: int = 0, parts: Path | None = None) -> dict[str, np.ndarray]:
     """The whole split's embeddings, labels and keys in shard order, on every rank. `workers`:
-    DataLoader processes decoding per rank; `parts`: a folder for per-shard results (resumable);
-    `total` is unused (the index knows the sizes), kept for callers."""
+    DataLoader processes decoding per rank; `parts`: a folder for per-shard results (resumable)."""
     model.eval()
-    rank, world = _rank_world()
+    rank, world = distributed.rank(), distributed.world_size()
     index = ShardIndex.load(Path(folder))
     if not index.shards:
         return {"embeddings": np.zeros((0, 0), np.float32), "labels": index.labels.copy(), "keys": np.array([], str)}
