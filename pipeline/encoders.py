@@ -26,6 +26,7 @@ class Embedder(nn.Module):
     def __init__(self, backbone: nn.Module, width: int, embed_dim: int, head_norm: bool):
         super().__init__()
         self.backbone = backbone
+        self.dim = embed_dim or width  # the size of an embedding
         if embed_dim:
             self.head = nn.Sequential(nn.LayerNorm(width) if head_norm else nn.Identity(), nn.Linear(width, embed_dim))
         else:

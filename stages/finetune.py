@@ -8,8 +8,6 @@ import dataclasses
 import logging
 import time
 
-import torch
-
 from pipeline import checkpoint, distributed
 from pipeline.config import Config, TrainConfig
 from pipeline.data.loader import train_loader
@@ -40,7 +38,7 @@ def run(cfg: Config, rd: RunDir) -> None:
     device = pick_device(cfg.device, world)
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
     index = ShardIndex.load(rd.shards / "train")
-    loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), embedding_dim(model, cfg.model), cfg.seed).to(device)
+    loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), model.dim, cfg.seed).to(device)
     loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg))
     engine = build_engine(model, lambda m: build_optimizer(m, t), cfg.parallel, t.chunk_size, device)
     arch = architecture(cfg.model)
@@ -80,16 +78,6 @@ def check_shares(t: TrainConfig, processes: int) -> None:
     if processes > 1 and (t.global_batch % processes or share % t.chunk_size):
         raise UserError(f"train.global_batch={t.global_batch} over {processes} processes must give each a multiple of "
                         f"train.chunk_size={t.chunk_size}; pick a global batch divisible by {processes * t.chunk_size}")
-
-
-def embedding_dim(model, cfg) -> int:
-    """model.embed_dim, or with no head (0) the backbone's width, found by embedding one blank image."""
-    if cfg.embed_dim:
-        return cfg.embed_dim
-    device = next(model.parameters()).device
-    # Drop-path must not move the global RNG.
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return model(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[-1]
 
 
 def loss_optimizer(loss_fn, cfg: Config) -> tuple:

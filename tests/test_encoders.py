@@ -153,6 +153,9 @@ def test_every_family_freezes_exports_and_checkpoints(tmp_path, preset):
     everything = build_encoder(dataclasses.replace(cfg, trainable_blocks=-1), seed=1)
     everything(x).sum().backward()  # every trainable parameter is used (DDP requires it)
     assert all(p.grad is not None for p in everything.parameters() if p.requires_grad)
+    assert everything(x).shape[-1] == everything.dim == cfg.embed_dim
+    no_head = build_encoder(dataclasses.replace(cfg, embed_dim=0), seed=1)
+    assert no_head(x).shape[-1] == no_head.dim  # the backbone's own width
     head_only = build_encoder(dataclasses.replace(cfg, trainable_blocks=0), seed=1)
     assert {n for n, p in head_only.named_parameters() if p.requires_grad} == {"head.0.weight", "head.0.bias",
                                                                                "head.1.weight", "head.1.bias"}
