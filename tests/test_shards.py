@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import torch
+import webdataset as wds
 
 from conftest import run_pipeline
 from pipeline.config import DataConfig, ModelConfig
@@ -16,7 +17,19 @@ from pipeline.data.loader import StepBatches, train_loader
 from pipeline.data.transforms import train_transform
 from pipeline.errors import UserError
 from pipeline.data.sampler import PKSampler
-from pipeline.data.shards import ShardIndex, stream_split, write_split
+from pipeline.data.shards import ShardIndex, write_split
+
+
+def stream_split(folder):
+    """An independent reader: the split's tars through a plain webdataset pipeline, in shard order."""
+    urls = [str(p) for p in sorted(folder.glob("*.tar"))]
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("__key__", "png", "cls")
+    return [(key, img.convert("RGB"), int(label)) for key, img, label in dataset]
+
+
+def random_records(n: int) -> list[Record]:
+    return [Record(f"s{i:03d}", i % 4, Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), np.uint8)), {})
+            for i in range(n)]
 
 
 def image(value: int, size=12) -> Image.Image:
@@ -156,8 +169,7 @@ def test_rank_slices_are_disjoint_and_make_the_global_batch():
 
 def test_loader_workers_give_the_same_augmented_batches(tmp_path):
     """Decoding and augmentation in DataLoader workers, seeded per sample: same tensors as in-process."""
-    records = [Record(f"s{i:03d}", i % 4, Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), np.uint8)), {})
-               for i in range(32)]
+    records = random_records(32)
     write_split(records, tmp_path, "train", 16, "png", max_count=10, max_size=1 << 20)
     index = ShardIndex.load(tmp_path)
     sampler = PKSampler(index.labels, batch_size=8, samples_per_class=2, seed=0)
@@ -171,8 +183,7 @@ def test_loader_workers_give_the_same_augmented_batches(tmp_path):
 
 def test_loader_batches_equal_the_per_image_transform(tmp_path):
     """The float conversion and normalisation run per batch; the result is the per-image transform's."""
-    records = [Record(f"s{i:03d}", i % 4, Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), np.uint8)), {})
-               for i in range(16)]
+    records = random_records(16)
     write_split(records, tmp_path, "train", 16, "png", max_count=10, max_size=1 << 20)
     index = ShardIndex.load(tmp_path)
     sampler = PKSampler(index.labels, batch_size=8, samples_per_class=2, seed=0)

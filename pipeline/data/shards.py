@@ -153,17 +153,3 @@ class ShardIndex:
         if shard not in self._files:
             self._files[shard] = os.open(self.folder / self.shards[shard], os.O_RDONLY)
         return Image.open(io.BytesIO(os.pread(self._files[shard], size, offset))).convert("RGB")
-
-
-def _all_shards(urls):
-    yield from urls
-
-
-def stream_split(folder: Path) -> Iterator[tuple[str, Image.Image, int]]:
-    """Read a split in shard order through a webdataset pipeline: (key, RGB image, label)."""
-    urls = [str(p) for p in sorted(Path(folder).glob("*.tar"))]
-    # Every shard, read by this process alone (the default refuses to run under a process group).
-    dataset = (wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
-               .decode("pil").to_tuple("__key__", "png;jpg;webp", "cls"))
-    for key, image, label in dataset:
-        yield key, image.convert("RGB"), int(label)
