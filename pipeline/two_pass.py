@@ -15,30 +15,20 @@ contributions when it synchronises the gradients (once per step).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
 import torch
 
 from pipeline import distributed
 from pipeline.engine import Engine
+from pipeline.rng import derive_seed, seeded_rng
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def chunk_seed(seed: int, step: int, start: int) -> int:
     """The RNG seed of the chunk that begins at `start` in the global batch of `step`."""
-    return int(np.random.default_rng([seed, step, start, 2]).integers(0, 2**62))
-
-
-@contextlib.contextmanager
-def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block under a fixed RNG state, leaving the global RNG as it was."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.manual_seed(seed)
-        yield
+    return derive_seed(seed, step, start, 2)
 
 
 def chunks(n: int, size: int) -> list[slice]:

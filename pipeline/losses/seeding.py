@@ -7,11 +7,11 @@ The finetune stage calls `set_step(loss_fn, step)` before each step.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
-import numpy as np
 import torch
 from torch import nn
+
+from pipeline.rng import derive_seed, seeded_rng
 
 
 class StepSeeded:
@@ -21,20 +21,16 @@ class StepSeeded:
     step: int = 0
 
     def step_seed(self, salt: int = 0) -> int:
-        return int(np.random.default_rng([self.seed, self.step, salt, 3]).integers(0, 2**62))
+        return derive_seed(self.seed, self.step, salt, 3)
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator (the same numbers on every device type); move what it draws."""
         return torch.Generator().manual_seed(self.step_seed(salt))
 
-    @contextlib.contextmanager
-    def rng(self, device: torch.device, salt: int = 0) -> Iterator[None]:
+    def rng(self, device: torch.device, salt: int = 0) -> contextlib.AbstractContextManager:
         """Run library code that draws from the global RNG (e.g. torch.multinomial in a miner)
         under a seed of (seed, step), leaving the global state as it was."""
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=device.type):
-            torch.manual_seed(self.step_seed(salt))
-            yield
+        return seeded_rng(self.step_seed(salt), device)
 
 
 def set_step(loss_fn: nn.Module, step: int) -> None:
