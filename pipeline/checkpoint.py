@@ -63,7 +63,8 @@ def save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | N
     loss_meta = {"loss": expect_loss(loss[0])} if loss is not None else {}
 
     def publish() -> None:
-        write_json(tmp / "meta.json", {**meta, **loss_meta, "step": step, "format": engine.checkpoint_format})
+        write_json(tmp / "meta.json", {**meta, **loss_meta, "step": step, "format": engine.checkpoint_format,
+                                        "world_size": distributed.world_size()})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         (folder / "latest.tmp").write_text(final.name)

@@ -148,6 +148,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any (one all-reduce of a single number)."""
+    if not initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    box = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's value, on every rank (so all ranks take the same decision)."""
     if not initialized():
