@@ -1,6 +1,7 @@
 """finetune: the loss (RS@k by default) over P x K batches with the two-pass step; checkpoints every train.checkpoint_every steps.
 
-Running it again resumes from run_dir/checkpoints/latest.
+Running it again resumes from the newest intact checkpoint. SIGUSR1, SIGTERM or $PIPELINE_STOP_FILE
+stop it after a step, with a checkpoint and, under Slurm, a requeue (pipeline/preemption.py).
 """
 from __future__ import annotations
 
