@@ -4,6 +4,7 @@ modules (and DeepSpeed, accelerate) cannot be imported, give the embeddings of `
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +15,25 @@ import torch
 import transformers
 from PIL import Image
 
+from conftest import REPO, SMALL
 from pipeline.config import ModelConfig, load_config
 from pipeline.data.transforms import eval_transform
 from pipeline.encoders import build_encoder, export, load_exported
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = ["model.image_size=32", "model.patch_size=8", "model.depth=2", "model.width=64", "model.heads=2",
             "model.embed_dim=16", "model.grad_checkpointing=false"]
 # What the snippets read, relative to their working directory (the paths written in the README).
 FOLDER, IMAGES = Path("runs/demo/export"), {"cat.jpg": (45, 38), "dog.jpg": (30, 52)}  # (height, width)
 BLOCKED = ("pipeline", "stages", "deepspeed", "accelerate")
 
-# One export per family, with the head and size variants the snippets must handle.
+# case -> (family, overrides of TINY_VIT): each family, with the head and size variants the snippets must handle.
 CASES = {
-    "open_clip": ["model=vitl14_clip"],
-    "timm_tiny": ["model=tiny"],                                        # the preset's own mean/std
-    "timm_dinov2_no_head_norm": ["model=dinov2_vitl14", "model.head_norm=false"],
-    "hf_dinov2_no_head": ["model=dinov2_vitl14_hf", "model.embed_dim=0"],
-    "hf_clip_pretrained_48px": ["model=clip_vitl14_hf"],               # weights at 48 px, used at 32 px
+    "open_clip": ("open_clip", ["model=vitl14_clip"]),
+    "timm_tiny": ("timm", ["model=tiny"]),  # the preset's own mean/std
+    "timm_dinov2_no_head_norm": ("timm", ["model=dinov2_vitl14", "model.head_norm=false"]),
+    "hf_dinov2_no_head": ("transformers", ["model=dinov2_vitl14_hf", "model.embed_dim=0"]),
+    "hf_clip_pretrained_48px": ("transformers", ["model=clip_vitl14_hf"]),  # weights at 48 px, used at 32 px
+    "quickstart_stage_export": ("timm", None),  # stage=export of a finetuned digits run (conftest's digits_run)
 }
 
 
@@ -43,21 +45,6 @@ def readme_snippets() -> dict[str, str]:
     return {"common": common, **{re.match(r"import (\w+)", block).group(1): block for block in families}}
 
 
-def family_of(case: str) -> str:
-    return {"open": "open_clip", "timm": "timm", "hf": "transformers"}[case.split("_")[0]]
-
-
-def model_config(case: str, tmp: Path) -> ModelConfig:
-    args = [*CASES[case], *TINY_VIT]
-    if case == "hf_clip_pretrained_48px":  # a from_pretrained folder as a user with real weights has
-        upstream = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, patch_size=8,
-            image_size=48))
-        upstream.save_pretrained(tmp / "clip_hf")
-        args.append(f"model.pretrained={tmp / 'clip_hf'}")
-    return load_config(args).model
-
-
 def trained_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     """A model of the config whose every parameter matters (as after finetuning: LayerNorms not at 1/0)."""
     model = build_encoder(cfg, seed=seed).eval()
@@ -66,6 +53,23 @@ def trained_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
         for param in model.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
     return model
+
+
+def write_export(case: str, case_dir: Path, seed: int, digits_run: Path) -> ModelConfig:
+    """The case's export under case_dir/FOLDER; returns the model config it was trained with."""
+    overrides = CASES[case][1]
+    if overrides is None:
+        shutil.copytree(digits_run / "export", case_dir / FOLDER)
+        return load_config(SMALL).model
+    if case == "hf_clip_pretrained_48px":  # a from_pretrained folder, as a user with real weights has one
+        upstream = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, patch_size=8,
+            image_size=48))
+        upstream.save_pretrained(case_dir / "clip_hf")
+        overrides = [*overrides, f"model.pretrained={case_dir / 'clip_hf'}"]
+    cfg = load_config([*TINY_VIT, *overrides]).model  # presets apply first; the case's overrides win
+    export(trained_model(cfg, seed), cfg, case_dir / FOLDER)
+    return cfg
 
 
 HARNESS = """
@@ -83,18 +87,18 @@ for case in sys.argv[1:]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
+def runs(tmp_path_factory, digits_run) -> dict[str, tuple[Path, torch.Tensor | None]]:
     """Per case: its folder (the snippet's working directory, after the snippet ran) and the pipeline's
-    embeddings of the same images (`load_exported` + the eval stage's transform of the training config)."""
+    embeddings of the same images (`load_exported` + the eval stage's transform of the training config).
+    All snippets run in one subprocess (one import of torch and the libraries)."""
     snippets, runs = readme_snippets(), {}
-    for seed, case in enumerate(CASES):
+    for seed, (case, (family, _)) in enumerate(CASES.items()):
         case_dir = tmp_path_factory.mktemp(case)
-        cfg = model_config(case, case_dir)
-        export(trained_model(cfg, seed), cfg, case_dir / FOLDER)
+        cfg = write_export(case, case_dir, seed, digits_run)
         rng = np.random.default_rng(seed)
         for name, shape in IMAGES.items():
             Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(case_dir / name)
-        (case_dir / "snippet.py").write_text(snippets["common"] + "\n" + snippets[family_of(case)])
+        (case_dir / "snippet.py").write_text(snippets["common"] + "\n" + snippets[family])
         transform = eval_transform(cfg)
         images = torch.stack([transform(Image.open(case_dir / name).convert("RGB")) for name in IMAGES])
         with torch.no_grad():
@@ -115,15 +119,17 @@ def test_readme_has_a_snippet_per_family():
 def test_readme_snippet_gives_the_pipeline_embeddings(runs, case):
     case_dir, expected = runs[case]
     if (case_dir / "error.txt").exists():
-        pytest.fail(f"the README's {family_of(case)} snippet failed:\n{(case_dir / 'error.txt').read_text()}")
+        pytest.fail(f"the README's {CASES[case][0]} snippet failed:\n{(case_dir / 'error.txt').read_text()}")
     embeddings = torch.load(case_dir / "embeddings.pt")
     cfg = json.loads((case_dir / FOLDER / "config.json").read_text())
+    assert cfg["family"] == CASES[case][0]
+    assert (cfg["embed_dim"] == 0) == (case == "hf_dinov2_no_head")
     assert embeddings.shape == (len(IMAGES), cfg["embed_dim"] or cfg["width"])
     torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_snippets_cannot_import_the_project(runs):
-    """The harness really blocks the project (which is installed, so importable otherwise): the probe
-    snippet, which imports it, failed for that reason."""
+    """The harness really blocks the project (installed, so importable otherwise): the probe snippet,
+    which imports it, failed for that reason."""
     error = (runs["imports_the_project"][0] / "error.txt").read_text()
     assert "No module named 'pipeline.encoders'; 'pipeline' is not a package" in error  # None in sys.modules
