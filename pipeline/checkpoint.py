@@ -115,7 +115,7 @@ def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "
         fits = "parallel=none, ddp or fsdp2" if fmt == "dcp" else f"parallel={written}"
         raise UserError(f"checkpoint {path} was written with parallel={written}; resume with {fits}, "
                         f"or force=true to start over")
-    written_by = meta.get("world_size", distributed.world_size())
+    written_by = meta.get("world_size", distributed.world_size())  # unrecorded before resharding: assumed the same
     if fmt == "deepspeed" and written_by != distributed.world_size():
         engine.load_resharded(path, written_by)
     else:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from pipeline import checkpoint, distributed
+from pipeline import checkpoint, distributed, zero_universal
 from pipeline.config import ParallelConfig
 from pipeline.errors import UserError
 
@@ -196,12 +196,9 @@ class DeepSpeedEngine(Engine):
         """A checkpoint written by another number of processes: converted once to a universal
         checkpoint (rank 0, the others wait), then sliced for this world size by DeepSpeed's
         universal loading, optimizer state included."""
-        from pipeline import zero_universal
-
         stage = self.model.zero_optimization_stage()
-        log.info(
-            "%s was written by %d processes, resuming on %d: converting it to a DeepSpeed universal checkpoint "
-            "(ZeRO-%d, in %s/)", folder.name, written_by, distributed.world_size(), stage, zero_universal.FOLDER)
+        log.info("%s was written by %d processes, resuming on %d: converting it to a DeepSpeed universal checkpoint "
+                 "(ZeRO-%d, in %s/)", folder.name, written_by, distributed.world_size(), stage, zero_universal.FOLDER)
         distributed.on_main(lambda: zero_universal.convert(folder, self.TAG))
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         config = self.model._config  # read on every load; DeepSpeed has no argument for it

@@ -3,8 +3,8 @@ for tests/test_resharding.py. AdamW (the pipeline's optimizer, whose moments mus
 resharding), in the pipeline's parameter groups, with its step-dependent learning rate (the
 scheduler's position must survive too).
 
-    torchrun --nproc_per_node 2 tests/resharding_worker.py OUT write fsdp2,zero2
-        two steps, a checkpoint in OUT/<backend>/, the full state after it, then a third step;
+    torchrun --nproc_per_node 2 tests/resharding_worker.py OUT write fsdp2,zero2,zero3@frozen_ckpt
+        two steps, a checkpoint in OUT/<job>/, the full state after it, then a third step;
     torchrun --nproc_per_node 1 tests/resharding_worker.py OUT resume fsdp2:none,zero2:zero2
         loads OUT/<written>/'s checkpoint under <backend>, the full state after the load, the third step.
 
@@ -73,23 +73,25 @@ def train(engine, batches, loss_fn, steps: range) -> None:
         two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, step)
 
 
-def engine_for(backend: str):
-    model, _, loss_fn = problem("plain")
+def engine_for(backend: str, variant: str):
+    model, _, loss_fn = problem(variant)
     batches = [batch(step) for step in range(WRITTEN_STEPS + 1)]
     return build_engine(model, adamw, ParallelConfig(name=backend), CHUNK, torch.device("cpu")), batches, loss_fn
 
 
-def write(out: Path, backend: str) -> None:
-    engine, batches, loss_fn = engine_for(backend)
+def write(out: Path, job: str) -> None:
+    """job: <backend>, or <backend>@<variant> (parallel_worker.problem's variants)."""
+    backend, _, variant = job.partition("@")
+    engine, batches, loss_fn = engine_for(backend, variant or "plain")
     train(engine, batches, loss_fn, range(WRITTEN_STEPS))
-    checkpoint.save(out / backend, WRITTEN_STEPS, engine, {"model": {}, "parallel": backend}, keep=1)
-    save_on_main(full_state(engine), out / backend / "written.pt")  # now: some tensors may alias live state
+    checkpoint.save(out / job, WRITTEN_STEPS, engine, {"model": {}, "parallel": backend}, keep=1)
+    save_on_main(full_state(engine), out / job / "written.pt")  # now: some tensors may alias live state
     train(engine, batches, loss_fn, range(WRITTEN_STEPS, WRITTEN_STEPS + 1))
-    save_on_main(engine.full_state_dict(), out / backend / "straight.pt")
+    save_on_main(engine.full_state_dict(), out / job / "straight.pt")
 
 
 def resume(out: Path, written: str, backend: str) -> None:
-    engine, batches, loss_fn = engine_for(backend)
+    engine, batches, loss_fn = engine_for(backend, written.partition("@")[2] or "plain")
     meta = checkpoint.load(checkpoint.latest(out / written), engine, expect_model={}, parallel=backend)
     name = f"{backend}-{distributed.world_size()}"
     save_on_main(full_state(engine), out / written / f"loaded-{name}.pt")
