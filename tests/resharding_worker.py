@@ -4,7 +4,8 @@ resharding), in the pipeline's parameter groups, with its step-dependent learnin
 scheduler's position must survive too).
 
     torchrun --nproc_per_node 2 tests/resharding_worker.py OUT write fsdp2,zero2,zero3@frozen_ckpt
-        two steps, a checkpoint in OUT/<job>/, the full state after it, then a third step;
+        per job (<backend> or <backend>@<variant of parallel_worker.problem>): two steps, a
+        checkpoint in OUT/<job>/, the full state after it, then a third step;
     torchrun --nproc_per_node 1 tests/resharding_worker.py OUT resume fsdp2:none,zero2:zero2
         loads OUT/<written>/'s checkpoint under <backend>, the full state after the load, the third step.
 
