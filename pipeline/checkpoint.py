@@ -4,9 +4,12 @@ A checkpoint is written into `step_<N>.tmp`, renamed when complete, and only the
 name it; older ones beyond `keep` are removed. `meta.json` records the model's architecture, so
 a checkpoint from another model is refused with a clear message instead of a shape error.
 
-Under parallel=none, ddp and fsdp2 the payload is a DCP checkpoint (resharded on load); under
-DeepSpeed ZeRO it is DeepSpeed's own (`save_checkpoint`, one partition per rank), which the
-export consolidates with DeepSpeed's zero_to_fp32. A loss with its own state (proxies, MPN layers:
+Under parallel=none, ddp and fsdp2 the payload is a DCP checkpoint, which any of the three
+resumes at any number of processes (DCP reshards on load). Under DeepSpeed ZeRO it is DeepSpeed's
+own (`save_checkpoint`, one partition per rank), which the same parallel= resumes; at another
+number of processes (meta.json's "world_size") it is first converted once to a DeepSpeed universal
+checkpoint (pipeline/zero_universal.py). The export consolidates it with DeepSpeed's
+zero_to_fp32. A loss with its own state (proxies, MPN layers:
 replicated on every rank, never wrapped by the backend) is saved beside it, in `loss/`, through DCP.
 
 Each rank's RNG states go in `rng/rank_<r>.pt`. The data position is the step itself: the sampler's
@@ -129,7 +132,8 @@ def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "
     loss=(module, optimizer, scheduler) also loads the loss's state saved with them.
 
     DCP checkpoints (parallel=none, ddp, fsdp2) load under any of those backends and world sizes;
-    a DeepSpeed checkpoint only under the parallel setting that wrote it (resharding: a later issue)."""
+    a DeepSpeed checkpoint under the parallel setting that wrote it, at any world size: another
+    one than the writer's goes through DeepSpeed's universal checkpoint (engine.load_resharded)."""
     meta = _meta(path, expect_model)
     if loss is not None and (_has_state(loss) or "loss" in meta) and meta.get("loss") != expect_loss(loss[0]):
         made = (meta.get("loss") or {}).get("class", "unrecorded")
@@ -140,7 +144,11 @@ def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "
         fits = "parallel=none, ddp or fsdp2" if fmt == "dcp" else f"parallel={written}"
         raise UserError(f"checkpoint {path} was written with parallel={written}; resume with {fits}, "
                         f"or force=true to start over")
-    engine.load(path)
+    written_by = meta.get("world_size", distributed.world_size())  # unrecorded before resharding: assumed the same
+    if fmt == "deepspeed" and written_by != distributed.world_size():
+        engine.load_resharded(path, written_by)
+    else:
+        engine.load(path)
     if _has_state(loss):
         load_dcp(path / "loss", *loss)
     load_rng(path / "rng", same_world=meta.get("world_size") == distributed.world_size())

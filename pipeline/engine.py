@@ -22,12 +22,13 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from pipeline import checkpoint, distributed
+from pipeline import checkpoint, distributed, zero_universal
 from pipeline.config import ParallelConfig
 from pipeline.errors import UserError
 
 BACKENDS = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 Optimizer = torch.optim.Optimizer
 Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -190,6 +191,35 @@ class DeepSpeedEngine(Engine):
                                              load_lr_scheduler_states=True)
         if path is None:
             raise UserError(f"checkpoint {folder} has no DeepSpeed state; use another run_dir, or force=true to start over")
+
+    def load_resharded(self, folder: Path, written_by: int) -> None:
+        """A checkpoint written by another number of processes: converted once to a universal
+        checkpoint (rank 0, the others wait), then sliced for this world size by DeepSpeed's
+        universal loading, optimizer state included."""
+        stage = self.model.zero_optimization_stage()
+        log.info("%s was written by %d processes, resuming on %d: converting it to a DeepSpeed universal checkpoint "
+                 "(ZeRO-%d, in %s/)", folder.name, written_by, distributed.world_size(), stage, zero_universal.FOLDER)
+        distributed.on_main(lambda: zero_universal.convert(folder, self.TAG))
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        config = self.model._config  # read on every load; DeepSpeed has no argument for it
+        config.load_universal_checkpoint = True
+        try:
+            self.load(folder / zero_universal.FOLDER)
+        finally:
+            config.load_universal_checkpoint = False
+        if stage == 3:
+            self._repair_zero3_universal_load(settings)
+
+    def _repair_zero3_universal_load(self, settings: list[dict]) -> None:
+        """Two slips of DeepSpeed 0.19.8's ZeRO-3 universal load, both harmless with one parameter
+        group and both wrong with ours (the head's learning rate, no decay on norms and biases):
+        every group gets the first group's settings, and all groups share ONE Adam step tensor,
+        which each group's step then increments in place (so the bias correction runs ahead)."""
+        for group, saved, lr in zip(self.optimizer.param_groups, settings, self.scheduler.get_last_lr()):
+            group.update(saved, lr=lr)
+        for state in self.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def deepspeed_config(cfg: ParallelConfig, chunk_size: int, device: torch.device) -> dict:

@@ -11,6 +11,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds a CPU op into TORCH_EXTENSIONS_DIR: one per checkout, so that checkouts
+# testing side by side do not rebuild it under each other.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 
 # A digits run small enough for the tests: a few steps of a 2-block ViT.
 SMALL = ["model.depth=2", "model.embed_dim=32", "train.global_batch=32", "train.chunk_size=8",
