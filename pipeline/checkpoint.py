@@ -8,15 +8,22 @@ Under parallel=none, ddp and fsdp2 the payload is a DCP checkpoint (resharded on
 DeepSpeed ZeRO it is DeepSpeed's own (`save_checkpoint`, one partition per rank), which the
 export consolidates with DeepSpeed's zero_to_fp32. A loss with its own state (proxies, MPN layers:
 replicated on every rank, never wrapped by the backend) is saved beside it, in `loss/`, through DCP.
+
+Each rank's RNG states go in `rng/rank_<r>.pt`. The data position is the step itself: the sampler's
+batch at step t is a function of (seed, t) alone. `meta.json` is written last and lists every file
+with its size, so a checkpoint truncated by a crash or a full disk is recognised, and resuming falls
+back to the newest intact one with a warning.
 """
 from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -59,12 +66,14 @@ def save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | N
     engine.save(tmp)
     if _has_state(loss):
         save_dcp(tmp / "loss", *loss)
+    save_rng(tmp / "rng")
     distributed.barrier()
     loss_meta = {"loss": expect_loss(loss[0])} if loss is not None else {}
 
     def publish() -> None:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         write_json(tmp / "meta.json", {**meta, **loss_meta, "step": step, "format": engine.checkpoint_format,
-                                        "world_size": distributed.world_size()})
+                                        "world_size": distributed.world_size(), "files": files})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         (folder / "latest.tmp").write_text(final.name)
@@ -78,11 +87,31 @@ def save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | N
 
 
 def latest(folder: Path) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names, else (with a warning) the newest intact one."""
     pointer = folder / "latest"
-    if not pointer.is_file():
-        return None
-    path = folder / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    named = folder / pointer.read_text().strip() if pointer.is_file() else None
+    steps = sorted(folder.glob("step_*[0-9]"), key=lambda p: int(p.name[5:]), reverse=True) if folder.is_dir() else []
+    for path in [named] * (named is not None) + [p for p in steps if p != named]:
+        problem = damage(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is unusable (%s); falling back to an earlier one", path.name, problem)
+    return None
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (missing or truncated files), or None if intact."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return "no readable meta.json: it was not finished"
+    for name, size in meta.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def _meta(path: Path, expect_model: dict | None) -> dict:
@@ -114,7 +143,32 @@ def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "
     engine.load(path)
     if _has_state(loss):
         load_dcp(path / "loss", *loss)
+    load_rng(path / "rng", same_world=meta.get("world_size") == distributed.world_size())
     return meta
+
+
+def save_rng(folder: Path) -> None:
+    """This rank's RNG states (the two-pass step and the losses seed theirs from (seed, step), so
+    these matter only to code that draws from the global generators)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(state, folder / f"rank_{distributed.rank()}.pt")
+
+
+def load_rng(folder: Path, same_world: bool) -> None:
+    """Restore this rank's RNG states; under another number of processes there is no state that is
+    this rank's, so the generators keep their seeding."""
+    file = folder / f"rank_{distributed.rank()}.pt"
+    if not same_world or not file.is_file():
+        log.info("RNG states not restored (%s)", "another number of processes" if not same_world else "none saved")
+        return
+    state = torch.load(file, weights_only=False)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _has_state(loss: tuple | None) -> bool:

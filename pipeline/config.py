@@ -80,6 +80,7 @@ class TrainConfig:
     tau_count: float = 1.0
     include_query_in_rank: bool = False
     log_every: int = 10
+    requeue: bool = True            # on SIGUSR1/SIGTERM under Slurm: checkpoint, then `scontrol requeue` the job
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pipeline import log as logs
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.distributed import pick_device, world_from_env
 from pipeline.errors import UserError
+from pipeline.preemption import EXIT_STATUS, Preempted
 from pipeline.run_dir import RunDir
 
 log = logging.getLogger("pipeline")
@@ -30,7 +31,8 @@ _SHARD = ("seed", "data.name", "data.root", "data.image_size", "data.image_forma
 _TRAIN = _SHARD + ("model", "train", "loss", "data.crop_scale", "data.hflip")
 INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size"), "finetune": _TRAIN,
           "export": _TRAIN, "eval": _TRAIN + ("eval",)}
-IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "model.grad_checkpointing")
+IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.requeue",
+           "model.grad_checkpointing")
 
 
 def requires(stage: str, cfg: Config) -> tuple[str, ...]:
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_STATUS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -21,6 +21,10 @@ class PKSampler:
         if len(self.classes) < 2:
             raise ValueError("the P x K sampler needs at least 2 classes")
 
+    def settings(self) -> dict:
+        """What decides the batches: with the step, the data position saved in a checkpoint."""
+        return {"seed": self.seed, "global_batch": self.batch_size, "samples_per_class": self.k}
+
     def batch(self, step: int) -> np.ndarray:
         """Indices of the global batch at `step`: P = batch_size / K class groups of K samples.
 

@@ -1,0 +1,80 @@
+"""Preemption: stop after the current step, checkpoint, and requeue the Slurm job.
+
+A stop is asked for by SIGUSR1 or SIGTERM reaching a training process, or by the file named in
+$PIPELINE_STOP_FILE appearing. The Slurm scripts (`#SBATCH --signal=B:USR1@120`) signal only the
+batch shell, which touches that file: torchrun and accelerate would die of a SIGUSR1 themselves,
+and the file reaches the ranks of every node through the shared run directory.
+The ranks decide together after every step (one all-reduce), so they all stop at the same step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from pipeline import distributed
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+EXIT_STATUS = 75  # EX_TEMPFAIL: stopped early on purpose; running the command again resumes
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint is written; the runner ends with EXIT_STATUS and runs no later stage."""
+
+
+class StopRequest:
+    """A context that turns SIGUSR1 and SIGTERM into a request to stop after the step (main thread
+    only). Data-loader workers forked inside it inherit the handler and so keep serving the last step."""
+
+    def __init__(self, env=os.environ):
+        self.reason: str | None = None
+        self.stop_file = Path(env["PIPELINE_STOP_FILE"]) if env.get("PIPELINE_STOP_FILE") else None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        """Collective: True on every rank if any rank was signalled or the stop file exists."""
+        if self.reason is None and self.stop_file is not None and self.stop_file.exists():
+            self.reason = f"stop file {self.stop_file}"
+        return distributed.any_rank(self.reason is not None)
+
+    def clear_stop_file(self) -> None:
+        if self.stop_file is not None:
+            self.stop_file.unlink(missing_ok=True)
+
+
+def log_slurm_restart(env=os.environ) -> None:
+    if "SLURM_JOB_ID" in env:
+        log.info("Slurm job %s, SLURM_RESTART_COUNT=%s", env["SLURM_JOB_ID"], env.get("SLURM_RESTART_COUNT", 0))
+
+
+def requeue(env=os.environ) -> bool:
+    """`scontrol requeue` this Slurm job (rank 0 only): it goes back to the queue and, started
+    again, resumes from the checkpoint just written. False outside Slurm or if Slurm refused."""
+    job = env.get("SLURM_JOB_ID")
+    if job is None or distributed.rank() != 0:
+        return False
+    if shutil.which("scontrol") is None:
+        log.warning("SLURM_JOB_ID is set but scontrol is not on PATH: job %s not requeued", job)
+        return False
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job, (done.stderr or done.stdout).strip())
+        return False
+    log.info("requeued Slurm job %s", job)
+    return True
