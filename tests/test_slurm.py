@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import psutil
@@ -27,16 +28,20 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 WAIT_S = 900  # a job waits behind any other job on the node (the suite may run twice at once)
 
 
+START = "start a local cluster with: sudo bash tools/local_slurm.sh"
+
+
+@lru_cache(maxsize=1)
 def slurm_unreachable() -> str | None:
-    """Why Slurm cannot be used here, or None."""
+    """Why Slurm cannot be used here, or None (asked once: without a controller sinfo takes seconds)."""
     try:
-        proc = subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=20)
     except FileNotFoundError:
-        return "sinfo is not installed (start a local cluster with: sudo bash tools/local_slurm.sh)"
+        return f"Slurm is not installed ({START})"
     except subprocess.TimeoutExpired:
-        return "sinfo timed out"
+        return f"sinfo did not answer within 20 s: no Slurm configuration? ({START})"
     if proc.returncode != 0:
-        return f"no Slurm controller answers ({proc.stderr.strip()}); start one with: sudo bash tools/local_slurm.sh"
+        return f"no Slurm controller answers ({proc.stderr.strip()}); {START}"
     return None
 
 
@@ -49,12 +54,16 @@ def slurm():
         pytest.skip(reason)
 
 
-def sbatch(script: str, output: Path, *args: str) -> str:
-    """Submit slurm/<script> as a user would, with this Python's environment on PATH; the job id."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2"}
+def user_env(**extra: str) -> dict:
+    """A user's shell with this Python's environment activated; 2 processes per node."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2", **extra}
+
+
+def sbatch(script: str, output: Path, *args: str, env: dict | None = None) -> str:
+    """Submit slurm/<script> as a user would; the job id."""
     proc = subprocess.run(["sbatch", "--parsable", *ON_THIS_NODE, f"--output={output}", str(REPO / "slurm" / script),
-                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                           *args], cwd=REPO, env=env or user_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"sbatch {script} failed: {proc.stderr}"
     return proc.stdout.strip().split(";")[0]
 
@@ -115,6 +124,17 @@ def test_finetune_vitg_job_matches_a_plain_run(straight, digits_run):
     exported_weights_close(straight / "run", digits_run)
 
 
+@pytest.mark.slow
+def test_accelerate_launch_fsdp2_job_matches_a_plain_run(digits_run, tmp_path):
+    job_id = sbatch("finetune_vitg.sh", tmp_path / "job.out", f"run_dir={tmp_path / 'run'}", "parallel=fsdp2", *TINY,
+                    env=user_env(LAUNCHER="accelerate"))
+    assert wait_for_end(job_id, tmp_path / "job.out")["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
+    assert "1 node(s) x 2 process(es), accelerate" in (tmp_path / "job.out").read_text()
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_6" / "meta.json").read_text())
+    assert (meta["format"], meta["parallel"], meta["world_size"]) == ("dcp", "fsdp2", 2)
+    exported_weights_close(tmp_path / "run", digits_run)
+
+
 def test_killed_job_resumes_when_submitted_again(straight, tmp_path):
     run, output = tmp_path / "run", tmp_path / "job.out"
     job_id = sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY)
@@ -160,10 +180,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(straight, tmp_path):
 @pytest.mark.slow
 def test_pipeline_sh_chains_the_stages(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2"}
     proc = subprocess.run(["bash", "slurm/pipeline.sh", *ON_THIS_NODE, f"--output={tmp_path}/%x-%j.out",
-                           f"run_dir={run}", *TINY], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                           f"run_dir={run}", *TINY], cwd=REPO, env=user_env(), capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     ids = dict(line.split() for line in proc.stdout.splitlines())
     assert set(ids) == {"embed", "finetune", "eval"}
