@@ -40,11 +40,11 @@ start_node() {
 launch() {
     export LAUNCHER=${LAUNCHER:-torchrun}
     export NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+    read -r MASTER_ADDR < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # the first node
     export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job: jobs may share a node
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
     local parallel run_dir
     parallel=$(arg_value parallel none "$@")
-    run_dir=$(arg_value run_dir runs/default "$@")
+    run_dir=$(arg_value run_dir runs/default "$@")  # pipeline/config.py's defaults
     [[ $parallel == fsdp2 ]] && ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-ds_configs/accelerate_fsdp2.yaml}
     export ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-ds_configs/accelerate_deepspeed.yaml}
     mkdir -p "$run_dir"
