@@ -6,5 +6,5 @@
 #SBATCH --time=02:00:00
 #SBATCH --signal=B:USR1@120 --requeue --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-source "${PIPELINE_REPO:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"
+source "${PIPELINE_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh"  # submit from the repository root
 launch stage=eval "$@"

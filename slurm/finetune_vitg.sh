@@ -8,5 +8,5 @@
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@120 --requeue --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-source "${PIPELINE_REPO:-$SLURM_SUBMIT_DIR}/slurm/launch.sh"
+source "${PIPELINE_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh"  # submit from the repository root
 launch stage=export model=vitg14_clip parallel=zero3 "$@"

@@ -38,6 +38,7 @@ start_node() {
 }
 
 launch() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || { echo "not in a Slurm job: submit it with sbatch (see slurm/README.md)" >&2; exit 2; }
     export LAUNCHER=${LAUNCHER:-torchrun}
     export NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
     read -r MASTER_ADDR < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # the first node

@@ -56,7 +56,7 @@ NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP"
 
 if [[ -f /etc/slurm/slurm.conf && "$(cat /etc/slurm/slurm.conf)" == "$conf" ]]; then
-    case "$(node_state)" in idle*|mixed*|allocated*) exit 0 ;; esac
+    case "$(node_state)" in idle|mixed|allocated|completing) exit 0 ;; esac  # "idle*": slurmd is not answering
 else
     mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm
     echo "$conf" > /etc/slurm/slurm.conf
@@ -81,7 +81,7 @@ pgrep -x slurmd >/dev/null || slurmd || fail "slurmd did not start (see /var/log
 
 for _ in $(seq 60); do
     case "$(node_state)" in
-        idle*|mixed*|allocated*) echo "local_slurm: node $host is up ($cpus CPUs, $mem_mb MB)"; exit 0 ;;
+        idle|mixed|allocated|completing) echo "local_slurm: node $host is up ($cpus CPUs, $mem_mb MB)"; exit 0 ;;
         down*|drain*) scontrol update nodename="$host" state=resume 2>/dev/null || true ;;
     esac
     sleep 1
