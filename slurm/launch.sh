@@ -1,0 +1,68 @@
+# Sourced by the job scripts in slurm/: `launch key=value ...` starts pipeline/run.py on every node of
+# the allocation and survives preemption. Set in the environment (sbatch passes it on):
+#   LAUNCHER=torchrun|accelerate  how each node starts its processes (default torchrun)
+#   NPROC_PER_NODE                processes per node (default: the node's GPUs in the allocation, else 1)
+#   ACCELERATE_CONFIG             accelerate's YAML (default: ds_configs/accelerate_fsdp2.yaml for
+#                                 parallel=fsdp2, ds_configs/accelerate_deepspeed.yaml otherwise)
+#   PIPELINE_REPO                 the checkout (default: where sbatch was run, $SLURM_SUBMIT_DIR)
+# python is the one on PATH: activate the project's environment before sbatch.
+#
+# Preemption: the job scripts ask for `--signal=B:USR1@120 --requeue`; USR1 (or TERM) reaches this
+# shell only, which touches $PIPELINE_STOP_FILE. Every rank of every node sees the file (run_dir is
+# shared), finishes its step, checkpoints, and rank 0 requeues the job; the next start resumes.
+# A file and not the signal itself, because torchrun and accelerate die on SIGUSR1.
+set -euo pipefail
+cd "${PIPELINE_REPO:-${SLURM_SUBMIT_DIR:-.}}"
+
+# The value of key= in the arguments (the last wins, as in pipeline/run.py), else the default.
+arg_value() {
+    local key=$1 value=$2 arg
+    for arg in "${@:3}"; do [[ $arg == "$key="* ]] && value=${arg#*=}; done
+    echo "$value"
+}
+
+# On every node (srun starts it once per node): this node's processes, rendezvous on the first node.
+start_node() {
+    case "$LAUNCHER" in
+    torchrun)
+        exec python -m torch.distributed.run --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" \
+            --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@" ;;
+    accelerate)
+        exec python -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" \
+            --num_machines="$SLURM_NNODES" --machine_rank="$SLURM_NODEID" \
+            --num_processes=$((SLURM_NNODES * NPROC_PER_NODE)) --main_process_ip="$MASTER_ADDR" \
+            --main_process_port="$MASTER_PORT" --deepspeed_multinode_launcher=standard "$@" ;;
+    *)
+        echo "LAUNCHER=$LAUNCHER: use LAUNCHER=torchrun or LAUNCHER=accelerate" >&2; exit 2 ;;
+    esac
+}
+
+launch() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || { echo "not in a Slurm job: submit it with sbatch (see slurm/README.md)" >&2; exit 2; }
+    export LAUNCHER=${LAUNCHER:-torchrun}
+    export NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+    read -r MASTER_ADDR < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # the first node
+    export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job: jobs may share a node
+    local parallel run_dir
+    parallel=$(arg_value parallel none "$@")
+    run_dir=$(arg_value run_dir runs/default "$@")  # pipeline/config.py's defaults
+    [[ $parallel == fsdp2 ]] && ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-ds_configs/accelerate_fsdp2.yaml}
+    export ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-ds_configs/accelerate_deepspeed.yaml}
+    mkdir -p "$run_dir"
+    export PIPELINE_STOP_FILE="$(realpath "$run_dir")/stop.$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
+    trap 'echo "launch: signal received, asking the ranks to stop"; touch "$PIPELINE_STOP_FILE"' USR1 TERM
+    echo "launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s) x" \
+         "$NPROC_PER_NODE process(es), $LAUNCHER, rendezvous $MASTER_ADDR:$MASTER_PORT: pipeline/run.py $*"
+
+    # srun 22.05 does not pass the job's --cpus-per-task on to its tasks by itself.
+    export -f start_node
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+        bash -c 'start_node "$@"' start_node pipeline/run.py "$@" &
+    local pid=$! status=0
+    # A trapped signal interrupts `wait`; wait again until srun itself has ended, then take its status.
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+    wait "$pid" || status=$?
+    rm -f "$PIPELINE_STOP_FILE"
+    echo "launch: pipeline/run.py exited with status $status"
+    exit "$status"
+}
