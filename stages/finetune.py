@@ -94,7 +94,7 @@ def preempted(stop: preemption.StopRequest, step: int, requeue: bool) -> None:
     """After the checkpoint of `step`: requeue the Slurm job if asked, and stop this run."""
     log.warning("preempted after step %d (%s): checkpoint saved", step, stop.reason or "another rank was signalled")
     distributed.on_main(stop.clear_stop_file)
-    requeued = requeue and preemption.requeue()
+    requeued = distributed.broadcast_object(requeue and preemption.requeue())  # rank 0 requeues; all say so
     raise preemption.Preempted(f"preempted after step {step}; "
                                + ("the Slurm job was requeued" if requeued else "run the same command to resume"))
 
