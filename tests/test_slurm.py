@@ -75,17 +75,18 @@ def job(job_id: str) -> dict:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
-def wait_until(condition, what: str, job_id: str, output: Path, timeout: float = WAIT_S) -> None:
+def wait_until(condition, what: str, job_id: str, output: Path, timeout: float = WAIT_S, every: float = 0.05) -> None:
+    """Poll `condition` every `every` s (files often, to catch a checkpoint mid-training; Slurm less)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             tail = output.read_text()[-4000:] if output.exists() else "(no output yet)"
             pytest.fail(f"job {job_id}: no {what} after {timeout:.0f} s (state {job(job_id).get('JobState')}):\n{tail}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def wait_for_end(job_id: str, output: Path) -> dict:
-    wait_until(lambda: job(job_id).get("JobState") in ENDED, "end", job_id, output)
+    wait_until(lambda: job(job_id).get("JobState") in ENDED, "end", job_id, output, every=0.5)
     return job(job_id)
 
 
