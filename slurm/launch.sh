@@ -3,7 +3,8 @@
 #   LAUNCHER=torchrun|accelerate  how each node starts its processes (default torchrun)
 #   NPROC_PER_NODE                processes per node (default: the node's GPUs in the allocation, else 1)
 #   ACCELERATE_CONFIG             accelerate's YAML (default: ds_configs/accelerate_fsdp2.yaml for
-#                                 parallel=fsdp2, ds_configs/accelerate_deepspeed.yaml otherwise)
+#                                 parallel=fsdp2, ds_configs/accelerate_deepspeed.yaml for zero*, none
+#                                 (--multi_gpu) for ddp and none)
 #   PIPELINE_REPO                 the checkout (default: where sbatch was run, $SLURM_SUBMIT_DIR)
 # python is the one on PATH: activate the project's environment before sbatch.
 #
@@ -28,7 +29,10 @@ start_node() {
         exec python -m torch.distributed.run --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" \
             --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@" ;;
     accelerate)
-        exec python -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" \
+        local how=()  # the backend's YAML; without one (parallel=none, ddp) plain processes
+        [[ -n $ACCELERATE_CONFIG ]] && how=(--config_file "$ACCELERATE_CONFIG")
+        [[ -z $ACCELERATE_CONFIG && $((SLURM_NNODES * NPROC_PER_NODE)) -gt 1 ]] && how=(--multi_gpu)
+        exec python -m accelerate.commands.launch "${how[@]}" \
             --num_machines="$SLURM_NNODES" --machine_rank="$SLURM_NODEID" \
             --num_processes=$((SLURM_NNODES * NPROC_PER_NODE)) --main_process_ip="$MASTER_ADDR" \
             --main_process_port="$MASTER_PORT" --deepspeed_multinode_launcher=standard "$@" ;;
@@ -46,8 +50,11 @@ launch() {
     local parallel run_dir
     parallel=$(arg_value parallel none "$@")
     run_dir=$(arg_value run_dir runs/default "$@")  # pipeline/config.py's defaults
-    [[ $parallel == fsdp2 ]] && ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-ds_configs/accelerate_fsdp2.yaml}
-    export ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-ds_configs/accelerate_deepspeed.yaml}
+    case $parallel in  # accelerate's YAML for the backend (ACCELERATE_CONFIG= for none)
+        fsdp2) export ACCELERATE_CONFIG=${ACCELERATE_CONFIG-ds_configs/accelerate_fsdp2.yaml} ;;
+        zero*) export ACCELERATE_CONFIG=${ACCELERATE_CONFIG-ds_configs/accelerate_deepspeed.yaml} ;;
+        *) export ACCELERATE_CONFIG=${ACCELERATE_CONFIG-} ;;
+    esac
     mkdir -p "$run_dir"
     export PIPELINE_STOP_FILE="$(realpath "$run_dir")/stop.$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
     trap 'echo "launch: signal received, asking the ranks to stop"; touch "$PIPELINE_STOP_FILE"' USR1 TERM
