@@ -28,8 +28,7 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """A context that turns SIGUSR1 and SIGTERM into a request to stop after the step (main thread
-    only). Data-loader workers forked inside it inherit the handler and so keep serving the last step."""
+    """A context that turns SIGUSR1 and SIGTERM into a request to stop after the step (main thread only)."""
 
     def __init__(self, env=os.environ):
         self.reason: str | None = None
@@ -56,6 +55,14 @@ class StopRequest:
     def clear_stop_file(self) -> None:
         if self.stop_file is not None:
             self.stop_file.unlink(missing_ok=True)
+
+
+def leave_to_main_process(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the workers ignore the stop signals. Slurm signals every process
+    of a job step, and a worker killed by one would crash the main process mid-step; the main
+    process finishes the step, checkpoints, and shuts its workers down itself."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def log_slurm_restart(env=os.environ) -> None:

@@ -52,8 +52,8 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
     meta = {"model": architecture(cfg.model), "parallel": cfg.parallel.name, "sampler": sampler.settings()}
     start = resume(cfg, rd, engine, loss_state, meta)
 
-    batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps,
-                           world.rank, world.size, workers=cfg.data.workers)
+    batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps, world.rank,
+                           world.size, workers=cfg.data.workers, worker_init_fn=preemption.leave_to_main_process)
     tic = time.perf_counter()
     for step, (images, labels) in enumerate(batches, start=start):
         set_step(loss_fn, step)

@@ -160,3 +160,23 @@ def test_signal_to_one_rank_stops_all_at_the_same_step(digits_run, tmp_path):
     assert 2 <= step < 200 and json.loads((run / "checkpoints" / stopped / "meta.json").read_text())["step"] == step
     assert f"preempted after step {step} (SIGUSR1)" in log.read_text()
     assert f"preempted after step {step} (another rank was signalled)" in (run / "logs" / "rank0.log").read_text()
+
+
+def test_sigterm_to_every_process_with_loader_workers(digits_run, tmp_path):
+    """Slurm signals every process of a job step, DataLoader workers included: they leave the stop to
+    the main process, which finishes the step and checkpoints instead of dying with its workers."""
+    run = tmp_path / "run"
+    fresh_finetune(digits_run, run)
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipeline" / "run.py"), "stage=finetune", f"run_dir={run}",
+                             *SMALL, "train.max_steps=200", "train.log_every=1", "data.workers=2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = run / "logs" / "rank0.log"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and "step 2/200" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # the process group: the main process and its 2 workers
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_STATUS, stderr[-3000:]
+    step = int((run / "checkpoints" / "latest").read_text()[5:])
+    assert f"preempted after step {step} (SIGTERM): checkpoint saved" in stderr

@@ -76,9 +76,10 @@ def split_tail(transform: Callable) -> tuple[Callable, Callable | None]:
 
 
 def train_loader(index: ShardIndex, transform: Callable, sampler: PKSampler, start: int, end: int,
-                 rank: int = 0, world_size: int = 1, workers: int = 0):
+                 rank: int = 0, world_size: int = 1, workers: int = 0, worker_init_fn: Callable | None = None):
     """Steps start..end-1 of this rank: (images, labels) batches, decoded and augmented in `workers` processes."""
     per_image, per_batch = split_tail(transform)
     loader = DataLoader(AugmentedImages(index, per_image), batch_sampler=StepBatches(sampler, start, end, rank, world_size),
-                        num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
+                        num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=worker_init_fn)
     return loader if per_batch is None else _PerBatchTail(loader, per_batch)
