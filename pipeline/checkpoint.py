@@ -145,13 +145,14 @@ def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "
         raise UserError(f"checkpoint {path} was written with parallel={written}; resume with {fits}, "
                         f"or force=true to start over")
     written_by = meta.get("world_size", distributed.world_size())  # unrecorded before resharding: assumed the same
-    if fmt == "deepspeed" and written_by != distributed.world_size():
+    same_world = written_by == distributed.world_size()
+    if fmt == "deepspeed" and not same_world:
         engine.load_resharded(path, written_by)
     else:
         engine.load(path)
     if _has_state(loss):
         load_dcp(path / "loss", *loss)
-    load_rng(path / "rng", same_world=meta.get("world_size") == distributed.world_size())
+    load_rng(path / "rng", same_world)
     return meta
 
 

@@ -13,12 +13,14 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from pipeline.errors import UserError
+
+T = TypeVar("T")
 
 # Ranks that wait for rank 0 (sharding a large dataset, say) wait this long before giving up.
 TIMEOUT = timedelta(hours=6)
@@ -167,16 +169,18 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
-def on_main(fn: Callable[[], None]) -> None:
-    """Run fn on rank 0 while the other ranks wait; an error on rank 0 is raised on every rank."""
-    error = None
+def on_main(fn: Callable[[], T]) -> T:
+    """Run fn on rank 0 while the other ranks wait; every rank gets its result (so it must pickle),
+    and an error on rank 0 is raised on every rank."""
+    result, error = None, None
     if not initialized() or dist.get_rank() == 0:
         try:
-            fn()
+            result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = e
-    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    result, failed = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"))
     if error is not None:
         raise error
     if failed is not None:
         raise UserError(f"rank 0 failed ({failed}); see its log")
+    return result

@@ -74,7 +74,7 @@ def load_model(name: str, cfg: Config, rd: RunDir) -> tuple[nn.Module, ModelConf
 def checkpoint_path(spec: str, rd: RunDir) -> Path:
     """eval.checkpoint: latest, step_<N> (in run_dir/checkpoints) or a checkpoint folder."""
     if spec == "latest":
-        path = checkpoint.latest(rd.checkpoints)
+        path = distributed.on_main(lambda: checkpoint.latest(rd.checkpoints))  # rank 0 checks, all load the same
         if path is None:
             raise UserError(f"eval.checkpoint=latest but {rd.checkpoints} has no checkpoint; run stage=finetune first")
         return path

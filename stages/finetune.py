@@ -76,7 +76,7 @@ def resume(cfg: Config, rd: RunDir, engine, loss_state: tuple, meta: dict) -> in
     if cfg.force:
         distributed.on_main(lambda: fresh_dir(rd.checkpoints))
         return 0
-    last = distributed.broadcast_object(checkpoint.latest(rd.checkpoints))  # rank 0 decides
+    last = distributed.on_main(lambda: checkpoint.latest(rd.checkpoints))  # rank 0 checks, all load the same
     if last is None:
         return 0
     saved = checkpoint.load(last, engine, expect_model=meta["model"], parallel=cfg.parallel.name, loss=loss_state)
