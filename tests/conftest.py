@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -45,3 +46,14 @@ def digits_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("digits_run")
     run_pipeline("stage=all", f"run_dir={run_dir}", *SMALL)
     return run_dir
+
+
+def training_processes(run_dir: Path) -> list[psutil.Process]:
+    """The pipeline/run.py processes writing run_dir: the ranks, not their launcher (torchrun, srun, bash)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if (len(cmd) > 2 and "python" in Path(cmd[0]).name and cmd[1] != "-m" and f"run_dir={run_dir}" in cmd
+                and any(c.endswith("pipeline/run.py") for c in cmd)):
+            found.append(proc)
+    return found

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import REPO, SMALL, run_pipeline
+from conftest import REPO, SMALL, run_pipeline, training_processes
 from pipeline import checkpoint
 from pipeline.data.loader import train_loader
 from pipeline.data.sampler import PKSampler
@@ -125,17 +125,12 @@ def test_signal_sets_the_request(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers put back
 
 
-def rank_pid(run, rank: int) -> int:
-    """The pid of the training process of `rank` for this run_dir (its environment says RANK)."""
-    for proc in os.listdir("/proc"):
-        try:
-            cmdline = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
-            environ = open(f"/proc/{proc}/environ", "rb").read().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if f"run_dir={run}".encode() in cmdline and f"RANK={rank}".encode() in environ:
-            return int(proc)
-    raise AssertionError(f"no process of rank {rank}")
+def wait_for_step(proc: subprocess.Popen, log, step: int) -> None:
+    """Until the run's log shows `step` done (the run must still be going)."""
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and f"step {step}/" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
 
 
 def test_signal_to_one_rank_stops_all_at_the_same_step(digits_run, tmp_path):
@@ -148,11 +143,10 @@ def test_signal_to_one_rank_stops_all_at_the_same_step(digits_run, tmp_path):
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = run / "logs" / "rank1.log"
-    deadline = time.monotonic() + 300
-    while not (log.is_file() and "step 2/200" in log.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.2)
-    os.kill(rank_pid(run, 1), signal.SIGUSR1)
+    wait_for_step(proc, log, 2)
+    rank1 = [p for p in training_processes(run) if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1, f"expected one process of rank 1, found {rank1}"
+    rank1[0].send_signal(signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0 and f"exitcode  : {EXIT_STATUS}" in stderr, stderr[-3000:]
     stopped = (run / "checkpoints" / "latest").read_text()
@@ -171,10 +165,7 @@ def test_sigterm_to_every_process_with_loader_workers(digits_run, tmp_path):
                              *SMALL, "train.max_steps=200", "train.log_every=1", "data.workers=2"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = run / "logs" / "rank0.log"
-    deadline = time.monotonic() + 300
-    while not (log.is_file() and "step 2/200" in log.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.2)
+    wait_for_step(proc, log, 2)
     os.killpg(proc.pid, signal.SIGTERM)  # the process group: the main process and its 2 workers
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_STATUS, stderr[-3000:]

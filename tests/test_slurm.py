@@ -6,19 +6,17 @@ killed with SIGKILL, the same job submitted again resumes to them; pipeline.sh c
 Without a reachable controller these tests skip, saying why; with REQUIRE_SLURM=1 (CI) they fail."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from functools import lru_cache
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SMALL
+from conftest import REPO, SMALL, training_processes
 from test_parallel import exported_weights_close
 
 # This node's size instead of the scripts' GPU nodes; NPROC_PER_NODE=2 below: 2 gloo processes.
@@ -90,17 +88,6 @@ def wait_for_end(job_id: str, output: Path) -> dict:
     return job(job_id)
 
 
-def rank_pids(run_dir: Path) -> list[int]:
-    """The training processes of the job writing run_dir (the python workers, not torchrun, srun or bash)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if (len(cmd) > 2 and "python" in Path(cmd[0]).name and cmd[1] != "-m" and f"run_dir={run_dir}" in cmd
-                and any(c.endswith("pipeline/run.py") for c in cmd)):
-            found.append(proc.pid)
-    return found
-
-
 def same_weights(run: Path, reference: Path) -> None:
     got, ref = load_file(run / "export" / "model.safetensors"), load_file(reference / "export" / "model.safetensors")
     assert got.keys() == ref.keys()
@@ -140,10 +127,10 @@ def test_killed_job_resumes_when_submitted_again(straight, tmp_path):
     run, output = tmp_path / "run", tmp_path / "job.out"
     job_id = sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY)
     wait_until(lambda: (run / "checkpoints" / "latest").exists(), "checkpoint", job_id, output)
-    pids = rank_pids(run)
-    assert len(pids) == 2, f"expected 2 training processes, found {pids}"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+    ranks = training_processes(run)
+    assert len(ranks) == 2, f"expected 2 training processes, found {ranks}"
+    for rank in ranks:
+        rank.kill()  # SIGKILL
     assert wait_for_end(job_id, output)["JobState"] == "FAILED"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_3", "the kill came after training ended"
     assert not (run / "export" / "model.safetensors").exists()
@@ -160,7 +147,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(straight, tmp_path):
     run, output = tmp_path / "run", tmp_path / "job.out"
     job_id = sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY)
     wait_until(lambda: (run / "checkpoints" / "latest").exists(), "checkpoint", job_id, output)
-    ranks = [psutil.Process(pid) for pid in rank_pids(run)]
+    ranks = training_processes(run)
     assert len(ranks) == 2, f"expected 2 training processes, found {ranks}"
     for rank in ranks:
         rank.suspend()
