@@ -61,6 +61,7 @@ class ParallelConfig:
     name: str = "none"              # none | ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp2 (pipeline/engine.py)
     deepspeed_config: str | None = None  # zero*: DeepSpeed JSON; None = ds_configs/<name>.json
     fsdp_reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward
+    timeout: float | None = None    # seconds a collective waits for the other ranks before failing; None = the backend's (gloo 30 min, NCCL 10 min)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrainConfig:
     include_query_in_rank: bool = False
     log_every: int = 10
     requeue: bool = True            # on SIGUSR1/SIGTERM under Slurm: checkpoint, then `scontrol requeue` the job
+    trust_checkpoint: bool = False  # allow pickle (arbitrary code) in checkpoints and weights from elsewhere
 
 
 @dataclass
@@ -197,6 +199,8 @@ def validate(cfg: Config) -> None:
         raise UserError("train.chunk_size must be >= 1 and train.global_batch >= 2")
     if cfg.data.image_format not in ("png", "jpg", "webp"):
         raise UserError(f"data.image_format={cfg.data.image_format}: use png, jpg or webp")
+    if cfg.parallel.timeout is not None and cfg.parallel.timeout <= 0:
+        raise UserError(f"parallel.timeout={cfg.parallel.timeout}: give seconds > 0, or leave it unset for the backend's own")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device={cfg.device}: use auto, cpu or cuda")
     models = ("frozen", "finetuned", "checkpoint")
