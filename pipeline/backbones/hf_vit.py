@@ -9,12 +9,14 @@ Dinov2Model (drop_path_rate); CLIPVisionModel has no stochastic depth.
 from __future__ import annotations
 
 import json
+import pickle
 
 from torch import nn
 
 from pipeline.backbones import Backbone, given, pretrained_path
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.trust import pickle_allowed, refused
 
 # arch -> (model class, config class, blocks, layers after the blocks, default normalisation)
 MODELS = {"Dinov2Model": ("Dinov2Model", "Dinov2Config", "encoder.layer", ("layernorm",), "IMAGENET_DEFAULT"),
@@ -58,8 +60,11 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
     if saved_config is not None:  # an exported model: its own architecture, weights loaded after
         model = model_cls(config_cls.from_dict({**saved_config, **overrides}))
     elif cfg.pretrained:
-        try:
-            model = model_cls.from_pretrained(str(pretrained_path(cfg, folder=True)), **overrides)
+        folder = str(pretrained_path(cfg, folder=True))
+        try:  # a .bin file: torch.load(weights_only=True) unless train.trust_checkpoint=true (pipeline/trust.py)
+            model = model_cls.from_pretrained(folder, weights_only=not pickle_allowed(), **overrides)
+        except pickle.UnpicklingError as e:
+            raise refused(folder, "model.pretrained", e) from None
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(f"model.pretrained={cfg.pretrained}: {str(e).splitlines()[0]}") from None
     else:
