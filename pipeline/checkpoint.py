@@ -54,7 +54,7 @@ def save_dcp(folder: Path, model: nn.Module, optimizer, scheduler) -> None:
 
 def load_dcp(folder: Path, model: nn.Module, optimizer=None, scheduler=None, no_dist: bool = False) -> None:
     state = _state(model, optimizer, scheduler)
-    dcp.load(state, checkpoint_id=str(folder), no_dist=no_dist, **trust.dcp_load_options(folder))
+    trust.load_dcp(folder, state, no_dist)
     set_state_dict(model, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])

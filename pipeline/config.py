@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -180,6 +181,11 @@ def load_config(args: list[str]) -> Config:
             cfg = OmegaConf.merge(cfg, {group: preset})
         except OmegaConfBaseException as e:
             raise UserError(f"preset {group}={name}: {e.msg}") from None
+    for key, value in overrides:  # a value YAML cannot read ('...', '[1,') is named, not a traceback
+        try:
+            OmegaConf.from_dotlist([f"{key}={value}"])
+        except yaml.YAMLError as e:
+            raise UserError(f"bad value for '{key}': {value!r} is not a YAML value ({e.problem}); quote it") from None
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides]))
     except OmegaConfBaseException as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import sys
 import uuid
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2  # nothing written
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
+        log.info("rank %d of %d on %s", world.rank, world.size, socket.gethostname())
         if world.is_main:
             (rd.root / "config.yaml").write_text(to_yaml(cfg))
         run_stages(cfg, rd)

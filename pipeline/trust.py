@@ -1,9 +1,10 @@
 """Which files may be unpickled. Unpickling runs whatever code a file carries, so the project reads
 its own files without it: torch.load(weights_only=True) (tensors, containers and plain values: RNG
-states are saved in that form), and DCP's `.metadata` through an unpickler that only builds DCP's
-own metadata classes. A file that needs more, such as weights or a checkpoint from elsewhere holding
-arbitrary objects, is refused in one line unless train.trust_checkpoint=true, which the runner sets
-for the process (`allow_pickle`).
+states are saved in that form); DCP checkpoints once their `.metadata`, which DCP unpickles, was
+read by an unpickler that builds only DCP's own metadata classes, and their non-tensor items
+(optimizer settings, scheduler state) loaded with weights_only=True. A file that needs more, such
+as weights or a checkpoint from elsewhere holding arbitrary objects, is refused in one line unless
+train.trust_checkpoint=true, which the runner sets for the process (`allow_pickle`).
 
 The exception: DeepSpeed reads its own checkpoint files (`step_<N>/zero/`, `universal/`) with
 pickle. The pipeline reads them from its own run directory; a ZeRO checkpoint from elsewhere
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import StorageMeta
 
 from pipeline.errors import UserError
 
@@ -37,14 +39,15 @@ def pickle_allowed() -> bool:
 
 
 def refused(path: Path | str, what: str, error: Exception | None = None) -> UserError:
-    """The one line for a file that needs pickle, naming what it holds where torch can tell."""
-    held = ""
-    try:
-        held = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # noqa: BLE001 - not a torch.save zip file: say what the error said
-        held = str(error).splitlines()[0] if error else ""
-    return UserError(f"{what} {path} needs pickle to load ({held or 'objects other than tensors'}), which runs any code "
-                     f"the file carries; if you trust where it came from, set train.trust_checkpoint=true")
+    """The one line for a file that needs pickle, naming the objects it holds where torch can tell."""
+    held = re.findall(r"GLOBAL ([\w.]+)", str(error or ""))  # torch's weights_only message names the first
+    if not held and Path(path).is_file():
+        try:
+            held = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001 - not a torch.save zip file
+            pass
+    return UserError(f"{what} {path} needs pickle to load ({', '.join(held) or 'objects other than tensors'}), which "
+                     f"runs any code the file carries; if you trust where it came from, set train.trust_checkpoint=true")
 
 
 def torch_load(path: Path, what: str) -> Any:
@@ -67,23 +70,17 @@ class _MetadataUnpickler(pickle.Unpickler):
                                                            (torch.dtype, torch.layout, torch.memory_format))
         if module == "torch.distributed.checkpoint.metadata" or dtype_or_layout or (module, name) in _DCP_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not part of a DCP checkpoint's metadata")
 
 
-class _Reader(FileSystemReader):
-    """FileSystemReader whose .metadata is read by _MetadataUnpickler instead of pickle.load."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        path = self._get_metadata_path(kwargs.get("rank"))
-        try:
-            with self.fs.create_stream(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as e:
-            raise refused(path, "checkpoint metadata", e) from None
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+def check_dcp_metadata(folder: Path) -> None:
+    """DCP reads `.metadata` with pickle.load: it is read here first with _MetadataUnpickler."""
+    path = Path(folder) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise refused(path, "checkpoint metadata", e) from None
 
 
 class _Planner(DefaultLoadPlanner):
@@ -103,8 +100,23 @@ class _Planner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
-def dcp_load_options(folder: Path) -> dict:
-    """dcp.load's storage_reader and planner: restricted unless pickle is allowed."""
+def load_dcp(folder: Path, state: dict, no_dist: bool = True) -> None:
+    """dcp.load into `state`; unless pickle is allowed, its metadata and non-tensor items are first
+    checked to need none, and a refusal is one line (DCP would wrap it in a CheckpointException)."""
     if _allowed:
-        return {"storage_reader": FileSystemReader(str(folder)), "planner": DefaultLoadPlanner()}
-    return {"storage_reader": _Reader(str(folder)), "planner": _Planner(folder)}
+        dcp.load(state, checkpoint_id=str(folder), no_dist=no_dist)
+        return
+    check_dcp_metadata(folder)
+    try:
+        dcp.load(state, checkpoint_id=str(folder), no_dist=no_dist, planner=_Planner(folder))
+    except CheckpointException as e:
+        raise _unwrapped(e) from None
+
+
+def _unwrapped(error: Exception) -> Exception:
+    """DCP wraps what a rank raised in a CheckpointException: our refusal, if it is one of them."""
+    for failure in getattr(error, "failures", {}).values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, UserError):
+            return cause
+    return error
