@@ -222,6 +222,7 @@ def communication_failure(error: BaseException) -> str | None:
     if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in text.lower())):
         return None
     detail = re.sub(r"^\[[^\]]*\]\s*", "", text)  # the C++ source location gloo puts first
+    detail = re.split(r"\.\s", detail)[0]  # its first sentence (gloo goes on with advice)
     if "timed out" in text.lower() or "timeout" in text.lower():
         waited = f"{_timeout.total_seconds():g} s (parallel.timeout)" if _timeout else "the backend's timeout"
         return (f"a collective got no answer within {waited}: another rank is hung or gone ({detail}); "
