@@ -63,8 +63,6 @@ launch() {
     [[ -n ${SLURM_JOB_ID:-} ]] || { echo "not in a Slurm job: submit it with sbatch (see slurm/README.md)" >&2; exit 2; }
     export LAUNCHER=${LAUNCHER:-torchrun}
     export NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-    read -r MASTER_ADDR < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # the first node
-    export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job: jobs may share a node
     local parallel run_dir
     parallel=$(arg_value parallel none "$@")
     run_dir=$(arg_value run_dir runs/default "$@")  # pipeline/config.py's defaults
@@ -77,6 +75,8 @@ launch() {
         echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG does not exist; give accelerate's YAML (see ds_configs/)" >&2
         exit 2
     fi
+    read -r MASTER_ADDR < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # the first node
+    export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job: jobs may share a node
     # run_dir is made by pipeline/run.py once its checks pass (a failed check leaves nothing behind).
     export PIPELINE_STOP_FILE="$(realpath -m "$run_dir")/stop.$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
     trap 'echo "launch: signal received, asking the ranks to stop"; mkdir -p "${PIPELINE_STOP_FILE%/*}"

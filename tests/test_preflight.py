@@ -1,11 +1,13 @@
 """Fail fast (pipeline/preflight.py): before any stage, rank 0 reports every problem it can find
 cheaply, one line each, exits with status 2 and writes nothing."""
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 
-from conftest import SMALL, run_torchrun
+from conftest import REPO, SMALL, run_torchrun
 from pipeline import preflight
 from pipeline.config import load_config
 from pipeline.data.converters import convert
@@ -105,3 +107,15 @@ def test_a_deepspeed_checkpoint_from_elsewhere_needs_trust(tmp_path):
         preflight.check_foreign_checkpoint(str(tmp_path / "ckpt"))
     (tmp_path / "ckpt" / "meta.json").write_text(json.dumps({"format": "dcp"}))
     preflight.check_foreign_checkpoint(str(tmp_path / "ckpt"))  # the project's own format: no pickle needed
+
+
+def test_launch_sh_checks_the_accelerate_yaml_before_starting_anything(tmp_path):
+    """slurm/launch.sh, as a job script sources it, with a YAML that is not there: one line, exit 2,
+    before it asks Slurm for anything (so no cluster is needed here)."""
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "7", "LAUNCHER": "accelerate",
+           "ACCELERATE_CONFIG": str(tmp_path / "none.yaml")}
+    proc = subprocess.run(["bash", "-c", 'source slurm/launch.sh; launch parallel=fsdp2 "run_dir=$1"', "job",
+                           str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: ACCELERATE_CONFIG={tmp_path / 'none.yaml'} does not exist; give accelerate's YAML (see ds_configs/)"]
+    assert not (tmp_path / "run").exists()

@@ -203,12 +203,14 @@ def one_process_zero3(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_one_process_checkpoint_resumed_on_two_nodes(backend, one_process_zero3, digits_run, tmp_path):
-    """Written by 1 process (ZeRO-3, or parallel=none's DCP), resumed by 2 on 2 nodes (ZeRO-3, FSDP2)."""
+@pytest.mark.parametrize("backend, per_node", [("zero3", 2), ("fsdp2", 1)])
+def test_one_process_checkpoint_resumed_on_two_nodes(backend, per_node, one_process_zero3, digits_run, tmp_path):
+    """Written by 1 process (ZeRO-3, or parallel=none's DCP), resumed on 2 nodes: ZeRO-3 by 2 processes
+    on each (4 in all), FSDP2 by 1 on each."""
     finished = one_process_zero3 if backend == "zero3" else digits_run
-    log = resumed(tmp_path, finished, ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"], f"parallel={backend}")
-    assert "2 node(s) x 1 process(es)" in log and "resuming from" in log
+    log = resumed(tmp_path, finished, ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"], f"parallel={backend}",
+                  env=user_env(NPROC_PER_NODE=str(per_node)))
+    assert f"2 node(s) x {per_node} process(es)" in log and "resuming from" in log
     exported_weights_close(tmp_path / "run", digits_run)
 
 
