@@ -5,13 +5,16 @@ import pickle
 import random
 
 import numpy as np
+import open_clip
 import pytest
 import timm
+import transformers
 import torch
 import torch.distributed.checkpoint as dcp
 
 from pipeline import checkpoint, trust
 from conftest import SMALL
+from test_encoders import TINY_VIT
 from pipeline.config import ModelConfig, load_config
 from pipeline.encoders import build_encoder
 from pipeline.errors import UserError
@@ -97,3 +100,35 @@ def test_pretrained_weights_that_need_pickle_are_refused_unless_trusted(tmp_path
     model = build_encoder(cfg, seed=0)
     assert marker.exists()
     assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in upstream.state_dict().items())
+
+
+def test_transformers_bin_weights_that_need_pickle_are_refused_unless_trusted(tmp_path):
+    """A from_pretrained folder with pytorch_model.bin (transformers itself always reads .bin files
+    with weights_only=True, so the trusted path reads them and hands them over)."""
+    upstream = transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                                  intermediate_size=128, image_size=32, patch_size=8))
+    upstream.config.save_pretrained(tmp_path)
+    torch.save({**upstream.state_dict(), "args": Payload(tmp_path / "ran")}, tmp_path / "pytorch_model.bin")
+    cfg = load_config(["model=dinov2_vitl14_hf", f"model.pretrained={tmp_path}", "model.image_size=32",
+                       "model.patch_size=8", "model.width=32", "model.depth=1", "model.heads=2"]).model
+    with pytest.raises(UserError, match=r"model.pretrained .*needs pickle.*train.trust_checkpoint=true"):
+        build_encoder(cfg, seed=0)
+    assert not (tmp_path / "ran").exists()
+    trust.allow_pickle(True)
+    model = build_encoder(cfg, seed=0)
+    assert (tmp_path / "ran").exists()
+    assert all(torch.equal(model.backbone.model.state_dict()[k], v) for k, v in upstream.state_dict().items())
+
+
+def test_open_clip_weights_that_need_pickle_are_refused_unless_trusted(tmp_path):
+    upstream = open_clip.CLIP(embed_dim=768, vision_cfg=dict(image_size=32, layers=2, width=64, head_width=32, patch_size=8),
+                              text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
+    torch.save({"state_dict": upstream.state_dict(), "args": Payload(tmp_path / "ran")}, tmp_path / "clip.bin")
+    cfg = load_config(["model=vitl14_clip", f"model.pretrained={tmp_path / 'clip.bin'}", *TINY_VIT]).model
+    with pytest.raises(UserError, match=r"model.pretrained .*needs pickle.*train.trust_checkpoint=true"):
+        build_encoder(cfg, seed=0)
+    assert not (tmp_path / "ran").exists()
+    trust.allow_pickle(True)
+    model = build_encoder(cfg, seed=0)
+    assert (tmp_path / "ran").exists()
+    assert torch.equal(model.backbone.conv1.weight, upstream.visual.conv1.weight)
