@@ -32,7 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from pipeline import distributed
+from pipeline import distributed, trust
 from pipeline.errors import UserError
 from pipeline.run_dir import write_json
 
@@ -54,7 +54,7 @@ def save_dcp(folder: Path, model: nn.Module, optimizer, scheduler) -> None:
 
 def load_dcp(folder: Path, model: nn.Module, optimizer=None, scheduler=None, no_dist: bool = False) -> None:
     state = _state(model, optimizer, scheduler)
-    dcp.load(state, checkpoint_id=str(folder), no_dist=no_dist)
+    trust.load_dcp(folder, state, no_dist)
     set_state_dict(model, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
@@ -158,9 +158,17 @@ def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "
 
 def save_rng(folder: Path) -> None:
     """This rank's RNG states (the two-pass step and the losses seed theirs from (seed, step), so
-    these matter only to code that draws from the global generators)."""
+    these matter only to code that draws from the global generators), as tensors and plain values:
+    the file loads with torch.load(weights_only=True)."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    numpy_state = np.random.get_state(legacy=False)
+    version, python_state, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                       "pos": numpy_state["state"]["pos"], "has_gauss": numpy_state["has_gauss"],
+                       "gauss": numpy_state["gauss"]},
+             "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64),
+                        "gauss_next": gauss_next},
              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(state, folder / f"rank_{distributed.rank()}.pt")
 
@@ -172,10 +180,13 @@ def load_rng(folder: Path, same_world: bool) -> None:
     if not same_world or not file.is_file():
         log.info("RNG states not restored (%s)", "another number of processes" if not same_world else "none saved")
         return
-    state = torch.load(file, weights_only=False)
+    state = trust.torch_load(file, "RNG state")
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -208,7 +219,7 @@ def _deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
     # ZeRO-1 keeps frozen weights only in its module state dict (a file of ZeRO-1/2 checkpoints),
     # which zero_to_fp32 does not read.
     module_file = path / "zero" / "mp_rank_00_model_states.pt"
-    if module_file.is_file():
+    if module_file.is_file():  # DeepSpeed's own file, read as DeepSpeed reads it (see pipeline/trust.py)
         module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
         state = {**{k: v for k, v in module.items() if k not in state}, **state}
     return state

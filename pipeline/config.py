@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -61,6 +62,7 @@ class ParallelConfig:
     name: str = "none"              # none | ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp2 (pipeline/engine.py)
     deepspeed_config: str | None = None  # zero*: DeepSpeed JSON; None = ds_configs/<name>.json
     fsdp_reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward
+    timeout: float | None = None    # seconds a collective waits for the other ranks before failing; None = the backend's (gloo 30 min, NCCL 10 min)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class TrainConfig:
     include_query_in_rank: bool = False
     log_every: int = 10
     requeue: bool = True            # on SIGUSR1/SIGTERM under Slurm: checkpoint, then `scontrol requeue` the job
+    trust_checkpoint: bool = False  # allow pickle (arbitrary code) in checkpoints and weights from elsewhere
 
 
 @dataclass
@@ -178,6 +181,11 @@ def load_config(args: list[str]) -> Config:
             cfg = OmegaConf.merge(cfg, {group: preset})
         except OmegaConfBaseException as e:
             raise UserError(f"preset {group}={name}: {e.msg}") from None
+    for key, value in overrides:  # a value YAML cannot read ('...', '[1,') is named, not a traceback
+        try:
+            OmegaConf.from_dotlist([f"{key}={value}"])
+        except yaml.YAMLError as e:
+            raise UserError(f"bad value for '{key}': {value!r} is not a YAML value ({e.problem}); quote it") from None
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides]))
     except OmegaConfBaseException as e:
@@ -197,6 +205,8 @@ def validate(cfg: Config) -> None:
         raise UserError("train.chunk_size must be >= 1 and train.global_batch >= 2")
     if cfg.data.image_format not in ("png", "jpg", "webp"):
         raise UserError(f"data.image_format={cfg.data.image_format}: use png, jpg or webp")
+    if cfg.parallel.timeout is not None and cfg.parallel.timeout <= 0:
+        raise UserError(f"parallel.timeout={cfg.parallel.timeout}: give seconds > 0, or leave it unset for the backend's own")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device={cfg.device}: use auto, cpu or cuda")
     models = ("frozen", "finetuned", "checkpoint")

@@ -4,6 +4,13 @@ rendezvous on the job's first node, at a port derived from the job id).
 
 Every process-group call in the project goes through here, so the rest of the code never asks
 whether it runs in one process or many.
+
+Timeouts: a collective that gets no answer within `parallel.timeout` seconds (default: the
+backend's own, 30 min for gloo, 10 min for NCCL) fails, so a hung or lost rank ends the job
+instead of holding it until its time limit. Waiting for rank 0's own work (`on_main`: sharding a
+dataset, converting or exporting a checkpoint) is not a hang and may take hours: there the other
+ranks wait for a key that rank 0 sets in the process group's store (up to WAIT), and rank 0, which
+never waits on them there, meets them in a collective only afterwards.
 """
 from __future__ import annotations
 
@@ -17,13 +24,16 @@ from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from pipeline.errors import UserError
 
 T = TypeVar("T")
 
 # Ranks that wait for rank 0 (sharding a large dataset, say) wait this long before giving up.
-TIMEOUT = timedelta(hours=6)
+WAIT = timedelta(hours=6)
+_timeout: timedelta | None = None  # parallel.timeout, for the error message
+_waits = 0  # on_main calls so far: each has its own key in the store
 
 
 @dataclass(frozen=True)
@@ -84,11 +94,13 @@ def slurm_rendezvous(env=os.environ) -> tuple[str, str]:
     return first, str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
 
 
-def init(world: World, device: torch.device) -> None:
+def init(world: World, device: torch.device, timeout: float | None = None) -> None:
     """Join the process group when launched as several processes: NCCL on GPUs, gloo on CPUs.
+    `timeout` (seconds, parallel.timeout) bounds every collective; None keeps the backend's own.
 
     RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous are exported too, for the libraries that read
     them (DeepSpeed would otherwise go looking for MPI under srun)."""
+    global _timeout
     if world.size == 1 or initialized():
         return
     if device.type == "cuda":
@@ -98,8 +110,13 @@ def init(world: World, device: torch.device) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     _export(world)
+    _timeout = None if timeout is None else timedelta(seconds=timeout)
+    if _timeout is not None:
+        # The groups that libraries make later (DeepSpeed's data-parallel group, a device mesh's)
+        # take torch's module default rather than the world group's timeout: set that too.
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = _timeout
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
-                            world_size=world.size, timeout=TIMEOUT)
+                            world_size=world.size, timeout=_timeout)
 
 
 def ensure_group(device: torch.device) -> None:
@@ -109,7 +126,7 @@ def ensure_group(device: torch.device) -> None:
         return
     _export(World())
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                            world_size=1, timeout=TIMEOUT)
+                            world_size=1)
 
 
 def _export(world: World) -> None:
@@ -135,9 +152,10 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def shutdown() -> None:
-    """Leave the group together: a rank that tears gloo down while another still talks to it can abort."""
-    if initialized():
+def shutdown(together: bool = True) -> None:
+    """Leave the group together: a rank that tears gloo down while another still talks to it can abort.
+    together=False after a failed collective: the group is broken, and waiting on it would hang."""
+    if initialized() and together:
         try:
             dist.barrier()
         except Exception:  # noqa: BLE001 - a rank already failed; nothing left to wait for
@@ -172,15 +190,42 @@ def broadcast_object(value: Any) -> Any:
 def on_main(fn: Callable[[], T]) -> T:
     """Run fn on rank 0 while the other ranks wait; every rank gets its result (so it must pickle),
     and an error on rank 0 is raised on every rank."""
+    global _waits
     result, error = None, None
     if not initialized() or dist.get_rank() == 0:
         try:
             result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = e
+    if initialized():  # the long wait, on the store: rank 0 only sets the key, whatever the others do
+        _waits += 1
+        key, store = f"pipeline/on_main/{_waits}", c10d._get_default_store()
+        if dist.get_rank() == 0:
+            store.set(key, "done")
+        else:
+            try:
+                store.wait([key], WAIT)
+            except dist.DistStoreError:
+                raise UserError(f"rank 0 did not finish its own part within {WAIT}; see its log") from None
     result, failed = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"))
     if error is not None:
         raise error
     if failed is not None:
         raise UserError(f"rank 0 failed ({failed}); see its log")
     return result
+
+
+def communication_failure(error: BaseException) -> str | None:
+    """One line saying what went wrong if `error` is a collective that failed (no answer within the
+    timeout, or a peer gone), else None. Gloo raises plain RuntimeErrors, NCCL DistBackendErrors."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in text.lower())):
+        return None
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text)  # the C++ source location gloo puts first
+    detail = re.split(r"\.\s", detail)[0]  # its first sentence (gloo goes on with advice)
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        waited = f"{_timeout.total_seconds():g} s (parallel.timeout)" if _timeout else "the backend's timeout"
+        return (f"a collective got no answer within {waited}: another rank is hung or gone ({detail}); "
+                f"run the same command again to resume from the last checkpoint")
+    return (f"a collective failed: another rank is gone ({detail}); "
+            f"run the same command again to resume from the last checkpoint")

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import sys
 import uuid
 
 from omegaconf import OmegaConf
 
-from pipeline import distributed
+from pipeline import distributed, preflight, trust
 from pipeline import log as logs
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.distributed import pick_device, world_from_env
@@ -32,7 +33,7 @@ _TRAIN = _SHARD + ("model", "train", "loss", "data.crop_scale", "data.hflip")
 INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size"), "finetune": _TRAIN,
           "export": _TRAIN, "eval": _TRAIN + ("eval",)}
 IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.requeue",
-           "model.grad_checkpointing")
+           "model.grad_checkpointing", "train.trust_checkpoint")
 
 
 def requires(stage: str, cfg: Config) -> tuple[str, ...]:
@@ -76,6 +77,33 @@ def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
     return {"settings": settings, "after": {req: rd.run_id(req) for req in requires(stage, cfg)}}
 
 
+def planned(cfg: Config, rd: RunDir) -> list[str]:
+    """The stages this command will run: those not complete (or forced), and every stage after one
+    that runs (its inputs change). What the preflight checks for."""
+    requested = ORDER if cfg.stage == "all" else (cfg.stage,)
+    runs: dict[str, bool] = {}
+
+    def will_run(stage: str) -> bool:
+        if stage not in runs:
+            before = [will_run(req) for req in requires(stage, cfg)]
+            runs[stage] = (any(before) or (cfg.force and stage in requested)
+                           or not rd.is_complete(stage, fingerprint(cfg, rd, stage)))
+        return runs[stage]
+
+    for stage in requested:
+        will_run(stage)
+    return [s for s in ORDER if runs.get(s)]
+
+
+def preflight_passes(cfg: Config, rd: RunDir, processes: int) -> bool:
+    """Rank 0 runs the cheap checks of pipeline/preflight.py and prints every problem, one line each."""
+    found = distributed.on_main(lambda: preflight.problems(cfg, rd, processes, planned(cfg, rd)))
+    if distributed.rank() == 0:
+        for problem in found:
+            print(f"error: {problem}", file=sys.stderr)
+    return not found
+
+
 def run_stages(cfg: Config, rd: RunDir) -> None:
     requested = ORDER if cfg.stage == "all" else (cfg.stage,)
     done: set[str] = set()
@@ -102,13 +130,18 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    broken = False  # a collective failed: the process group cannot be left together
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
+        trust.allow_pickle(cfg.train.trust_checkpoint)
         world = world_from_env()
         rd = RunDir(cfg.run_dir)
+        distributed.init(world, pick_device(cfg.device, world), cfg.parallel.timeout)
+        if not preflight_passes(cfg, rd, world.size):
+            return 2  # nothing written
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
-        distributed.init(world, pick_device(cfg.device, world))
+        log.info("rank %d of %d on %s", world.rank, world.size, socket.gethostname())
         if world.is_main:
             (rd.root / "config.yaml").write_text(to_yaml(cfg))
         run_stages(cfg, rd)
@@ -121,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        failure = distributed.communication_failure(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        broken = True
+        return 1
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together=not broken)
     return 0

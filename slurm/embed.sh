@@ -1,6 +1,6 @@
 #!/bin/bash
 # Shard the dataset (if not done yet) and embed it with the frozen encoder, every GPU taking a share.
-#   sbatch slurm/embed.sh run_dir=runs/vitl-cub data=cub data.root=/data/CUB_200_2011 model=vitl14_clip model.pretrained=...
+#   sbatch slurm/embed.sh run_dir=runs/vitl-cub data=cub data.root=/data/CUB_200_2011 model=vitl14_clip model.pretrained=/weights/vitl.bin
 #SBATCH --job-name=embed
 #SBATCH --nodes=1 --ntasks-per-node=1 --gpus-per-node=8 --cpus-per-task=64
 #SBATCH --time=04:00:00

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Evaluate the frozen and the finetuned encoder (faiss kNN): run_dir/eval/metrics.json and the report.
-#   sbatch slurm/eval.sh run_dir=runs/vitl-cub data=cub data.root=/data/CUB_200_2011 model=vitl14_clip model.pretrained=...
+#   sbatch slurm/eval.sh run_dir=runs/vitl-cub data=cub data.root=/data/CUB_200_2011 model=vitl14_clip model.pretrained=/weights/vitl.bin
 #SBATCH --job-name=eval
 #SBATCH --nodes=1 --ntasks-per-node=1 --gpus-per-node=1 --cpus-per-task=16
 #SBATCH --time=02:00:00

@@ -12,6 +12,10 @@
 # shell only, which touches $PIPELINE_STOP_FILE. Every rank of every node sees the file (run_dir is
 # shared), finishes its step, checkpoints, and rank 0 requeues the job; the next start resumes.
 # A file and not the signal itself, because torchrun and accelerate die on SIGUSR1.
+#
+# A failed node: srun waits for the tasks of every node, and a node whose processes vanished (a node
+# lost) never reports. So a node whose launcher fails asks the batch shell, through Slurm (USR2), to
+# end the step: srun then waits at most KillWait + 2 s more, and the job fails instead of hanging.
 set -euo pipefail
 cd "${PIPELINE_REPO:-${SLURM_SUBMIT_DIR:-.}}"
 
@@ -24,29 +28,41 @@ arg_value() {
 
 # On every node (srun starts it once per node): this node's processes, rendezvous on the first node.
 start_node() {
+    local status=0
     case "$LAUNCHER" in
     torchrun)
-        exec python -m torch.distributed.run --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" \
-            --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@" ;;
+        python -m torch.distributed.run --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" \
+            --nproc_per_node="$NPROC_PER_NODE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@" \
+            || status=$? ;;
     accelerate)
         local how=()  # the backend's YAML; without one (parallel=none, ddp) plain processes
         [[ -n $ACCELERATE_CONFIG ]] && how=(--config_file "$ACCELERATE_CONFIG")
         [[ -z $ACCELERATE_CONFIG && $((SLURM_NNODES * NPROC_PER_NODE)) -gt 1 ]] && how=(--multi_gpu)
-        exec python -m accelerate.commands.launch "${how[@]}" \
+        python -m accelerate.commands.launch "${how[@]}" \
             --num_machines="$SLURM_NNODES" --machine_rank="$SLURM_NODEID" \
             --num_processes=$((SLURM_NNODES * NPROC_PER_NODE)) --main_process_ip="$MASTER_ADDR" \
-            --main_process_port="$MASTER_PORT" --deepspeed_multinode_launcher=standard "$@" ;;
+            --main_process_port="$MASTER_PORT" --deepspeed_multinode_launcher=standard "$@" || status=$? ;;
     *)
         echo "LAUNCHER=$LAUNCHER: use LAUNCHER=torchrun or LAUNCHER=accelerate" >&2; exit 2 ;;
     esac
+    if (( status != 0 )) && (( SLURM_NNODES > 1 )); then
+        echo "launch: the processes on $(hostname) ended with status $status; asking the job to end its step" >&2
+        scancel --batch --signal=USR2 "$SLURM_JOB_ID" || true
+    fi
+    exit "$status"
+}
+
+# In the batch shell, on USR2 from a failed node: end srun (Slurm's abort: KillWait + 2 s at most).
+end_step() {
+    [[ -n $srun_pid ]] || return 0
+    echo "launch: a node failed; ending the job step"
+    kill -TERM "$srun_pid" 2>/dev/null || true
 }
 
 launch() {
     [[ -n ${SLURM_JOB_ID:-} ]] || { echo "not in a Slurm job: submit it with sbatch (see slurm/README.md)" >&2; exit 2; }
     export LAUNCHER=${LAUNCHER:-torchrun}
     export NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-    read -r MASTER_ADDR < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # the first node
-    export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job: jobs may share a node
     local parallel run_dir
     parallel=$(arg_value parallel none "$@")
     run_dir=$(arg_value run_dir runs/default "$@")  # pipeline/config.py's defaults
@@ -55,9 +71,18 @@ launch() {
         zero*) export ACCELERATE_CONFIG=${ACCELERATE_CONFIG-ds_configs/accelerate_deepspeed.yaml} ;;
         *) export ACCELERATE_CONFIG=${ACCELERATE_CONFIG-} ;;
     esac
-    mkdir -p "$run_dir"
-    export PIPELINE_STOP_FILE="$(realpath "$run_dir")/stop.$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
-    trap 'echo "launch: signal received, asking the ranks to stop"; touch "$PIPELINE_STOP_FILE"' USR1 TERM
+    if [[ $LAUNCHER == accelerate && -n $ACCELERATE_CONFIG && ! -f $ACCELERATE_CONFIG ]]; then
+        echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG does not exist; give accelerate's YAML (see ds_configs/)" >&2
+        exit 2
+    fi
+    read -r MASTER_ADDR < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # the first node
+    export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job: jobs may share a node
+    # run_dir is made by pipeline/run.py once its checks pass (a failed check leaves nothing behind).
+    export PIPELINE_STOP_FILE="$(realpath -m "$run_dir")/stop.$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
+    trap 'echo "launch: signal received, asking the ranks to stop"; mkdir -p "${PIPELINE_STOP_FILE%/*}"
+          touch "$PIPELINE_STOP_FILE"' USR1 TERM
+    srun_pid=""
+    trap end_step USR2
     echo "launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s) x" \
          "$NPROC_PER_NODE process(es), $LAUNCHER, rendezvous $MASTER_ADDR:$MASTER_PORT: pipeline/run.py $*"
 
@@ -65,10 +90,11 @@ launch() {
     export -f start_node
     srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
         bash -c 'start_node "$@"' start_node pipeline/run.py "$@" &
-    local pid=$! status=0
+    srun_pid=$!
+    local status=0
     # A trapped signal interrupts `wait`; wait again until srun itself has ended, then take its status.
-    while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
-    wait "$pid" || status=$?
+    while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid" || true; done
+    wait "$srun_pid" || status=$?
     rm -f "$PIPELINE_STOP_FILE"
     echo "launch: pipeline/run.py exited with status $status"
     exit "$status"

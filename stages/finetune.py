@@ -10,17 +10,17 @@ import logging
 import time
 
 from pipeline import checkpoint, distributed, preemption
-from pipeline.config import Config, TrainConfig
+from pipeline.config import Config
 from pipeline.data.loader import train_loader
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import train_transform
 from pipeline.distributed import pick_device, world_from_env
-from pipeline.errors import UserError
 from pipeline.encoders import architecture, build_encoder
 from pipeline.engine import build_engine
 from pipeline.losses import build_loss, set_step
 from pipeline.optim import build_optimizer
+from pipeline.preflight import check_processes, check_shares
 from pipeline.run_dir import RunDir, fresh_dir
 from pipeline.two_pass import two_pass_step
 
@@ -38,8 +38,7 @@ def run(cfg: Config, rd: RunDir) -> None:
 def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
     t = cfg.train
     world = world_from_env()
-    if world.size > 1 and cfg.parallel.name == "none":
-        raise UserError(f"{world.size} processes were launched but parallel=none trains in one; launch a single process")
+    check_processes(cfg.parallel.name, world.size)  # the runner checked both already; kept for direct callers
     check_shares(t, world.size)
     preemption.log_slurm_restart()
     device = pick_device(cfg.device, world)
@@ -97,16 +96,6 @@ def preempted(stop: preemption.StopRequest, step: int, requeue: bool) -> None:
     requeued = distributed.broadcast_object(requeue and preemption.requeue())  # rank 0 requeues; all say so
     raise preemption.Preempted(f"preempted after step {step}; "
                                + ("the Slurm job was requeued" if requeued else "run the same command to resume"))
-
-
-def check_shares(t: TrainConfig, processes: int) -> None:
-    """Each rank takes an equal, contiguous share of the global batch, cut into whole chunks, so that
-    the chunks (and their drop-path masks) are those of a single process: the weights do not
-    depend on the number of processes."""
-    share = t.global_batch // processes
-    if processes > 1 and (t.global_batch % processes or share % t.chunk_size):
-        raise UserError(f"train.global_batch={t.global_batch} over {processes} processes must give each a multiple of "
-                        f"train.chunk_size={t.chunk_size}; pick a global batch divisible by {processes * t.chunk_size}")
 
 
 def loss_optimizer(loss_fn, cfg: Config) -> tuple:

@@ -1,156 +1,98 @@
-"""The slurm/ job scripts on a real Slurm cluster (tools/local_slurm.sh starts one on this machine, CI
-does so in .ci/run): `sbatch slurm/finetune_vitg.sh model=tiny data=digits` with 2 processes matches a
-plain run; preempted with SIGUSR1 it checkpoints, requeues itself and resumes to the same weights;
-killed with SIGKILL, the same job submitted again resumes to them; pipeline.sh chains the stages.
+"""The slurm/ job scripts on a real two-node Slurm cluster (tools/local_slurm.sh with NODES=2 starts
+one on this machine; CI does so in .ci/run), one process per node: `sbatch --nodes=2
+slurm/finetune_vitg.sh model=tiny data=digits` under torchrun (ZeRO-3) and accelerate (FSDP2)
+matches a plain run; a preemption signal stops the ranks of both nodes at one step, and the job
+requeues itself and resumes to the same weights; a node lost mid-run fails the job within a
+bounded time and the same sbatch line resumes; a hung rank times out after parallel.timeout.
+Slow: checkpoints resumed on another number of nodes, pipeline.sh chained on two nodes.
 
-Without a reachable controller these tests skip, saying why; with REQUIRE_SLURM=1 (CI) they fail."""
+Without a reachable two-node controller these tests skip, saying why; with REQUIRE_SLURM=1 (CI) they fail."""
 import json
-import os
+import re
+import shutil
 import subprocess
-import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, SMALL, training_processes
+from conftest import REPO, SMALL, run_pipeline, training_processes
+from slurm_cluster import (ONE_NODE, completed, job, job_processes_on, on_node, require_cluster, same_weights,
+                           sbatch, user_env, wait_for_end, wait_until)
 from test_parallel import exported_weights_close
 
-# This node's size instead of the scripts' GPU nodes; NPROC_PER_NODE=2 below: 2 gloo processes.
-ON_THIS_NODE = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=00:20:00"]
+from pipeline.checkpoint import damage
+
 TINY = ["model=tiny", "data=digits", *SMALL]
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-WAIT_S = 900  # a job waits behind any other job on the node (the suite may run twice at once)
-
-
-START = "start a local cluster with: sudo bash tools/local_slurm.sh"
-
-
-@lru_cache(maxsize=1)
-def slurm_unreachable() -> str | None:
-    """Why Slurm cannot be used here, or None (asked once: without a controller sinfo takes seconds)."""
-    try:
-        proc = subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=20)
-    except FileNotFoundError:
-        return f"Slurm is not installed ({START})"
-    except subprocess.TimeoutExpired:
-        return f"sinfo did not answer within 20 s: no Slurm configuration? ({START})"
-    if proc.returncode != 0:
-        return f"no Slurm controller answers ({proc.stderr.strip()}); {START}"
-    return None
 
 
 @pytest.fixture(scope="module", autouse=True)
-def slurm():
-    reason = slurm_unreachable()
-    if reason and os.environ.get("REQUIRE_SLURM") == "1":
-        pytest.fail(f"REQUIRE_SLURM=1 but {reason}")
-    if reason:
-        pytest.skip(reason)
+def two_nodes():
+    require_cluster(nodes=2)
 
 
-def user_env(**extra: str) -> dict:
-    """A user's shell with this Python's environment activated; 2 processes per node."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2", **extra}
-
-
-def sbatch(script: str, output: Path, *args: str, env: dict | None = None) -> str:
-    """Submit slurm/<script> as a user would; the job id."""
-    proc = subprocess.run(["sbatch", "--parsable", *ON_THIS_NODE, f"--output={output}", str(REPO / "slurm" / script),
-                           *args], cwd=REPO, env=env or user_env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"sbatch {script} failed: {proc.stderr}"
-    return proc.stdout.strip().split(";")[0]
-
-
-def job(job_id: str) -> dict:
-    """`scontrol show job` as a dict (accounting is off on the test cluster, so no sacct)."""
-    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
-                         timeout=30).stdout
-    return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-
-def wait_until(condition, what: str, job_id: str, output: Path, timeout: float = WAIT_S, every: float = 0.05) -> None:
-    """Poll `condition` every `every` s (files often, to catch a checkpoint mid-training; Slurm less)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            tail = output.read_text()[-4000:] if output.exists() else "(no output yet)"
-            pytest.fail(f"job {job_id}: no {what} after {timeout:.0f} s (state {job(job_id).get('JobState')}):\n{tail}")
-        time.sleep(every)
-
-
-def wait_for_end(job_id: str, output: Path) -> dict:
-    wait_until(lambda: job(job_id).get("JobState") in ENDED, "end", job_id, output, every=0.5)
-    return job(job_id)
-
-
-def same_weights(run: Path, reference: Path) -> None:
-    got, ref = load_file(run / "export" / "model.safetensors"), load_file(reference / "export" / "model.safetensors")
-    assert got.keys() == ref.keys()
-    assert all(torch.equal(got[k], ref[k]) for k in ref), "the weights differ from the uninterrupted job's"
+def ranks_by_node(run: Path) -> dict[str, str]:
+    """Each rank's host, from the line every rank logs first ('rank r of n on host')."""
+    found = {}
+    for log in sorted((run / "logs").glob("rank*.log")):
+        for rank, host in re.findall(r"rank (\d+) of \d+ on (\S+)", log.read_text()):
+            found[rank] = host
+    return found
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
-    """One uninterrupted finetune_vitg.sh job, small: ZeRO-3 over 2 processes, 6 steps."""
+    """One uninterrupted finetune_vitg.sh job, small: ZeRO-3, one process on each of two nodes, 6 steps."""
     tmp = tmp_path_factory.mktemp("slurm_straight")
-    job_id = sbatch("finetune_vitg.sh", tmp / "job.out", f"run_dir={tmp / 'run'}", *TINY)
-    info = wait_for_end(job_id, tmp / "job.out")
-    assert info["JobState"] == "COMPLETED", f"job {job_id} {info['JobState']}:\n{(tmp / 'job.out').read_text()[-4000:]}"
+    completed(sbatch("finetune_vitg.sh", tmp / "job.out", f"run_dir={tmp / 'run'}", *TINY), tmp / "job.out")
     return tmp
 
 
-def test_finetune_vitg_job_matches_a_plain_run(straight, digits_run):
+@pytest.fixture(scope="module")
+def fsdp2_straight(tmp_path_factory) -> Path:
+    """The same job launched by accelerate with FSDP2."""
+    tmp = tmp_path_factory.mktemp("slurm_fsdp2")
+    job_id = sbatch("finetune_vitg.sh", tmp / "job.out", f"run_dir={tmp / 'run'}", "parallel=fsdp2", *TINY,
+                    env=user_env(LAUNCHER="accelerate"))
+    completed(job_id, tmp / "job.out")
+    return tmp
+
+
+def test_zero3_job_across_two_nodes_matches_a_plain_run(straight, digits_run):
     log = (straight / "job.out").read_text()
-    assert "1 node(s) x 2 process(es), torchrun" in log and "launch: pipeline/run.py exited with status 0" in log
+    assert "2 node(s) x 1 process(es), torchrun" in log and "launch: pipeline/run.py exited with status 0" in log
+    assert ranks_by_node(straight / "run") == {"0": "node1", "1": "node2"}
     meta = json.loads((straight / "run" / "checkpoints" / "step_6" / "meta.json").read_text())
     assert (meta["format"], meta["parallel"], meta["world_size"]) == ("deepspeed", "zero3", 2)
     exported_weights_close(straight / "run", digits_run)
 
 
-@pytest.mark.slow
-def test_accelerate_launch_fsdp2_job_matches_a_plain_run(digits_run, tmp_path):
-    job_id = sbatch("finetune_vitg.sh", tmp_path / "job.out", f"run_dir={tmp_path / 'run'}", "parallel=fsdp2", *TINY,
-                    env=user_env(LAUNCHER="accelerate"))
-    assert wait_for_end(job_id, tmp_path / "job.out")["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
-    assert "1 node(s) x 2 process(es), accelerate" in (tmp_path / "job.out").read_text()
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_6" / "meta.json").read_text())
+def test_accelerate_fsdp2_job_across_two_nodes_matches_a_plain_run(fsdp2_straight, digits_run):
+    assert "2 node(s) x 1 process(es), accelerate" in (fsdp2_straight / "job.out").read_text()
+    assert ranks_by_node(fsdp2_straight / "run") == {"0": "node1", "1": "node2"}
+    meta = json.loads((fsdp2_straight / "run" / "checkpoints" / "step_6" / "meta.json").read_text())
     assert (meta["format"], meta["parallel"], meta["world_size"]) == ("dcp", "fsdp2", 2)
-    exported_weights_close(tmp_path / "run", digits_run)
+    exported_weights_close(fsdp2_straight / "run", digits_run)
 
 
-def test_killed_job_resumes_when_submitted_again(straight, tmp_path):
-    run, output = tmp_path / "run", tmp_path / "job.out"
-    job_id = sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY)
+def paused_after_first_checkpoint(run: Path, job_id: str, output: Path) -> list:
+    """The job's two ranks, stopped (SIGSTOP) as soon as its first checkpoint is published, so that
+    whatever the test does next happens mid-training however fast the steps go."""
     wait_until(lambda: (run / "checkpoints" / "latest").exists(), "checkpoint", job_id, output)
     ranks = training_processes(run)
-    assert len(ranks) == 2, f"expected 2 training processes, found {ranks}"
-    for rank in ranks:
-        rank.kill()  # SIGKILL
-    assert wait_for_end(job_id, output)["JobState"] == "FAILED"
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_3", "the kill came after training ended"
-    assert not (run / "export" / "model.safetensors").exists()
-
-    again = sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY)
-    assert wait_for_end(again, output)["JobState"] == "COMPLETED", output.read_text()[-4000:]
-    assert "resuming from" in output.read_text().split(f"launch: job {again}")[1]
-    same_weights(run, straight / "run")
-
-
-def test_preempted_job_checkpoints_requeues_and_resumes(straight, tmp_path):
-    """SIGUSR1 to the batch shell, as `#SBATCH --signal=B:USR1@120` sends it before the time limit.
-    The ranks are paused meanwhile, so that the signal arrives mid-training however fast the steps go."""
-    run, output = tmp_path / "run", tmp_path / "job.out"
-    job_id = sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY)
-    wait_until(lambda: (run / "checkpoints" / "latest").exists(), "checkpoint", job_id, output)
-    ranks = training_processes(run)
-    assert len(ranks) == 2, f"expected 2 training processes, found {ranks}"
     for rank in ranks:
         rank.suspend()
+    assert sorted(on_node(r) for r in ranks) == ["node1", "node2"], f"expected a rank on each node, found {ranks}"
+    return ranks
+
+
+def test_preempted_two_node_job_stops_both_nodes_at_one_step_and_resumes(straight, tmp_path):
+    """SIGUSR1 to the batch shell, as `#SBATCH --signal=B:USR1@120` sends it before the time limit:
+    the stop file reaches the rank on the other node through the shared run directory."""
+    run, output = tmp_path / "run", tmp_path / "job.out"
+    job_id = sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY)
+    ranks = paused_after_first_checkpoint(run, job_id, output)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)
     wait_until(lambda: (run / f"stop.{job_id}.0").exists(), "stop file", job_id, output, timeout=60)
     for rank in ranks:
@@ -162,15 +104,124 @@ def test_preempted_job_checkpoints_requeues_and_resumes(straight, tmp_path):
     first, second = log.split(f"launch: job {job_id} (restart 1)")
     assert "preempted after step" in first and f"requeued Slurm job {job_id}" in first
     assert "SLURM_RESTART_COUNT=1" in second and "resuming from" in second
+    stopped = {log.name: re.findall(r"preempted after step (\d+)", log.read_text()) for log in (run / "logs").glob("rank*")}
+    assert stopped["rank0.log"] == stopped["rank1.log"] and len(stopped["rank0.log"]) == 1, stopped
     same_weights(run, straight / "run")
 
 
+def test_lost_node_fails_the_job_and_the_same_line_resumes(straight, tmp_path):
+    """Every process of the job on node2 killed (its slurmstepd too, as when the node dies): Slurm
+    alone would wait for that node's tasks forever; the job must end as failed within a bounded time."""
+    run, output = tmp_path / "run", tmp_path / "job.out"
+    line = ("finetune_vitg.sh", output, f"run_dir={run}", *TINY)
+    job_id = sbatch(*line)
+    ranks = paused_after_first_checkpoint(run, job_id, output)
+    lost = job_processes_on("node2", job_id)
+    assert any("slurmstepd" in " ".join(p.cmdline()) for p in lost) and any(p in ranks for p in lost), lost
+    for proc in lost:
+        proc.kill()
+    lost_at = time.monotonic()
+    for rank in ranks:
+        if rank not in lost:
+            rank.resume()
+
+    info = wait_for_end(job_id, output, timeout=120)
+    assert info["JobState"] == "FAILED", output.read_text()[-4000:]
+    print(f"the job failed {time.monotonic() - lost_at:.0f} s after its node2 processes were killed")
+    assert "a node failed; ending the job step" in output.read_text()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert not (run / "export" / "model.safetensors").exists() and not (run / "stages" / "finetune.json").exists()
+
+    again = sbatch(*line)
+    completed(again, output)
+    assert "resuming from" in output.read_text().split(f"launch: job {again}")[1]
+    same_weights(run, straight / "run")
+
+
+def test_hung_rank_times_out_after_parallel_timeout(tmp_path):
+    """The rank on node2 stopped (SIGSTOP): the other one's next collective gets no answer, fails
+    after parallel.timeout with one line, and the job fails; nothing half-written looks complete."""
+    run, output = tmp_path / "run", tmp_path / "job.out"
+    job_id = sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY, "train.max_steps=1000",
+                    "parallel.timeout=20")
+    ranks = paused_after_first_checkpoint(run, job_id, output)
+    hung = next(r for r in ranks if on_node(r) == "node2")
+    for rank in ranks:
+        if rank is not hung:
+            rank.resume()
+    stopped_at = time.monotonic()
+    try:
+        info = wait_for_end(job_id, output, timeout=20 + 120)
+    finally:
+        if hung.is_running():
+            hung.kill()
+    log = output.read_text()
+    assert info["JobState"] == "FAILED", log[-4000:]
+    print(f"the job failed {time.monotonic() - stopped_at:.0f} s after its node2 rank was stopped")
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: a collective got no answer within 20 s (parallel.timeout)"), \
+        log[-4000:]
+    assert not (run / "stages" / "finetune.json").exists() and not (run / "export").exists()
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert damage(latest) is None, f"latest names {latest.name}, which is not complete: {damage(latest)}"
+
+
+def stopped_after_step_3(finished: Path, run: Path) -> Path:
+    """A copy of a finished run as a run stopped after step 3 leaves it: its shards, and checkpoint
+    step_3 named by `latest` (nothing of finetune or export marked complete)."""
+    shutil.copytree(finished / "shards", run / "shards")
+    shutil.copytree(finished / "stages", run / "stages", ignore=lambda d, names: [n for n in names if n != "shard.json"])
+    shutil.copytree(finished / "checkpoints" / "step_3", run / "checkpoints" / "step_3")
+    (run / "checkpoints" / "latest").write_text("step_3")
+    return run
+
+
+def resumed(tmp_path: Path, finished: Path, options: list[str], *args: str, env: dict | None = None) -> str:
+    """The rest of `finished`'s run (from step 3) as a job with other nodes; its output."""
+    run, output = stopped_after_step_3(finished, tmp_path / "run"), tmp_path / "job.out"
+    completed(sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY, *args, options=options, env=env), output)
+    return output.read_text()
+
+
 @pytest.mark.slow
-def test_pipeline_sh_chains_the_stages(tmp_path):
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_two_node_checkpoint_resumed_on_one_node(backend, straight, fsdp2_straight, digits_run, tmp_path):
+    """Written by 2 processes on 2 nodes, resumed by 1 process on 1 node: DeepSpeed's universal
+    checkpoint for ZeRO-3, DCP's resharding for FSDP2."""
+    finished = (straight if backend == "zero3" else fsdp2_straight) / "run"
+    log = resumed(tmp_path, finished, ONE_NODE, f"parallel={backend}")
+    assert "1 node(s) x 1 process(es)" in log and "resuming from" in log
+    assert ("DeepSpeed universal checkpoint" in log) == (backend == "zero3")
+    exported_weights_close(tmp_path / "run", digits_run)
+
+
+@pytest.fixture(scope="module")
+def one_process_zero3(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("zero3_one_process")
+    run_pipeline("stage=finetune", f"run_dir={run}", "parallel=zero3", *SMALL)
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, per_node", [("zero3", 2), ("fsdp2", 1)])
+def test_one_process_checkpoint_resumed_on_two_nodes(backend, per_node, one_process_zero3, digits_run, tmp_path):
+    """Written by 1 process (ZeRO-3, or parallel=none's DCP), resumed on 2 nodes: ZeRO-3 by 2 processes
+    on each (4 in all), FSDP2 by 1 on each."""
+    finished = one_process_zero3 if backend == "zero3" else digits_run
+    log = resumed(tmp_path, finished, ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"], f"parallel={backend}",
+                  env=user_env(NPROC_PER_NODE=str(per_node)))
+    assert f"2 node(s) x {per_node} process(es)" in log and "resuming from" in log
+    exported_weights_close(tmp_path / "run", digits_run)
+
+
+@pytest.mark.slow
+def test_pipeline_sh_chains_the_stages_on_two_nodes(digits_run, tmp_path):
+    """embed -> finetune (ZeRO-2) -> eval, each job on two nodes; two shards per split, so that the
+    ranks of both nodes embed some (eval: every rank embeds its shards, rank 0 writes the results)."""
     run = tmp_path / "run"
-    proc = subprocess.run(["bash", "slurm/pipeline.sh", *ON_THIS_NODE, f"--output={tmp_path}/%x-%j.out",
-                           f"run_dir={run}", *TINY], cwd=REPO, env=user_env(), capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(["bash", "slurm/pipeline.sh", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2",
+                           f"--output={tmp_path}/%x-%j.out", f"run_dir={run}", *TINY, "data.shard_max_count=500"],
+                          cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     ids = dict(line.split() for line in proc.stdout.splitlines())
     assert set(ids) == {"embed", "finetune", "eval"}
@@ -178,4 +229,12 @@ def test_pipeline_sh_chains_the_stages(tmp_path):
     info = wait_for_end(ids["eval"], tmp_path / f"eval-{ids['eval']}.out")
     assert info["JobState"] == "COMPLETED", "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("*.out"))
     assert all(job(ids[s])["JobState"] == "COMPLETED" for s in ("embed", "finetune"))
+    assert all(job(i)["NodeList"] == "node[1-2]" for i in ids.values())
     assert set(json.loads((run / "eval" / "metrics.json").read_text())) == {"frozen", "finetuned"}
+    assert "[eval] done" in (run / "logs" / "rank1.log").read_text() and ranks_by_node(run)["1"] == "node2"
+    # The frozen encoder's embeddings, made by the ranks of two nodes, are one process's.
+    for split in ("train", "test"):
+        two = np.load(run / "embeddings" / "frozen" / f"{split}.npz")
+        one = np.load(digits_run / "embeddings" / "frozen" / f"{split}.npz")
+        assert list(two["keys"]) == list(one["keys"])
+        np.testing.assert_allclose(two["embeddings"], one["embeddings"], atol=1e-5)

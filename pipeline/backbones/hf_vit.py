@@ -9,12 +9,16 @@ Dinov2Model (drop_path_rate); CLIPVisionModel has no stochastic depth.
 from __future__ import annotations
 
 import json
+import pickle
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from pipeline.backbones import Backbone, given, pretrained_path
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.trust import pickle_allowed, refused
 
 # arch -> (model class, config class, blocks, layers after the blocks, default normalisation)
 MODELS = {"Dinov2Model": ("Dinov2Model", "Dinov2Config", "encoder.layer", ("layernorm",), "IMAGENET_DEFAULT"),
@@ -58,8 +62,16 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
     if saved_config is not None:  # an exported model: its own architecture, weights loaded after
         model = model_cls(config_cls.from_dict({**saved_config, **overrides}))
     elif cfg.pretrained:
-        try:
-            model = model_cls.from_pretrained(str(pretrained_path(cfg, folder=True)), **overrides)
+        folder = pretrained_path(cfg, folder=True)
+        try:  # .bin files: torch.load(weights_only=True) unless train.trust_checkpoint=true (pipeline/trust.py)
+            trusted = _trusted_bin_weights(folder)
+            if trusted is None:
+                model = model_cls.from_pretrained(str(folder), **overrides)
+            else:
+                model = model_cls.from_pretrained(None, config=config_cls.from_pretrained(str(folder), **overrides),
+                                                  state_dict=trusted)
+        except pickle.UnpicklingError as e:
+            raise refused(folder, "model.pretrained", e) from None
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(f"model.pretrained={cfg.pretrained}: {str(e).splitlines()[0]}") from None
     else:
@@ -72,6 +84,17 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
                     tuple(root + name for name in after),
                     lambda: _checkpointing(model)({"use_reentrant": False}),
                     saved_config=model.config.to_dict())
+
+
+def _trusted_bin_weights(folder: Path) -> dict | None:
+    """With train.trust_checkpoint=true, a folder's .bin weights read with pickle, to be handed over as
+    `state_dict=` (transformers 5.23 reads .bin files with weights_only=True whatever it is told);
+    None otherwise, or when the folder has safetensors weights (which need no pickle)."""
+    files = sorted(folder.glob("pytorch_model*.bin"))
+    if not pickle_allowed() or not files or list(folder.glob("*.safetensors")):
+        return None
+    loaded = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    return {k: v for state in loaded for k, v in state.items() if torch.is_tensor(v)}
 
 
 def preprocessing(cfg: ModelConfig) -> tuple[list[float], list[float]]:

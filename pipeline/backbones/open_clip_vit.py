@@ -9,11 +9,14 @@ depth, so model.drop_path does not apply.
 """
 from __future__ import annotations
 
+import pickle
+
 from torch import nn
 
 from pipeline.backbones import Backbone, given, pretrained_path
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.trust import pickle_allowed, refused
 
 
 def _model_config(cfg: ModelConfig) -> dict:
@@ -36,7 +39,10 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
         vision["head_width"] = vision["width"] // cfg.heads
     visual = _build_vision_tower(model_cfg["embed_dim"], vision, quick_gelu=model_cfg.get("quick_gelu", False))
     if cfg.pretrained:
-        state = load_state_dict(str(pretrained_path(cfg)))
+        try:  # torch.load(weights_only=True) unless train.trust_checkpoint=true (pipeline/trust.py)
+            state = load_state_dict(str(pretrained_path(cfg)), weights_only=not pickle_allowed())
+        except pickle.UnpicklingError as e:
+            raise refused(cfg.pretrained, "model.pretrained", e) from None
         holder = nn.Module()
         holder.visual = visual
         resize_pos_embed(state, holder)

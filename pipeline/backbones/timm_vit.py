@@ -2,12 +2,15 @@
 
 Local weights: a timm checkpoint file, loaded by timm itself through
 `pretrained_cfg_overlay=dict(file=...)`, so timm's own filters (position embedding resampling
-for another image size, DINOv2's key names) apply.
+for another image size, DINOv2's key names) apply. timm reads it with torch.load(weights_only=True);
+a file that needs pickle is refused unless train.trust_checkpoint=true (pipeline/trust.py), and then
+read by timm's load_state_dict and handed over as `state_dict=`.
 """
 from __future__ import annotations
 
 from pipeline.backbones import Backbone, given, pretrained_path
 from pipeline.config import ModelConfig
+from pipeline.trust import pickle_allowed, refused
 
 
 def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
@@ -17,9 +20,16 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
                       num_heads=cfg.heads)
     pretrained = {}
     if cfg.pretrained:
-        pretrained = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained_path(cfg))}}
-    model = timm.create_model(cfg.arch, num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path,
-                              **overrides, **pretrained)
+        path = str(pretrained_path(cfg))
+        weights = {"state_dict": timm.models.load_state_dict(path, weights_only=False)} if pickle_allowed() else {"file": path}
+        pretrained = {"pretrained": True, "pretrained_cfg_overlay": weights}
+    try:
+        model = timm.create_model(cfg.arch, num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path,
+                                  **overrides, **pretrained)
+    except RuntimeError as e:
+        if "weights_only=True blocked" in str(e):  # timm's refusal of a file that needs pickle
+            raise refused(cfg.pretrained, "model.pretrained", e) from None
+        raise
     return Backbone(model, model.num_features, model.blocks, ("norm", "fc_norm", "attn_pool", "head"),
                     lambda: model.set_grad_checkpointing(True))
 

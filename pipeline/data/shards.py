@@ -101,6 +101,25 @@ def write_split(records: Iterable[Record], out: Path, split: str, image_size: in
             "skipped": len(skipped), "skipped_files": skipped[:100]}
 
 
+# Per sample besides its image: a 512-byte tar header for each of its 3 members (image, cls, json),
+# one 512-byte block each for cls and json, and its entry in index.json.
+SAMPLE_OVERHEAD = 3 * 512 + 2 * 512 + 40
+
+
+def estimated_size(records: Iterable[Record], image_size: int, image_format: str, sample: int = 8) -> tuple[int, int]:
+    """(number of records, estimated bytes of their shards), from the first `sample` images prepared
+    as write_split prepares them (tar members are padded to 512 bytes). Cheap: one pass over the
+    records (paths or small images), `sample` decodes."""
+    count, sizes = 0, []
+    for record in records:
+        if len(sizes) < sample:
+            data = _prepare(record, image_size, image_format)[3]
+            if data is not None:
+                sizes.append(-(-len(data) // 512) * 512)
+        count += 1
+    return count, int(count * ((sum(sizes) / len(sizes) if sizes else 0) + SAMPLE_OVERHEAD))
+
+
 def build_index(folder: Path) -> dict:
     """Scan the tars once: per sample its shard, key, label and the byte range of its image."""
     shards = sorted(p.name for p in folder.glob("*.tar"))

@@ -1,0 +1,175 @@
+"""Fail fast: before any stage runs, rank 0 checks what can be checked in seconds, so that a wrong
+path or a batch that does not divide is reported at once and not after an hour of sharding.
+
+Each check raises a UserError; `problems` runs those the planned stages need and returns every
+message, one line each. The runner prints them and exits with status 2 before it writes anything.
+Checked: the dataset folder and its list files (the converter's own reading), free disk for the
+shards (from a few images encoded as the shard stage does), `model.pretrained` (exists, and is in
+the family's format), the DeepSpeed JSON, the global batch / chunk / process arithmetic, and that
+the run directory can be written. The accelerate YAML is checked by slurm/launch.sh, before the
+launcher reads it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import Config, ModelConfig, TrainConfig
+from pipeline.errors import UserError
+from pipeline.run_dir import RunDir
+from pipeline.trust import pickle_allowed
+
+BUILDS_MODEL = ("embed", "finetune", "export", "eval")
+# A transformers from_pretrained folder: its config and one of these weight files.
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HF_MODEL_TYPES = {"Dinov2Model": ("dinov2",), "CLIPVisionModel": ("clip", "clip_vision_model")}
+
+
+def problems(cfg: Config, rd: RunDir, processes: int, stages: list[str]) -> list[str]:
+    """Every problem the checks for `stages` (the stages this command will run) find, one line each."""
+    checks: list[Callable[[], None]] = [lambda: check_run_dir(rd.root)]
+    if "shard" in stages:
+        checks.append(lambda: check_data(cfg, rd.root))
+    if cfg.model.pretrained and any(s in stages for s in BUILDS_MODEL):
+        checks.append(lambda: check_pretrained(cfg.model))
+    if "finetune" in stages:
+        checks.append(lambda: check_processes(cfg.parallel.name, processes))
+        checks.append(lambda: check_shares(cfg.train, processes))
+        if cfg.parallel.name.startswith("zero"):
+            checks.append(lambda: check_deepspeed_config(cfg))
+    if "eval" in stages and "checkpoint" in cfg.eval.models:
+        checks.append(lambda: check_foreign_checkpoint(cfg.eval.checkpoint))
+    found = []
+    for check in checks:
+        try:
+            check()
+        except UserError as e:
+            found.append(str(e))
+    return found
+
+
+def check_run_dir(root: Path) -> None:
+    """The run directory exists and is writable, or can be made: its nearest existing parent is."""
+    existing = _nearest_existing(root)
+    if not existing.is_dir():
+        raise UserError(f"run_dir={root} cannot be made: {existing} is a file, not a folder; choose another run_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"run_dir={root} is not writable ({existing} is not); choose another run_dir")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_data(cfg: Config, root: Path) -> None:
+    """The dataset's folder and list files (read as the shard stage reads them), and room for its shards."""
+    from pipeline.data.converters import convert
+    from pipeline.data.shards import estimated_size
+
+    splits = convert(cfg.data, cfg.seed)  # a missing folder or list file raises here, naming it
+    images, need = 0, 0
+    for records in splits.values():
+        count, size = estimated_size(records, cfg.data.image_size, cfg.data.image_format)
+        images, need = images + count, need + size
+    existing = _nearest_existing(root)
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise UserError(f"the shards of {images} images need about {need / 1e9:.1f} GB (estimated) but {existing} has "
+                        f"{free / 1e9:.1f} GB free; free some space or put run_dir on a larger disk")
+
+
+def check_pretrained(cfg: ModelConfig) -> None:
+    """model.pretrained exists and is what the family loads: a weights file (safetensors or
+    torch.save's format) for timm and open_clip, a from_pretrained folder of that model for transformers."""
+    from pipeline.backbones import family
+
+    family(cfg)  # an unknown model.family is its own one-line error
+    path = Path(cfg.pretrained).expanduser()
+    if not path.exists():
+        raise UserError(f"model.pretrained={cfg.pretrained} does not exist; give the local {cfg.family} weights")
+    if cfg.family == "transformers":
+        _check_hf_folder(cfg, path)
+    elif path.is_dir():
+        raise UserError(f"model.pretrained={cfg.pretrained} is a folder; {cfg.family} needs the weights file "
+                        f"(e.g. model.safetensors or open_clip_pytorch_model.bin)")
+    elif weights_format(path) is None:
+        raise UserError(f"model.pretrained={cfg.pretrained} is neither a safetensors file nor a torch.save file; "
+                        f"give the {cfg.family} checkpoint file")
+
+
+def weights_format(path: Path) -> str | None:
+    """'safetensors', 'zip' (torch.save since torch 1.6, numpy .npz), 'pickle' (older torch.save), or None."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and int.from_bytes(head[:8], "little") < size and head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return None
+
+
+def _check_hf_folder(cfg: ModelConfig, path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"model.pretrained={cfg.pretrained} is a file; transformers needs the from_pretrained "
+                        f"folder that holds config.json and the weights")
+    if not any((path / name).is_file() for name in HF_WEIGHTS):
+        raise UserError(f"model.pretrained={cfg.pretrained} has no weights ({', '.join(HF_WEIGHTS)}); "
+                        f"give a folder written by save_pretrained or a hub snapshot")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        raise UserError(f"model.pretrained={cfg.pretrained} has no readable config.json; "
+                        f"give a folder written by save_pretrained or a hub snapshot") from None
+    expected = HF_MODEL_TYPES.get(cfg.arch)
+    if expected and model_type not in expected:
+        raise UserError(f"model.pretrained={cfg.pretrained} holds a {model_type} model, not a {cfg.arch}; "
+                        f"give that model's folder or change model.arch")
+
+
+def check_foreign_checkpoint(spec: str) -> None:
+    """eval.checkpoint=<folder>: a checkpoint from elsewhere. DeepSpeed reads its files with pickle,
+    so a ZeRO one needs train.trust_checkpoint=true (the project's own DCP format never does)."""
+    if spec == "latest" or spec.startswith("step_"):
+        return  # this run's own
+    try:
+        fmt = json.loads((Path(spec).expanduser() / "meta.json").read_text()).get("format", "dcp")
+    except (OSError, ValueError):
+        return  # not a checkpoint folder: the eval stage says so
+    if fmt == "deepspeed" and not pickle_allowed():
+        raise UserError(f"eval.checkpoint={spec} is a DeepSpeed checkpoint from outside this run, and DeepSpeed reads "
+                        f"its files with pickle, which runs any code they carry; if you trust where it came from, "
+                        f"set train.trust_checkpoint=true")
+
+
+def check_processes(parallel: str, processes: int) -> None:
+    if processes > 1 and parallel == "none":
+        raise UserError(f"{processes} processes were launched but parallel=none trains in one; launch a single "
+                        f"process or set parallel=ddp|zero1|zero2|zero3|fsdp2")
+
+
+def check_shares(t: TrainConfig, processes: int) -> None:
+    """Each rank takes an equal, contiguous share of the global batch, cut into whole chunks, so that
+    the chunks (and their drop-path masks) are those of a single process: the weights do not
+    depend on the number of processes."""
+    share = t.global_batch // processes
+    if processes > 1 and (t.global_batch % processes or share % t.chunk_size):
+        raise UserError(f"train.global_batch={t.global_batch} over {processes} processes must give each a multiple of "
+                        f"train.chunk_size={t.chunk_size}; pick a global batch divisible by {processes * t.chunk_size}")
+
+
+def check_deepspeed_config(cfg: Config) -> None:
+    """The DeepSpeed JSON exists and parses (read as the engine reads it)."""
+    import torch
+
+    from pipeline.engine import deepspeed_config
+
+    deepspeed_config(cfg.parallel, cfg.train.chunk_size, torch.device("cpu"))
