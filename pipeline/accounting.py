@@ -58,11 +58,15 @@ def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> float:
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    log.warning("perf/mfu is not logged: the peak FLOP/s of %s is unknown; set train.peak_tflops", name)
-    return 0.0
+    peak = peak_flops_of(name)
+    if not peak:
+        log.warning("perf/mfu is not logged: the peak FLOP/s of %s is unknown; set train.peak_tflops", name)
+    return peak
+
+
+def peak_flops_of(device_name: str) -> float:
+    """The table's peak bf16 FLOP/s for a CUDA device name; 0 if it is not there."""
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in device_name), 0.0)
 
 
 def mfu(flops_per_image: float, images_per_s: float, processes: int, peak: float) -> float:
