@@ -116,7 +116,7 @@ class EvalConfig:
     export: str | None = None       # "finetuned" = this exported model folder instead of run_dir/export
     checkpoint: str = "latest"      # "checkpoint" = latest | step_<N> of run_dir/checkpoints, or a checkpoint folder
     diagnostics: bool = True        # rho and pi_ratio on train and test embeddings (embeds train too)
-    show_queries: int = 4           # eval/retrievals.png: this many seeded queries, and as many of the worst
+    show_queries: int = 4           # eval/retrievals.png: this many seeded queries, and as many of the worst; 0: none
     show_k: int = 5                 # eval/retrievals.png: results shown per query
 
 

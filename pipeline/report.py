@@ -22,7 +22,7 @@ def _describe(proto: Protocol) -> str:
 
 def markdown(title: str, proto: Protocol, results: dict[str, dict[str, dict]], sources: dict[str, str],
              diagnostics: dict[str, dict[str, dict]] | None, best: dict | None = None, trained: list[str] = (),
-             training_png: bool = False) -> str:
+             retrievals_png: bool = False, training_png: bool = False) -> str:
     """results: model -> evaluation -> metrics; diagnostics: model -> split -> rho/pi values; best:
     the run's best validation (pipeline.validation.Best's state), shown for the `trained` models."""
     lines = [f"# {title}", "", f"Protocol: {_describe(proto)}.", ""]
@@ -45,10 +45,11 @@ def markdown(title: str, proto: Protocol, results: dict[str, dict[str, dict]], s
         lines += [f"Best validation: {best['metric']} {best['value']:.4f} on `{best['split']}` at step {best['step']} "
                   f"(`checkpoints/step_{best['step']}`, named by `checkpoints/best`).", ""]
     lines += ["![recall@k](recall_at_k.png)", ""]
-    lines += ["## What the models retrieve", "",
-              "Seeded queries and the worst ones (lowest average precision), each with its nearest results: "
-              "green frames the query's class, red another; the number is the similarity "
-              "(layout in `retrievals.json`).", "", "![retrievals](retrievals.png)", ""]
+    if retrievals_png:
+        lines += ["## What the models retrieve", "",
+                  "Seeded queries and the worst ones (lowest average precision), each with its nearest results: "
+                  "green frames the query's class, red another; the number is the similarity "
+                  "(layout in `retrievals.json`).", "", "![retrievals](retrievals.png)", ""]
     if training_png:
         lines += ["## Training", "", "Loss, learning rate and validation against the step, from "
                   "`logs/metrics.jsonl`.", "", "![training](training.png)", ""]

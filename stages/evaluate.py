@@ -120,14 +120,16 @@ def write_results(cfg: Config, rd: RunDir, proto: Protocol, splits: list[str], s
     if spectra:
         plots.spectrum(spectra, tmp / "spectrum.png")
         write_json(tmp / "diagnostics.json", diagnostics)
-    draw_retrievals(cfg, rd, first, shown, tmp)
+    drew_retrievals = cfg.eval.show_queries > 0 and cfg.eval.show_k > 0
+    if drew_retrievals:
+        draw_retrievals(cfg, rd, first, shown, tmp)
     best = best_validation(rd)
     drew_training = draw_training(rd, best, cfg.train.best_metric, tmp)
     trained = [name for name in cfg.eval.models if trained_here(name, cfg, rd)]
     title = f"Evaluation: {cfg.data.name}, run `{rd.root}`"
     (tmp / "report.md").write_text(report.markdown(title, proto, results, sources, diagnostics or None,
                                                    best=best if trained else None, trained=trained,
-                                                   training_png=drew_training))
+                                                   retrievals_png=drew_retrievals, training_png=drew_training))
     flat = {name: by_eval[proto.evaluations[0].name] if len(proto.evaluations) == 1 else by_eval
             for name, by_eval in results.items()}
     write_json(tmp / "metrics.json", flat)

@@ -154,7 +154,7 @@ def test_stage_all_zero3_under_torchrun(digits_run, tmp_path):
     run_torchrun(2, "stage=all", f"run_dir={tmp_path}", "parallel=zero3", *SMALL)
     meta = json.loads((tmp_path / "checkpoints" / "step_6" / "meta.json").read_text())
     assert meta["format"] == "deepspeed" and meta["parallel"] == "zero3"
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_3", "step_6"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "latest", "step_3", "step_6"]
     assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())) == {"frozen", "finetuned"}
     exported_weights_close(tmp_path, digits_run)
 
