@@ -60,7 +60,6 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
     meta = {"model": architecture(cfg.model), "parallel": cfg.parallel.name, "sampler": sampler.settings()}
     start, saved = resume(cfg, rd, engine, loss_state, meta)
     best = restore_best(saved, t.best_metric, validator.evaluation.query if validator else None, rd)
-    monitor = StepMetrics(engine, t.global_batch, world.size, loss_state[2], *mfu_inputs(cfg, device))
     tracker = tracking.open_tracker(cfg, rd, start)
     progress = StepProgress(start, t.max_steps, world.rank)
     try:
@@ -68,6 +67,7 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
             validate_resumed(start, validator, engine, best, tracker, rd)
         batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps, world.rank,
                                world.size, workers=cfg.data.workers, worker_init_fn=preemption.leave_to_main_process)
+        monitor = StepMetrics(engine, t.global_batch, world.size, loss_state[2], *mfu_inputs(cfg, device))
         with progress.above():
             for step, (images, labels) in enumerate(monitor.timer.iterate(batches, "data"), start=start):
                 with monitor.timer.phase("data"):
