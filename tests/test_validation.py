@@ -5,6 +5,7 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,8 +14,10 @@ from conftest import SMALL
 from pipeline import checkpoint, runner
 from pipeline.config import load_config
 from pipeline.data.shards import ShardIndex
+from pipeline.data.transforms import eval_transform
 from pipeline.encoders import build_encoder
 from pipeline.errors import UserError
+from pipeline.metrics import retrieval_metrics
 from pipeline.preemption import EXIT_STATUS
 from pipeline.run_dir import RunDir
 from pipeline.tracking import read_metrics
@@ -23,10 +26,13 @@ from stages import evaluate, shard
 
 
 def image_folder(root, classes: int, per_class: int = 3):
+    """root/classNN/i.png: noise around a colour of the class."""
+    rng = np.random.default_rng(0)
     for c in range(classes):
         (root / f"class{c:02d}").mkdir(parents=True)
         for i in range(per_class):
-            Image.new("RGB", (8, 8), (c * 20, i * 40, 0)).save(root / f"class{c:02d}" / f"{i}.png")
+            pixels = np.clip(rng.normal([c * 20, 255 - c * 20, 128], 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c:02d}" / f"{i}.png")
 
 
 def shard_labels(run) -> dict[str, set[int]]:
@@ -200,6 +206,31 @@ def test_a_stop_before_validating_validates_on_resume_once(digits_run, tmp_path,
     assert not script.values and val_values(run) == {1: 0.5, 2: 0.6, 3: 0.55}
     assert json.loads((run / "checkpoints" / "step_1" / "meta.json").read_text())["validation"]["validated"] == 1
     assert (run / "checkpoints" / "best").read_text() == "step_2"
+
+
+def test_training_validates_on_the_held_out_classes(tmp_path):
+    """imagefolder with data.val_classes: finetune validates on shards/val (not test), and the logged
+    values are those of the step's weights embedding shards/val, computed here by hand."""
+    image_folder(tmp_path / "images", classes=12, per_class=6)
+    run = tmp_path / "run"
+    args = ["data=imagefolder", f"data.root={tmp_path / 'images'}", "data.shard_workers=0", "data.workers=0",
+            "data.image_size=32", "data.image_format=png", "data.val_classes=0.34", *SMALL, "train.max_steps=2",
+            "train.val_every=2"]
+    assert run_here("stage=finetune", f"run_dir={run}", *args) == 0
+    logged = {r["name"]: r["value"] for r in read_metrics(run / "logs" / "metrics.jsonl") if r["name"].startswith("val/")}
+    meta = json.loads((run / "checkpoints" / "step_2" / "meta.json").read_text())
+    assert meta["validation"]["split"] == "val" and (run / "checkpoints" / "best").read_text() == "step_2"
+    assert "validation runs on the test split" not in (run / "logs" / "rank0.log").read_text()
+    cfg = load_config(args)
+    model = build_encoder(cfg.model, cfg.seed)
+    checkpoint.load_weights(run / "checkpoints" / "step_2", model)
+    index = ShardIndex.load(run / "shards" / "val")
+    images = torch.stack([eval_transform(cfg.model)(index.image(i)) for i in range(len(index))])
+    with torch.no_grad():
+        by_hand = retrieval_metrics(model.eval()(images), index.labels, nmi=False)
+    assert set(index.labels.tolist()) == shard_labels(run)["val"] and len(set(index.labels.tolist())) == 2
+    for name, value in logged.items():
+        assert value == pytest.approx(by_hand[name[len("val/"):]], abs=1e-6), name
 
 
 def test_validation_split_errors_are_one_line(digits_run, tmp_path):
