@@ -16,6 +16,9 @@ Each rank's RNG states go in `rng/rank_<r>.pt`. The data position is the step it
 batch at step t is a function of (seed, t) alone. `meta.json` is written last and lists every file
 with its size, so a checkpoint truncated by a crash or a full disk is recognised, and resuming falls
 back to the newest intact one with a warning.
+
+`best` names the checkpoint with the best validation value (pipeline/validation.py), as `latest`
+names the newest; `keep` never removes the one it names.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from pipeline.errors import UserError
 from pipeline.run_dir import write_json
 
 log = logging.getLogger(__name__)
+BEST = "best"
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 
@@ -60,9 +64,10 @@ def load_dcp(folder: Path, model: nn.Module, optimizer=None, scheduler=None, no_
         scheduler.load_state_dict(state["scheduler"])
 
 
-def save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | None = None) -> Path:
+def save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | None = None, best: bool = False) -> Path:
     """Collective under several processes: every rank writes its part; rank 0 publishes the folder.
-    loss=(module, optimizer or None, scheduler or None) saves the loss's own state too."""
+    loss=(module, optimizer or None, scheduler or None) saves the loss's own state too; best=True
+    points `best` at it."""
     final = folder / f"step_{step}"
     tmp = folder / f"step_{step}.tmp"
     distributed.on_main(lambda: shutil.rmtree(tmp, ignore_errors=True))
@@ -81,12 +86,62 @@ def save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | N
         tmp.rename(final)
         (folder / "latest.tmp").write_text(final.name)
         (folder / "latest.tmp").replace(folder / "latest")
+        if best:
+            point_best(folder, final.name)
+        protected = best_checkpoint(folder)
         for old in sorted(folder.glob("step_*[0-9]"), key=lambda p: int(p.name[5:]))[:-keep]:
-            shutil.rmtree(old)
+            if old != protected:
+                shutil.rmtree(old)
         log.info("checkpoint %s", final)
 
     distributed.on_main(publish)
     return final
+
+
+def point_best(folder: Path, name: str | None) -> None:
+    """`best` names checkpoint `name` (None: no best yet); replaced atomically. Rank 0 only."""
+    pointer = folder / BEST
+    if name is None:
+        pointer.unlink(missing_ok=True)
+        return
+    (folder / "best.tmp").write_text(name)
+    (folder / "best.tmp").replace(pointer)
+
+
+def update_meta(path: Path, fields: dict) -> None:
+    """Change fields of a published checkpoint's meta.json (not among the files it lists). Rank 0 only."""
+    meta = json.loads((path / "meta.json").read_text())
+    write_json(path / "meta.json", {**meta, **fields})
+
+
+def best_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint `best` names, if any."""
+    pointer = folder / BEST
+    return folder / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def find(spec: str, folder: Path) -> Path:
+    """A checkpoint by name, as eval.checkpoint and export.checkpoint give it: latest (the newest
+    intact one), best, step_<N> in `folder`, or a checkpoint folder anywhere."""
+    if spec == "latest":
+        path = latest(folder)
+        if path is None:
+            raise UserError(f"no checkpoint in {folder}; run stage=finetune first")
+        return path
+    if spec == BEST:
+        path = best_checkpoint(folder)
+        if path is None:
+            raise UserError(f"{folder} has no best checkpoint: validation never ran (train.val_every=0?); "
+                            f"use latest or step_<N>")
+    else:
+        path = folder / spec if spec.startswith("step_") else Path(spec).expanduser()
+    if not (path / "meta.json").is_file():
+        raise UserError(f"checkpoint '{spec}': {path} is not a checkpoint folder (no meta.json); "
+                        f"use latest, best, step_<N> or a path to one")
+    problem = damage(path)
+    if problem is not None:
+        raise UserError(f"checkpoint '{spec}' ({path}) is unusable: {problem}; use another one")
+    return path
 
 
 def latest(folder: Path) -> Path | None:

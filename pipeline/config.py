@@ -34,6 +34,7 @@ class DataConfig:
     shard_workers: int = 0          # processes decoding/encoding images in the shard stage (0: none)
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop
     hflip: bool = True              # random horizontal flips (off for digits: a flipped 2 is not a 2)
+    val_classes: float = 0.1        # training classes held out as shards/val: < 1 a fraction, >= 1 a count; 0 none
 
 
 @dataclass
@@ -84,6 +85,11 @@ class TrainConfig:
     log_every: int = 10
     requeue: bool = True            # on SIGUSR1/SIGTERM under Slurm: checkpoint, then `scontrol requeue` the job
     trust_checkpoint: bool = False  # allow pickle (arbitrary code) in checkpoints and weights from elsewhere
+    val_every: int = 50             # validate every N steps and at the last one; 0 = never
+    val_split: str = "auto"         # auto (val if the shards have it, else test) | val | test | any split name
+    best_metric: str = "val/recall@1"  # checkpoints/best: the checkpoint with the highest value of this
+    grad_clip: float = 0.0          # clip the global gradient norm to this; 0 = off
+    peak_tflops: float = 0.0        # a device's peak bf16 TFLOP/s for perf/mfu; 0 = from the GPU's name
 
 
 @dataclass
@@ -113,6 +119,23 @@ class EvalConfig:
     export: str | None = None       # "finetuned" = this exported model folder instead of run_dir/export
     checkpoint: str = "latest"      # "checkpoint" = latest | step_<N> of run_dir/checkpoints, or a checkpoint folder
     diagnostics: bool = True        # rho and pi_ratio on train and test embeddings (embeds train too)
+    show_queries: int = 4           # eval/retrievals.png: this many seeded queries, and as many of the worst; 0: none
+    show_k: int = 5                 # eval/retrievals.png: results shown per query
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = "latest"      # latest | best | step_<N> of run_dir/checkpoints, or a checkpoint folder
+
+
+@dataclass
+class TrackConfig:
+    """Where the training scalars go (`track=<preset>`), besides run_dir/logs/metrics.jsonl; rank 0 only."""
+    name: str = "tensorboard"       # tensorboard (run_dir/tb) | wandb | mlflow | none
+    project: str = "retrieval"      # wandb project, mlflow experiment
+    run_name: str | None = None     # None: the run directory's name
+    wandb_mode: str = "offline"     # offline (run_dir/wandb, `wandb sync` later) | online
+    mlflow_uri: str | None = None   # None: a local SQLite store, run_dir/mlflow.db
 
 
 @dataclass
@@ -128,9 +151,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
-GROUPS = ("data", "model", "parallel", "loss")  # groups that presets fill
+GROUPS = ("data", "model", "parallel", "loss", "track")  # groups that presets fill
 
 
 def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
@@ -215,6 +240,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"eval.models={cfg.eval.models}: list some of {', '.join(models)}, each once")
     from pipeline.losses.build import check_loss_config  # here, not at the top: the losses import this module
     check_loss_config(cfg.loss)
+    from pipeline.tracking import check_tracking  # the tracking libraries import late, and only when chosen
+    from pipeline.validation import check_validation_config
+    check_tracking(cfg.track)
+    check_validation_config(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

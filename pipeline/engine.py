@@ -9,6 +9,11 @@ The two-pass step talks only to this interface, and backend differences live her
 else. `engine.backward(x)` takes this rank's share of a sum over ranks: the global loss's gradient
 is the sum of the ranks' contributions, while DDP, ZeRO and FSDP2 average gradients over ranks,
 so those engines multiply by the world size first.
+
+`engine.step()` clips the gradients to a global 2-norm of `grad_clip` (0: no clipping) and keeps the
+norm before clipping in `engine.grad_norm` (a tensor, read without a sync until logged), the same
+under every backend: torch's clipping on whole gradients (none, DDP) or on FSDP2's DTensor shards,
+DeepSpeed's own `gradient_clipping` under ZeRO.
 """
 from __future__ import annotations
 
@@ -35,6 +40,20 @@ Scheduler = torch.optim.lr_scheduler.LRScheduler
 OptimizerFactory = Callable[[nn.Module], "tuple[Optimizer, Scheduler]"]
 
 
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """The 2-norm of all the gradients together, before clipping; when max_norm > 0 the gradients are
+    scaled by max_norm / (norm + 1e-6) if that is below 1 (torch's rule; DeepSpeed's differs by
+    1e-6 relative). FSDP2's gradients are DTensor shards: their norm is a DTensor, made whole with
+    one all-reduce (full_tensor), as torchtitan does."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 on GPU; full fp32 on CPU, where bf16 is slow and inexact."""
     if device.type == "cuda":
@@ -47,10 +66,13 @@ class Engine:
 
     checkpoint_format = "dcp"
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device):
+    def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device,
+                 grad_clip: float = 0.0):
         self.module = model   # the bare model: parameters and state dicts
         self.model = model    # what the forward calls: a wrapper under DDP and DeepSpeed
         self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
+        self.grad_clip = grad_clip
+        self.grad_norm = torch.tensor(float("nan"))  # of the last step, before clipping
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device)
@@ -64,6 +86,7 @@ class Engine:
         loss.backward()
 
     def step(self) -> None:
+        self.grad_norm = clip_gradients(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -86,8 +109,9 @@ class Engine:
 class DDPEngine(Engine):
     """Replicated weights; the gradients are all-reduced once, in the backward of the last chunk."""
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device):
-        super().__init__(model, optimizer, scheduler, device)
+    def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device,
+                 grad_clip: float = 0.0):
+        super().__init__(model, optimizer, scheduler, device, grad_clip)
         from torch.nn.parallel import DistributedDataParallel
 
         self.model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -122,7 +146,7 @@ class FSDP2Engine(Engine):
     recomputed block forward gathers the block's weights again."""
 
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, device: torch.device,
-                 reshard_after_forward: bool):
+                 reshard_after_forward: bool, grad_clip: float = 0.0):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -130,7 +154,7 @@ class FSDP2Engine(Engine):
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        super().__init__(model, *make_optimizer(model), device)  # the optimizer holds the sharded parameters
+        super().__init__(model, *make_optimizer(model), device, grad_clip)  # the optimizer holds the sharded parameters
 
     @contextlib.contextmanager
     def gradient_sync(self, enabled: bool) -> Iterator[None]:
@@ -151,7 +175,9 @@ class DeepSpeedEngine(Engine):
     but the last chunk, so ZeRO-1 reduces once per step; ZeRO-2/3 reduce-scatter every chunk's
     gradients into the owning rank's partition (that is how they keep gradients sharded, and why
     DeepSpeed refuses `no_sync` there) and finish at the boundary. The weights stay fp32 (no
-    DeepSpeed bf16 mode): precision comes from the same autocast as every other backend."""
+    DeepSpeed bf16 mode): precision comes from the same autocast as every other backend. Clipping is
+    DeepSpeed's (`gradient_clipping` in the config, from train.grad_clip): it alone sees the
+    partitioned gradients whole."""
 
     checkpoint_format = "deepspeed"
     TAG = "zero"  # the checkpoint's sub-folder
@@ -175,7 +201,9 @@ class DeepSpeedEngine(Engine):
         self.model.backward(loss * distributed.world_size(), scale_wrt_gas=False)
 
     def step(self) -> None:
-        self.model.step()  # optimizer, scheduler, zero_grad
+        self.model.step()  # clipping, optimizer, scheduler, zero_grad
+        norm = self.model.get_global_grad_norm()  # over all partitions, before clipping
+        self.grad_norm = torch.as_tensor(float("nan") if norm is None else norm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         import deepspeed
@@ -222,8 +250,9 @@ class DeepSpeedEngine(Engine):
                 state["step"] = state["step"].clone()
 
 
-def deepspeed_config(cfg: ParallelConfig, chunk_size: int, device: torch.device) -> dict:
-    """The JSON's ZeRO settings, plus the batch sizes DeepSpeed checks (one chunk per micro-batch)."""
+def deepspeed_config(cfg: ParallelConfig, chunk_size: int, device: torch.device, grad_clip: float = 0.0) -> dict:
+    """The JSON's ZeRO settings, plus the batch sizes DeepSpeed checks (one chunk per micro-batch) and
+    the clipping of train.grad_clip."""
     path = Path(cfg.deepspeed_config or f"ds_configs/{cfg.name}.json").expanduser()
     path = path if path.is_absolute() or path.exists() else REPO / path
     if not path.is_file():
@@ -234,8 +263,11 @@ def deepspeed_config(cfg: ParallelConfig, chunk_size: int, device: torch.device)
         raise UserError(f"DeepSpeed config {path} is not valid JSON ({e})") from None
     if device.type == "cpu" and config.get("zero_optimization", {}).get("offload_optimizer"):
         config["zero_optimization"]["offload_optimizer"]["pin_memory"] = False
+    if config.get("gradient_clipping", 0.0) not in (0.0, grad_clip):
+        raise UserError(f"{path} sets gradient_clipping={config['gradient_clipping']}; set train.grad_clip instead "
+                        f"(the same clipping under every backend) and leave it 0 in the JSON")
     return {**config, "train_micro_batch_size_per_gpu": chunk_size, "gradient_accumulation_steps": 1,
-            "train_batch_size": chunk_size * distributed.world_size()}
+            "train_batch_size": chunk_size * distributed.world_size(), "gradient_clipping": grad_clip}
 
 
 def check_launcher(name: str, env=os.environ) -> None:
@@ -248,17 +280,17 @@ def check_launcher(name: str, env=os.environ) -> None:
 
 
 def build_engine(model: nn.Module, make_optimizer: OptimizerFactory, cfg: ParallelConfig, chunk_size: int,
-                 device: torch.device) -> Engine:
+                 device: torch.device, grad_clip: float = 0.0) -> Engine:
     """The engine for `parallel=<cfg.name>`; `make_optimizer(model)` gives the optimizer and scheduler
-    (called after sharding where the backend replaces the parameters)."""
+    (called after sharding where the backend replaces the parameters); `grad_clip`: see the module doc."""
     if cfg.name not in BACKENDS:
         raise UserError(f"parallel.name={cfg.name} is unknown; use one of {', '.join(BACKENDS)}")
     check_launcher(cfg.name)
     if cfg.name == "none":
-        return Engine(model, *make_optimizer(model), device)
+        return Engine(model, *make_optimizer(model), device, grad_clip)
     distributed.ensure_group(device)
     if cfg.name == "ddp":
-        return DDPEngine(model, *make_optimizer(model), device)
+        return DDPEngine(model, *make_optimizer(model), device, grad_clip)
     if cfg.name == "fsdp2":
-        return FSDP2Engine(model, make_optimizer, device, cfg.fsdp_reshard_after_forward)
-    return DeepSpeedEngine(model, *make_optimizer(model), device, deepspeed_config(cfg, chunk_size, device))
+        return FSDP2Engine(model, make_optimizer, device, cfg.fsdp_reshard_after_forward, grad_clip)
+    return DeepSpeedEngine(model, *make_optimizer(model), device, deepspeed_config(cfg, chunk_size, device, grad_clip))

@@ -1,4 +1,5 @@
-"""The eval stage's Markdown report: retrieval metrics per model, finetuned minus frozen, diagnostics."""
+"""The eval stage's Markdown report: retrieval metrics per model, finetuned minus frozen, the best
+validation of the run, diagnostics, and every figure of the eval folder."""
 from __future__ import annotations
 
 from pipeline.protocols import Protocol
@@ -20,22 +21,38 @@ def _describe(proto: Protocol) -> str:
 
 
 def markdown(title: str, proto: Protocol, results: dict[str, dict[str, dict]], sources: dict[str, str],
-             diagnostics: dict[str, dict[str, dict]] | None) -> str:
-    """results: model -> evaluation -> metrics; diagnostics: model -> split -> rho/pi values."""
+             diagnostics: dict[str, dict[str, dict]] | None, best: dict | None = None, trained: list[str] = (),
+             retrievals_png: bool = False, training_png: bool = False) -> str:
+    """results: model -> evaluation -> metrics; diagnostics: model -> split -> rho/pi values; best:
+    the run's best validation (pipeline.validation.Best's state), shown for the `trained` models."""
     lines = [f"# {title}", "", f"Protocol: {_describe(proto)}.", ""]
     lines += [f"- **{model}**: {source}" for model, source in sources.items()] + [""]
+    extra = ["best val step", f"best {best['metric']}"] if best else []
     for evaluation in next(iter(results.values())):
         metrics = [k for k, v in next(iter(results.values()))[evaluation].items() if not k.startswith("num_")]
-        rows = [[model, *(by_eval[evaluation][k] for k in metrics)] for model, by_eval in results.items()]
+        rows = [[model, *(by_eval[evaluation][k] for k in metrics),
+                 *(([best["step"], best["value"]] if model in trained else ["", ""]) if best else [])]
+                for model, by_eval in results.items()]
         if "frozen" in results and "finetuned" in results:
             f, t = results["frozen"][evaluation], results["finetuned"][evaluation]
-            rows.append(["finetuned - frozen", *(f"{t[k] - f[k]:+.4f}" for k in metrics)])
+            rows.append(["finetuned - frozen", *(f"{t[k] - f[k]:+.4f}" for k in metrics), *([""] * len(extra))])
         counts = next(iter(results.values()))[evaluation]
         lines += [f"## Retrieval: {evaluation}", "",
                   f"{counts['num_queries']} queries scored, {counts['num_excluded']} excluded (no other image of "
                   "their class in the gallery).", ""]
-        lines += _table(["model", *metrics], rows) + [""]
+        lines += _table(["model", *metrics, *extra], rows) + [""]
+    if best:
+        lines += [f"Best validation: {best['metric']} {best['value']:.4f} on `{best['split']}` at step {best['step']} "
+                  f"(`checkpoints/step_{best['step']}`, named by `checkpoints/best`).", ""]
     lines += ["![recall@k](recall_at_k.png)", ""]
+    if retrievals_png:
+        lines += ["## What the models retrieve", "",
+                  "Seeded queries and the worst ones (lowest average precision), each with its nearest results: "
+                  "green frames the query's class, red another; the number is the similarity "
+                  "(layout in `retrievals.json`).", "", "![retrievals](retrievals.png)", ""]
+    if training_png:
+        lines += ["## Training", "", "Loss, learning rate and validation against the step, from "
+                  "`logs/metrics.jsonl`.", "", "![training](training.png)", ""]
     if diagnostics:
         rows = [[model, split, d["rho"], d["pi_intra"], d["pi_inter"], d["pi_ratio"]]
                 for model, by_split in diagnostics.items() for split, d in by_split.items()]

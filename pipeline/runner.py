@@ -28,12 +28,15 @@ REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": 
 
 # The settings each stage's output depends on (dotted prefixes), and those that never change it.
 _SHARD = ("seed", "data.name", "data.root", "data.image_size", "data.image_format", "data.test_fraction",
-          "data.shard_max_count", "data.shard_max_size")
+          "data.shard_max_count", "data.shard_max_size", "data.val_classes")
 _TRAIN = _SHARD + ("model", "train", "loss", "data.crop_scale", "data.hflip")
 INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size"), "finetune": _TRAIN,
-          "export": _TRAIN, "eval": _TRAIN + ("eval",)}
+          "export": _TRAIN + ("export",), "eval": _TRAIN + ("export", "eval")}
+# Validation and tracking settings change what a run reports and which checkpoint is `best`, not the
+# weights it trains: changing them reruns nothing (a finished finetune would resume to do nothing).
 IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.requeue",
-           "model.grad_checkpointing", "train.trust_checkpoint")
+           "model.grad_checkpointing", "train.trust_checkpoint", "train.val_every", "train.val_split",
+           "train.best_metric", "train.peak_tflops", "track")
 
 
 def requires(stage: str, cfg: Config) -> tuple[str, ...]:
@@ -42,7 +45,7 @@ def requires(stage: str, cfg: Config) -> tuple[str, ...]:
         return REQUIRES[stage]
     models, e = cfg.eval.models, cfg.eval
     need = {"embed": "frozen" in models, "export": "finetuned" in models and e.export is None,
-            "finetune": "checkpoint" in models and (e.checkpoint == "latest" or e.checkpoint.startswith("step_"))}
+            "finetune": "checkpoint" in models and (e.checkpoint in ("latest", "best") or e.checkpoint.startswith("step_"))}
     return tuple(s for s in ORDER if need.get(s)) or ("shard",)
 
 
@@ -72,8 +75,8 @@ def _flatten(node, prefix=""):
 
 def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
     flat = dict(_flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
-    settings = {k: v for k, v in flat.items()
-                if any(k == p or k.startswith(p + ".") for p in INPUTS[stage]) and k not in IGNORED}
+    settings = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in INPUTS[stage])
+                and not any(k == p or k.startswith(p + ".") for p in IGNORED)}
     return {"settings": settings, "after": {req: rd.run_id(req) for req in requires(stage, cfg)}}
 
 

@@ -22,6 +22,7 @@ import torch
 from pipeline import distributed
 from pipeline.engine import Engine
 from pipeline.rng import derive_seed, seeded_rng
+from pipeline.timing import NO_TIMER
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,16 +71,21 @@ def backward_in_chunks(engine: Engine, images: torch.Tensor, grad: torch.Tensor,
 
 
 def two_pass_step(engine: Engine, images: torch.Tensor, labels: torch.Tensor, loss_fn: Loss,
-                  chunk_size: int, seed: int, step: int) -> torch.Tensor:
+                  chunk_size: int, seed: int, step: int, timer=NO_TIMER) -> torch.Tensor:
     """One optimizer step on the global batch, of which (images, labels) is this rank's share (all
-    shares equal). Returns the global loss (the same on every rank)."""
+    shares equal). Returns the global loss (the same on every rank). `timer` (pipeline.timing)
+    times the four phases: pass1, loss (with the gathers), pass2, optimizer."""
     offset = distributed.rank() * len(images)  # the share's start in the global batch
     mine = slice(offset, offset + len(images))
     seeds = [chunk_seed(seed, step, offset + p.start) for p in chunks(len(images), chunk_size)]
-    embeddings = embed_without_grad(engine, images, chunk_size, seeds)
-    loss, grad = loss_and_grad(distributed.gather_rows(embeddings), distributed.gather_rows(labels), loss_fn)
-    backward_in_chunks(engine, images, grad[mine], chunk_size, seeds)
-    engine.step()
+    with timer.phase("pass1"):
+        embeddings = embed_without_grad(engine, images, chunk_size, seeds)
+    with timer.phase("loss"):
+        loss, grad = loss_and_grad(distributed.gather_rows(embeddings), distributed.gather_rows(labels), loss_fn)
+    with timer.phase("pass2"):
+        backward_in_chunks(engine, images, grad[mine], chunk_size, seeds)
+    with timer.phase("optimizer"):
+        engine.step()
     return loss
 
 

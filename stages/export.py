@@ -1,4 +1,4 @@
-"""export: the latest checkpoint -> run_dir/export/model.safetensors + config.json (loadable without this pipeline's distributed code)."""
+"""export: a checkpoint (export.checkpoint: latest by default, best, step_<N>) -> run_dir/export/model.safetensors + config.json (loadable without this pipeline's distributed code)."""
 from __future__ import annotations
 
 import logging
@@ -6,19 +6,18 @@ import logging
 from pipeline import checkpoint
 from pipeline.config import Config
 from pipeline.encoders import architecture, build_encoder, export
-from pipeline.errors import UserError
-from pipeline.run_dir import RunDir, fresh_dir, replace_dir
+from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, rd: RunDir) -> None:
-    last = checkpoint.latest(rd.checkpoints)
-    if last is None:
-        raise UserError(f"no checkpoint in {rd.checkpoints}; run stage=finetune first")
+    chosen = checkpoint.find(cfg.export.checkpoint, rd.checkpoints)
     model = build_encoder(cfg.model, cfg.seed)
-    checkpoint.load_weights(last, model, expect_model=architecture(cfg.model))
+    meta = checkpoint.load_weights(chosen, model, expect_model=architecture(cfg.model))
     tmp = fresh_dir(rd.export.with_name("export.tmp"))
     export(model, cfg.model, tmp)
+    write_json(tmp / "source.json", {"checkpoint": str(chosen.resolve()), "step": meta["step"]})  # for the report
     replace_dir(tmp, rd.export)
-    log.info("exported %s -> %s", last.name, rd.export / "model.safetensors")
+    log.info("exported %s (export.checkpoint=%s) -> %s", chosen.name, cfg.export.checkpoint,
+             rd.export / "model.safetensors")

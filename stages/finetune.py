@@ -1,7 +1,11 @@
 """finetune: the loss (RS@k by default) over P x K batches with the two-pass step; checkpoints every train.checkpoint_every steps.
 
-Running it again resumes from the newest intact checkpoint. SIGUSR1, SIGTERM or $PIPELINE_STOP_FILE
-stop it after a step, with a checkpoint and, under Slurm, a requeue (pipeline/preemption.py).
+Every train.log_every steps the window's scalars (pipeline/step_metrics.py) go to the log, the
+tracker (pipeline/tracking.py) and the progress bar; every train.val_every steps the model is
+validated (pipeline/validation.py), and a new best value checkpoints that step and points
+checkpoints/best at it. Running it again resumes from the newest intact checkpoint. SIGUSR1,
+SIGTERM or $PIPELINE_STOP_FILE stop it after a step, with a checkpoint and, under Slurm, a requeue
+(pipeline/preemption.py); a validation due at that step runs when the run resumes.
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import dataclasses
 import logging
 import time
 
-from pipeline import checkpoint, distributed, preemption
+from pipeline import accounting, checkpoint, distributed, preemption, tracking
 from pipeline.config import Config
 from pipeline.data.loader import train_loader
 from pipeline.data.sampler import PKSampler
@@ -21,8 +25,11 @@ from pipeline.engine import build_engine
 from pipeline.losses import build_loss, set_step
 from pipeline.optim import build_optimizer
 from pipeline.preflight import check_processes, check_shares
+from pipeline.progress import StepProgress
 from pipeline.run_dir import RunDir, fresh_dir
+from pipeline.step_metrics import StepMetrics
 from pipeline.two_pass import two_pass_step
+from pipeline.validation import Best, Validator
 
 log = logging.getLogger(__name__)
 
@@ -42,42 +49,110 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
     check_shares(t, world.size)
     preemption.log_slurm_restart()
     device = pick_device(cfg.device, world)
+    validator = Validator(cfg, rd, device) if t.val_every else None  # checks the split before building anything
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
     index = ShardIndex.load(rd.shards / "train")
     loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), model.dim, cfg.seed).to(device)
     loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg))
-    engine = build_engine(model, lambda m: build_optimizer(m, t), cfg.parallel, t.chunk_size, device)
+    engine = build_engine(model, lambda m: build_optimizer(m, t), cfg.parallel, t.chunk_size, device, t.grad_clip)
     sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed)
     meta = {"model": architecture(cfg.model), "parallel": cfg.parallel.name, "sampler": sampler.settings()}
-    start = resume(cfg, rd, engine, loss_state, meta)
+    start, saved = resume(cfg, rd, engine, loss_state, meta)
+    best = restore_best(saved, t.best_metric, validator.evaluation.query if validator else None, rd)
+    tracker = tracking.open_tracker(cfg, rd, start)
+    progress = StepProgress(start, t.max_steps, world.rank)
+    try:
+        if validator and start and validator.due(start) and best.validated != start:  # stopped before validating
+            validate_resumed(start, validator, engine, best, tracker, rd)
+        batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps, world.rank,
+                               world.size, workers=cfg.data.workers, worker_init_fn=preemption.leave_to_main_process)
+        monitor = StepMetrics(engine, t.global_batch, world.size, loss_state[2], *mfu_inputs(cfg, device))
+        with progress.above():
+            for step, (images, labels) in enumerate(monitor.timer.iterate(batches, "data"), start=start):
+                with monitor.timer.phase("data"):
+                    images, labels = images.to(device), labels.to(device)
+                set_step(loss_fn, step)
+                loss = two_pass_step(engine, images, labels, loss_fn, t.chunk_size, cfg.seed, step, monitor.timer)
+                step_loss_parameters(*loss_state[1:])
+                monitor.step_done(loss)
+                done = step + 1
+                if done % t.log_every == 0 or done == t.max_steps:
+                    log_window(done, t.max_steps, monitor.take(), tracker, progress)
+                progress.update()
+                stopping = stop.requested() and done < t.max_steps  # collective: every rank asks every step
+                improved = False
+                if validator and validator.due(done) and not stopping:  # stopping: checkpoint first, validate on resume
+                    with monitor.timer.phase("validation"):
+                        improved = validate(done, validator, engine, best, tracker)
+                if stopping or improved or done % t.checkpoint_every == 0 or done == t.max_steps:
+                    with monitor.timer.phase("checkpoint"):
+                        checkpoint.save(rd.checkpoints, done, engine, {**meta, "validation": best.state()},
+                                        t.keep_checkpoints, loss=loss_state, best=improved)
+                if stopping:
+                    preempted(stop, done, t.requeue)
+    finally:
+        progress.close()
+        tracker.close()
 
-    batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps, world.rank,
-                           world.size, workers=cfg.data.workers, worker_init_fn=preemption.leave_to_main_process)
+
+def log_window(step: int, total: int, scalars: dict[str, float], tracker, progress: StepProgress) -> None:
+    tracker.log(step, scalars)
+    log.info("step %d/%d  loss %.4f  lr %.2e  grad norm %.3g  %.0f img/s", step, total, scalars["train/loss"],
+             scalars["train/lr"], scalars["train/grad_norm"], scalars["train/images_per_s"])
+    progress.note(scalars["train/loss"], scalars["train/images_per_s"])
+
+
+def validate(step: int, validator: Validator, engine, best: Best, tracker) -> bool:
+    """Validate at `step` (collective); log it; True if it is the best so far."""
     tic = time.perf_counter()
-    for step, (images, labels) in enumerate(batches, start=start):
-        set_step(loss_fn, step)
-        loss = two_pass_step(engine, images.to(device), labels.to(device), loss_fn, t.chunk_size, cfg.seed, step)
-        step_loss_parameters(*loss_state[1:])
-        done = step + 1
-        if done % t.log_every == 0 or done == t.max_steps:
-            rate = (done - start) * t.global_batch / (time.perf_counter() - tic)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f img/s", done, t.max_steps, loss.item(),
-                     engine.scheduler.get_last_lr()[0], rate)
-        stopping = stop.requested() and done < t.max_steps  # collective: every rank asks every step
-        if stopping or done % t.checkpoint_every == 0 or done == t.max_steps:
-            checkpoint.save(rd.checkpoints, done, engine, meta, t.keep_checkpoints, loss=loss_state)
-        if stopping:
-            preempted(stop, done, t.requeue)
+    scalars = validator.run(engine.model)
+    tracker.log(step, {**scalars, "time/validation": time.perf_counter() - tic})
+    improved = best.update(step, scalars)
+    log.info("validation at step %d: %s%s", step, "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()),
+             "  (best so far)" if improved else "")
+    return improved
 
 
-def resume(cfg: Config, rd: RunDir, engine, loss_state: tuple, meta: dict) -> int:
-    """The step to start from: 0, or that of the newest intact checkpoint (loaded into the engine)."""
+def validate_resumed(step: int, validator: Validator, engine, best: Best, tracker, rd: RunDir) -> None:
+    """The validation due at the step resumed from, which a stop request skipped: its checkpoint's
+    meta.json (and `best`, if it is the best) record it afterwards."""
+    improved = validate(step, validator, engine, best, tracker)
+
+    def record() -> None:
+        checkpoint.update_meta(rd.checkpoints / f"step_{step}", {"validation": best.state()})
+        if improved:
+            checkpoint.point_best(rd.checkpoints, best.checkpoint)
+    distributed.on_main(record)
+
+
+def restore_best(saved: dict, metric: str, split: str | None, rd: RunDir) -> Best:
+    """The best so far, from the checkpoint resumed from; `best` is pointed again at its checkpoint
+    (a fallback to an older checkpoint may have left it naming a later one)."""
+    best = Best.restore(saved.get("validation"), metric, split)
+
+    def repoint() -> None:
+        name = best.checkpoint if best.checkpoint and (rd.checkpoints / best.checkpoint).is_dir() else None
+        checkpoint.point_best(rd.checkpoints, name)
+    distributed.on_main(repoint)
+    return best
+
+
+def mfu_inputs(cfg: Config, device) -> tuple[float, float]:
+    """(model FLOPs per image, one device's peak FLOP/s) for perf/mfu: on a GPU, or wherever
+    train.peak_tflops is set; (0, 0) otherwise."""
+    peak = accounting.peak_flops(device, cfg.train.peak_tflops)
+    return (accounting.flops_per_image(cfg.model, cfg.train.chunk_size), peak) if peak else (0.0, 0.0)
+
+
+def resume(cfg: Config, rd: RunDir, engine, loss_state: tuple, meta: dict) -> tuple[int, dict]:
+    """The step to start from and the meta.json of its checkpoint: (0, {}), or those of the newest
+    intact checkpoint (loaded into the engine)."""
     if cfg.force:
         distributed.on_main(lambda: fresh_dir(rd.checkpoints))
-        return 0
+        return 0, {}
     last = distributed.on_main(lambda: checkpoint.latest(rd.checkpoints))  # rank 0 checks, all load the same
     if last is None:
-        return 0
+        return 0, {}
     saved = checkpoint.load(last, engine, expect_model=meta["model"], parallel=cfg.parallel.name, loss=loss_state)
     log.info("resuming from %s", last)
     if saved.get("sampler", meta["sampler"]) != meta["sampler"]:
@@ -86,7 +161,7 @@ def resume(cfg: Config, rd: RunDir, engine, loss_state: tuple, meta: dict) -> in
     if saved["step"] >= cfg.train.max_steps:
         log.info("the checkpoint is at step %d >= train.max_steps=%d: nothing to train", saved["step"],
                  cfg.train.max_steps)
-    return saved["step"]
+    return saved["step"], saved
 
 
 def preempted(stop: preemption.StopRequest, step: int, requeue: bool) -> None:

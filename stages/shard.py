@@ -1,4 +1,7 @@
-"""shard: a dataset on disk -> webdataset tars per split + index + summary.json."""
+"""shard: a dataset on disk -> webdataset tars per split + index + summary.json.
+
+The converter gives the dataset's own splits; data.val_classes then holds whole training classes
+out as `val` (pipeline/data/val_split.py), the same way for every dataset."""
 from __future__ import annotations
 
 import logging
@@ -6,13 +9,14 @@ import logging
 from pipeline.config import Config
 from pipeline.data.converters import convert
 from pipeline.data.shards import write_split
+from pipeline.data.val_split import hold_out_classes
 from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, rd: RunDir) -> None:
-    splits = convert(cfg.data, cfg.seed)
+    splits = hold_out_classes(convert(cfg.data, cfg.seed), cfg.data.val_classes, cfg.seed)
     tmp = fresh_dir(rd.shards.with_name("shards.tmp"))
     summary = {}
     for split, records in splits.items():

@@ -1,9 +1,10 @@
 """Two two-pass steps under each backend, on this rank's share of the global batch; rank 0 saves the
 weights after them, for tests/test_parallel.py to compare with one process doing one-pass steps,
 the weights of a fresh engine that loaded the engine's checkpoint, and those the export stage
-consolidates from it.
+consolidates from it. Variant `clip`: the plain problem with train.grad_clip=CLIP, whose global
+gradient norms (before clipping) it saves too.
 
-    torchrun --nproc_per_node 2 tests/parallel_worker.py OUT_DIR ddp,zero1,... plain,frozen_ckpt
+    torchrun --nproc_per_node 2 tests/parallel_worker.py OUT_DIR ddp,zero1,... plain,frozen_ckpt,clip
 """
 import json
 import sys
@@ -22,6 +23,7 @@ from pipeline.two_pass import two_pass_step  # noqa: E402
 
 GLOBAL, CHUNK, SEED, STEPS, LR = 16, 4, 5, 2, 0.5
 VARIANTS = ("plain", "frozen_ckpt")
+CLIP = 1.0  # below both steps' gradient norms (about 8.8 and 1.6): every step is clipped
 
 
 def problem(variant: str):
@@ -103,6 +105,9 @@ def main(out: Path, backends: list[str], variants: list[str]) -> None:
     share = slice(world.rank * GLOBAL // world.size, (world.rank + 1) * GLOBAL // world.size)
     for backend in backends:
         for variant in variants:
+            if variant == "clip":
+                clipped(out, backend, share)
+                continue
             model, batches, loss_fn = problem(variant)
             full = sum(p.numel() for p in model.parameters())
             engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
@@ -139,6 +144,21 @@ def main(out: Path, backends: list[str], variants: list[str]) -> None:
                     torch.save(state, out / f"{backend}-reloaded.pt")
             distributed.barrier()
     distributed.shutdown()
+
+
+def clipped(out: Path, backend: str, share: slice) -> None:
+    """The plain problem's steps with clipping at CLIP: weights and the norms before clipping."""
+    model, batches, loss_fn = problem("plain")
+    engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"), grad_clip=CLIP)
+    norms = []
+    for step, (images, labels) in enumerate(batches):
+        two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, step)
+        norms.append(float(engine.grad_norm))
+    state = engine.full_state_dict()
+    if distributed.rank() == 0:
+        torch.save(state, out / f"{backend}-clip.pt")
+        (out / f"{backend}-clip-norms.json").write_text(json.dumps(norms))
+    distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SMALL, run_torchrun
-from parallel_worker import CHUNK, SEED, VARIANTS, problem, sgd
+from parallel_worker import CHUNK, CLIP, SEED, VARIANTS, problem, sgd
 from pipeline.config import TrainConfig
 from pipeline.distributed import expand_nodelist, slurm_rendezvous, world_from_env
 from pipeline.engine import Engine, check_launcher, transformer_blocks
@@ -34,7 +34,7 @@ def torchrun_script(nproc: int, script: str, *args: str) -> None:
 def worker_out(tmp_path_factory):
     """One torchrun launch runs every backend and variant (the start-up is most of the cost)."""
     out = tmp_path_factory.mktemp("parallel")
-    torchrun_script(2, "tests/parallel_worker.py", str(out), ",".join(BACKENDS), ",".join(VARIANTS))
+    torchrun_script(2, "tests/parallel_worker.py", str(out), ",".join(BACKENDS), ",".join(VARIANTS + ("clip",)))
     return out
 
 
@@ -47,6 +47,48 @@ def one_process(variant: str) -> tuple[dict, dict]:
     for step, (images, labels) in enumerate(batches):
         one_pass_step(engine, images, labels, loss_fn, CHUNK, SEED, step)
     return start, model.state_dict()
+
+
+class ClippedByHand(Engine):
+    """One process whose step clips by hand: the 2-norm of all gradients in float64, then every
+    gradient times min(1, CLIP / (norm + 1e-6))."""
+
+    def step(self) -> None:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        self.norms.append(norm)
+        for g in grads:
+            g.mul_(min(1.0, CLIP / (norm + 1e-6)))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+@lru_cache
+def one_process_clipped() -> tuple[dict, list[float]]:
+    model, batches, loss_fn = problem("plain")
+    engine = ClippedByHand(model, *sgd(model), torch.device("cpu"))
+    engine.norms = []
+    for step, (images, labels) in enumerate(batches):
+        one_pass_step(engine, images, labels, loss_fn, CHUNK, SEED, step)
+    return model.state_dict(), engine.norms
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipped_updates_equal_one_process(worker_out, backend):
+    """train.grad_clip under each backend on 2 processes: the global norm before clipping, and the
+    clipped update, are those of one process clipping the whole batch's gradient by hand."""
+    ref, ref_norms = one_process_clipped()
+    start, unclipped = one_process("plain")
+    assert all(n > CLIP for n in ref_norms)  # both steps were clipped: the comparison is about clipping
+    got = torch.load(worker_out / f"{backend}-clip.pt")
+    norms = json.loads((worker_out / f"{backend}-clip-norms.json").read_text())
+    assert norms == pytest.approx(ref_norms, rel=1e-5)
+    update = torch.cat([(ref[n] - start[n]).flatten() for n in ref])
+    error = torch.cat([(got[n] - ref[n]).flatten() for n in ref])
+    assert error.norm() <= 1e-5 * update.norm()
+    off = torch.cat([(unclipped[n] - ref[n]).flatten() for n in ref])
+    assert off.norm() > 0.1 * update.norm()  # unclipped steps end elsewhere
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -154,7 +196,7 @@ def test_stage_all_zero3_under_torchrun(digits_run, tmp_path):
     run_torchrun(2, "stage=all", f"run_dir={tmp_path}", "parallel=zero3", *SMALL)
     meta = json.loads((tmp_path / "checkpoints" / "step_6" / "meta.json").read_text())
     assert meta["format"] == "deepspeed" and meta["parallel"] == "zero3"
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_3", "step_6"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "latest", "step_3", "step_6"]
     assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())) == {"frozen", "finetuned"}
     exported_weights_close(tmp_path, digits_run)
 

@@ -24,7 +24,8 @@ def test_all_stages_write_their_artifacts(digits_run):
         assert METRICS <= set(values) and all(0.0 <= values[k] <= 1.0 for k in METRICS)
     assert metrics["frozen"] != metrics["finetuned"]
     assert (digits_run / "checkpoints" / "latest").read_text() == "step_6"
-    assert sorted(p.name for p in (digits_run / "checkpoints").iterdir()) == ["latest", "step_3", "step_6"]
+    assert sorted(p.name for p in (digits_run / "checkpoints").iterdir()) == ["best", "latest", "step_3", "step_6"]
+    assert list((digits_run / "tb").glob("events.out.tfevents.*")) and (digits_run / "logs" / "metrics.jsonl").is_file()
     assert (digits_run / "export" / "model.safetensors").is_file()
     assert "max_steps: 6" in (digits_run / "config.yaml").read_text()
     for stage in ("shard", "embed", "finetune", "export", "eval"):

@@ -1,0 +1,74 @@
+"""What a training run costs: peak memory, the model's FLOPs per image, and model FLOPs utilisation.
+
+    mem/peak_gb   GPU: torch.cuda.max_memory_allocated (the caching allocator's peak of live tensors);
+                  CPU: the process's peak resident set (getrusage ru_maxrss); 1 GB = 1e9 bytes.
+    perf/mfu      (GPU only) flops_per_image * images/s / (processes * the device's peak bf16 FLOP/s)
+
+MFU follows the usual definition (PaLM, Chowdhery et al. 2022, appendix B; torchtitan): the model's
+forward and backward once per image. The two-pass step also runs a forward without gradients (pass
+1), and activation checkpointing recomputes forwards: that is the price of its memory savings, not
+model FLOPs, so a two-pass step's MFU is at most about 3/4 of the hardware's utilisation (3/5 with
+activation checkpointing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, as torchtitan's get_peak_flops
+# has them; the first name contained in torch.cuda.get_device_name() wins, so variants come first.
+PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def flops_per_image(cfg: ModelConfig, chunk_size: int) -> float:
+    """The model's training FLOPs per image (one forward and one backward of the trainable part),
+    counted by torch.utils.flop_counter on one chunk of a copy built on the meta device: no memory,
+    no compute, no weights read. Frozen layers get no weight gradients, and their FLOPs say so;
+    activation checkpointing is left out (recomputation is not model FLOPs)."""
+    cfg = dataclasses.replace(cfg, pretrained=None, grad_checkpointing=False)
+    from pipeline.encoders import build_encoder  # here: encoders pulls in the model libraries
+
+    with torch.device("meta"):
+        model = build_encoder(cfg, seed=0).train()
+        images = torch.empty(chunk_size, 3, cfg.image_size, cfg.image_size)
+    with FlopCounterMode(display=False) as counter:
+        model(images).sum().backward()
+    return counter.get_total_flops() / chunk_size
+
+
+def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> float:
+    """One device's peak bf16 FLOP/s: train.peak_tflops if set, else the table above; 0 if unknown."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops_of(name)
+    if not peak:
+        log.warning("perf/mfu is not logged: the peak FLOP/s of %s is unknown; set train.peak_tflops", name)
+    return peak
+
+
+def peak_flops_of(device_name: str) -> float:
+    """The table's peak bf16 FLOP/s for a CUDA device name; 0 if it is not there."""
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in device_name), 0.0)
+
+
+def mfu(flops_per_image: float, images_per_s: float, processes: int, peak: float) -> float:
+    """Model FLOPs utilisation of `processes` devices of peak FLOP/s `peak` processing images_per_s."""
+    return flops_per_image * images_per_s / (processes * peak)

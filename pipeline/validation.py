@@ -1,0 +1,144 @@
+"""Validation during training, and the best checkpoint it picks.
+
+Every `train.val_every` steps and at the last step, the model in eval mode embeds the validation
+split on every rank (each its share of the shards, as the eval stage embeds: pipeline.inference),
+and rank 0 scores it with the eval stage's metrics: `val/recall@k` for the dataset protocol's ks
+and `val/map@r` (no clustering scores: k-means would cost more than the rest).
+
+    train.val_split=val    shards/val: training classes held out at shard time (data.val_classes),
+                           class-disjoint from train and test; leave-one-out
+    train.val_split=test   the dataset's test protocol, as the eval stage runs it (its first
+                           evaluation, for VehicleID test800): the papers' habit; the log says so
+    train.val_split=auto   val where the shards have it, else test (the default)
+    train.val_split=NAME   leave-one-out on any other split of the shards
+
+`Best` follows `train.best_metric` (higher is better); its state travels in each checkpoint's
+meta.json, so a resumed run keeps the best so far and knows which step it last validated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pipeline import distributed, protocols
+from pipeline.config import Config
+from pipeline.data.transforms import eval_transform
+from pipeline.errors import UserError
+from pipeline.inference import embed_split
+from pipeline.metrics import retrieval_metrics
+from pipeline.protocols import Evaluation
+from pipeline.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+VAL_SPLIT = "val"
+
+
+def metric_names(ks) -> list[str]:
+    return [f"val/recall@{k}" for k in ks] + ["val/map@r"]
+
+
+def check_validation_config(cfg: Config) -> None:
+    """One-line errors for the validation keys, when the config is read."""
+    t, data = cfg.train, cfg.data
+    if t.val_every < 0:
+        raise UserError(f"train.val_every={t.val_every}: give a number of steps, or 0 to not validate")
+    if data.val_classes < 0 or (data.val_classes >= 1 and data.val_classes != int(data.val_classes)):
+        raise UserError(f"data.val_classes={data.val_classes}: a fraction below 1 (e.g. 0.1), a whole number of "
+                        "classes, or 0 for none")
+    ks = protocols.resolve(data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery).ks
+    if t.best_metric not in metric_names(ks):
+        raise UserError(f"train.best_metric={t.best_metric}: use one of {', '.join(metric_names(ks))}")
+
+
+def evaluation(cfg: Config, available: list[str]) -> Evaluation:
+    """The query (and gallery) split that validation embeds, from train.val_split; says in the log
+    when it is the test split."""
+    choice = cfg.train.val_split
+    if choice == "auto":
+        choice = VAL_SPLIT if VAL_SPLIT in available else "test"
+    if choice == "test":
+        proto = protocols.resolve(cfg.data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery)
+        protocols.check_splits(proto, available, "the shards")
+        chosen = proto.evaluations[0]
+        log.warning("validation runs on the test split (%s): the best checkpoint is chosen on the classes the eval "
+                    "stage reports, as the papers' code does%s", chosen.query if chosen.gallery is None
+                    else f"{chosen.query} -> {chosen.gallery}",
+                    "" if cfg.train.val_split == "test" else
+                    f" (train.val_split=auto and data.val_classes={cfg.data.val_classes:g} held no classes out)")
+        return chosen
+    if choice not in available:
+        hint = (" (set data.val_classes, e.g. 0.1, to hold training classes out as shards/val)"
+                if choice == VAL_SPLIT else "")
+        raise UserError(f"train.val_split={choice} but the shards have no such split (splits: {', '.join(available)})"
+                        f"{hint}; or set train.val_split=test, or train.val_every=0")
+    return Evaluation(choice, choice)
+
+
+class Validator:
+    def __init__(self, cfg: Config, rd: RunDir, device):
+        available = list(json.loads((rd.shards / "summary.json").read_text())["splits"])
+        self.evaluation = evaluation(cfg, available)
+        self.ks = protocols.resolve(cfg.data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery).ks
+        self.every, self.last = cfg.train.val_every, cfg.train.max_steps
+        self.shards, self.device = rd.shards, device
+        self.transform, self.batch_size, self.workers = eval_transform(cfg.model), cfg.eval.batch_size, cfg.data.workers
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == self.last)
+
+    def run(self, model) -> dict[str, float]:
+        """val/recall@k and val/map@r of `model` (the engine's, in train mode; left in train mode), on
+        every rank (collective: every rank embeds its share)."""
+        e = self.evaluation
+        data = {split: embed_split(model, self.shards / split, self.transform, self.batch_size, self.device,
+                                   desc=f"validate on {split}", workers=self.workers)
+                for split in dict.fromkeys(s for s in (e.query, e.gallery) if s)}
+        model.train()
+
+        def score() -> dict[str, float]:
+            q = data[e.query]
+            gallery = (data[e.gallery]["embeddings"], data[e.gallery]["labels"]) if e.gallery else (None, None)
+            m = retrieval_metrics(q["embeddings"], q["labels"], *gallery, ks=self.ks, nmi=False)
+            return {name: m[name[len("val/"):]] for name in metric_names(self.ks)}
+        return distributed.on_main(score)
+
+
+@dataclass
+class Best:
+    """The best value of `metric` so far on `split`, the step that had it, and the last step validated."""
+    metric: str
+    split: str | None = None
+    value: float | None = None
+    step: int | None = None
+    validated: int | None = None
+
+    @property
+    def checkpoint(self) -> str | None:
+        return None if self.step is None else f"step_{self.step}"
+
+    def update(self, step: int, scalars: dict[str, float]) -> bool:
+        """Record a validation at `step`; True if it is a new best."""
+        self.validated = step
+        value = scalars[self.metric]
+        if np.isnan(value) or (self.value is not None and value <= self.value):
+            return False
+        self.value, self.step = float(value), step
+        return True
+
+    def state(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def restore(cls, saved: dict | None, metric: str, split: str | None) -> "Best":
+        """From a checkpoint's meta.json; a best by another metric or on another split is not kept."""
+        if not saved:
+            return cls(metric, split)
+        if (saved["metric"], saved["split"]) != (metric, split):
+            log.warning("the validation changed (%s on %s -> %s on %s): the best checkpoint is chosen afresh",
+                        saved["metric"], saved["split"], metric, split)
+            return cls(metric, split, validated=saved.get("validated"))
+        return cls(**saved)
