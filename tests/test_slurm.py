@@ -21,7 +21,8 @@ from test_parallel import exported_weights_close
 
 # This node's size instead of the scripts' GPU nodes; NPROC_PER_NODE=2 below: 2 gloo processes.
 ON_THIS_NODE = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=00:20:00"]
-TINY = ["model=tiny", "data=digits", *SMALL]
+# recipe=none: the job scripts pass recipe=rsk, and the jobs are compared with plain runs.
+TINY = ["model=tiny", "data=digits", "recipe=none", *SMALL]
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 WAIT_S = 900  # a job waits behind any other job on the node (the suite may run twice at once)
 
