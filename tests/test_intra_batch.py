@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import LossConfig, TrainConfig
+from pipeline.config import LossConfig, ModelConfig, TrainConfig
+from pipeline.encoders import build_encoder
 from pipeline.losses import build_loss, set_step
 from pipeline.losses.intra_batch import IntraBatchLoss
 
@@ -142,3 +143,12 @@ def test_gradients_reach_the_features_and_every_trainable_parameter():
     for name, p in loss_fn.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.norm() > 0, name
+
+
+def test_the_encoder_gives_the_mpn_unnormalised_features_in_training_only():
+    model = build_encoder(ModelConfig(patch_size=8, depth=1, embed_dim=16, drop_path=0.0), seed=0)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.unnormalized_in_training = IntraBatchLoss.unnormalized_inputs
+    raw = model.train()(images)
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(model.eval()(images), F.normalize(raw, dim=1))   # eval and export: normalised
