@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import recipe as recipes
 from pipeline.errors import UserError
 
 PRESETS = Path(__file__).parent / "presets"
@@ -35,6 +36,8 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop
     hflip: bool = True              # random horizontal flips (off for digits: a flipped 2 is not a 2)
     val_classes: float = 0.1        # training classes held out as shards/val: < 1 a fraction, >= 1 a count; 0 none
+    eval_resize: int | None = None  # eval view: shorter side resized to this, then centre crop; None = model.image_size
+    random_erasing: float = 0.0     # training: probability of erasing a random rectangle (IBC: 0.5)
 
 
 @dataclass
@@ -73,7 +76,7 @@ class TrainConfig:
     chunk_size: int = 32            # images per forward in the two-pass step
     samples_per_class: int = 4      # K of the P x K sampler
     lr: float = 1e-4
-    head_lr: float = 1e-3           # the new embedding head learns faster than the backbone
+    head_lr: float | None = 1e-3    # the new embedding head learns faster than the backbone; None = train.lr
     weight_decay: float = 0.05
     warmup_steps: int = 10
     checkpoint_every: int = 100
@@ -90,6 +93,13 @@ class TrainConfig:
     best_metric: str = "val/recall@1"  # checkpoints/best: the checkpoint with the highest value of this
     grad_clip: float = 0.0          # clip the global gradient norm to this; 0 = off
     peak_tflops: float = 0.0        # a device's peak bf16 TFLOP/s for perf/mfu; 0 = from the GPU's name
+    optimizer: str = "adamw"        # adamw | adam (L2 decay added to the gradient) | sgd (momentum 0.9) | radam (decoupled decay)
+    schedule: str = "cosine"        # cosine (after warmup, to 0 at max_steps) | step (x gamma at each milestone)
+    milestones: list[float] = field(default_factory=list)  # step schedule, in epochs
+    gamma: float = 0.1              # step schedule: lr factor at each milestone
+    epochs: int | None = None       # set: max_steps = epochs x (train split's images // global_batch)
+    small_classes: str = "repeat"   # classes with fewer than samples_per_class images: repeat them | skip (never drawn)
+    decay_norms_biases: bool = False  # weight decay on every parameter (the papers' code), not on weight matrices only
 
 
 @dataclass
@@ -106,6 +116,12 @@ class LossConfig:
     mpn_layers: int = 2             # intra-batch message passing: attention layers
     mpn_heads: int = 4
     label_smoothing: float = 0.1    # mpn cross entropy
+    weight_decay: float | None = None  # the loss's own parameters; None = train.weight_decay
+    miner: str = "default"          # tuple losses: default (each loss's pml miner) | distance (Roth's distance-weighted)
+    distance_power: int = 1         # tuple losses: 1 = Euclidean distance, 2 = squared (Roth's triplet loss)
+    reduction: str = "pml"          # tuple losses: pml (the loss's own reducer) | mean (over all tuples, Roth's criteria)
+    mpn_dropout: float = 0.1        # mpn: attention, residual and feed-forward dropout (IBC: 0.1)
+    mpn_concat: bool = False        # mpn: classify the concatenation of every layer's output (IBC on Cars)
 
 
 @dataclass
@@ -153,6 +169,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    recipe: str = "none"            # a paper's settings (presets/recipe/): rsk | roth | ibc | none
 
 
 GROUPS = ("data", "model", "parallel", "loss", "track")  # groups that presets fill
@@ -184,7 +201,11 @@ def _parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]
         if "=" not in arg:
             raise UserError(f"argument '{arg}' is not key=value (e.g. stage=all run_dir=runs/demo)")
         key, value = arg.split("=", 1)
-        if key in GROUPS:
+        if key == "recipe":
+            if value not in recipes.names():
+                raise UserError(f"unknown recipe={value}; available: {', '.join(recipes.names())}")
+            chosen[key] = value
+        elif key in GROUPS:
             if value not in presets(key):
                 raise UserError(f"unknown preset {key}={value}; available: {', '.join(presets(key))}")
             chosen[key] = value
@@ -196,28 +217,49 @@ def _parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]
 
 
 def load_config(args: list[str]) -> Config:
-    """Defaults < presets (data=, model=, parallel=) < dotted overrides, validated against the dataclasses."""
+    """Defaults < presets (data=, model=, parallel=, loss=) < recipe= < dotted overrides, validated
+    against the dataclasses (see pipeline/recipe.py for how a recipe composes)."""
     chosen, overrides = _parse_args(args)
+    recipe = _recipe(chosen)
     cfg = OmegaConf.structured(Config)
     for group in GROUPS:
-        name = chosen.get(group, getattr(cfg, group).name)
-        preset = OmegaConf.load(PRESETS / group / f"{name}.yaml")
+        chosen[group] = chosen.get(group, getattr(cfg, group).name)
+        preset = OmegaConf.load(PRESETS / group / f"{chosen[group]}.yaml")
         try:
             cfg = OmegaConf.merge(cfg, {group: preset})
         except OmegaConfBaseException as e:
-            raise UserError(f"preset {group}={name}: {e.msg}") from None
+            raise UserError(f"preset {group}={chosen[group]}: {e.msg}") from None
     for key, value in overrides:  # a value YAML cannot read ('...', '[1,') is named, not a traceback
         try:
             OmegaConf.from_dotlist([f"{key}={value}"])
         except yaml.YAMLError as e:
             raise UserError(f"bad value for '{key}': {value!r} is not a YAML value ({e.problem}); quote it") from None
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides]))
+        dotlist = OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides])
+        probe = OmegaConf.merge(cfg, dotlist)
     except OmegaConfBaseException as e:
         raise UserError(f"bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+    if recipe is not None:
+        for block in recipes.settings(recipe, chosen, probe):
+            try:
+                cfg = OmegaConf.merge(cfg, block)
+            except OmegaConfBaseException as e:
+                raise UserError(f"recipe={chosen['recipe']}: {e.msg}") from None
+        cfg.recipe = chosen["recipe"]
+    cfg = OmegaConf.merge(cfg, dotlist)
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     return config
+
+
+def _recipe(chosen: dict[str, str]) -> dict | None:
+    """The chosen recipe's rules; its default loss preset becomes the loss unless loss= was given."""
+    if chosen.get("recipe", "none") == "none":
+        return None
+    recipe = recipes.load(chosen["recipe"])
+    if "loss" in recipe:
+        chosen.setdefault("loss", recipe["loss"])
+    return recipe
 
 
 def validate(cfg: Config) -> None:
@@ -244,6 +286,14 @@ def validate(cfg: Config) -> None:
     from pipeline.validation import check_validation_config
     check_tracking(cfg.track)
     check_validation_config(cfg)
+    from pipeline.optim import check_train_config
+    check_train_config(cfg.train)
+    d = cfg.data
+    if d.eval_resize is not None and d.eval_resize < cfg.model.image_size:
+        raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={cfg.model.image_size} "
+                        "(the eval view is a centre crop of the resized image)")
+    if not 0.0 <= d.random_erasing <= 1.0:
+        raise UserError(f"data.random_erasing={d.random_erasing} must be a probability in [0, 1]")
 
 
 def to_yaml(cfg: Config) -> str:

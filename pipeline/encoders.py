@@ -21,7 +21,12 @@ from pipeline.errors import UserError
 
 
 class Embedder(nn.Module):
-    """backbone -> [LayerNorm] -> Linear(embed_dim) -> L2 normalisation."""
+    """backbone -> [LayerNorm] -> Linear(embed_dim) -> L2 normalisation.
+
+    unnormalized_in_training: in training mode, return the head's output before the normalisation,
+    for a loss that needs it (loss=mpn; the finetune stage sets it); eval mode always normalises."""
+
+    unnormalized_in_training = False
 
     def __init__(self, backbone: nn.Module, width: int, embed_dim: int, head_norm: bool):
         super().__init__()
@@ -33,7 +38,8 @@ class Embedder(nn.Module):
             self.head = nn.Identity()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(images)).float(), dim=-1)
+        features = self.head(self.backbone(images)).float()
+        return features if self.training and self.unnormalized_in_training else F.normalize(features, dim=-1)
 
 
 # The settings that decide the parameters' names and shapes: a checkpoint fits a model iff these match.

@@ -1,28 +1,101 @@
-"""AdamW with a faster head, no weight decay on norms and biases, linear warmup then cosine decay."""
+"""The optimizer and the learning-rate schedule of the finetune stage.
+
+    train.optimizer  adamw (decoupled decay) | adam (L2: the decay is added to the gradient, torch.optim.Adam's
+                     weight_decay, as the RS@k and Roth et al. code with --opt adam) | sgd (momentum 0.9, Roth
+                     et al. main.py:166) | radam (decoupled decay: IBC's RAdam.py:69-70 is torch's
+                     RAdam(decoupled_weight_decay=True))
+    train.schedule   cosine: linear warmup, then cosine to 0 at max_steps | step: linear warmup, then the lr is
+                     multiplied by train.gamma at each of train.milestones (epochs), as torch's MultiStepLR
+                     stepped once per epoch (the papers' loops: RS@k main.py:313-314, Roth main.py:299-300)
+
+Parameter groups: the embedding head at train.head_lr (None: train.lr, the papers' single group);
+weight decay on weight matrices only, or on every parameter with train.decay_norms_biases (the papers).
+
+An epoch is the training split's images // train.global_batch steps (at least 1), as Roth et al.'s
+sampler (datasampler/class_random_sampler.py:29); train.epochs, when set, decides max_steps.
+"""
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.errors import UserError
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "radam")
+SCHEDULES = ("cosine", "step")
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def check_train_config(cfg: TrainConfig) -> None:
+    """The optimizer and schedule settings a user can get wrong, each refused in one line."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"train.optimizer={cfg.optimizer}: use one of {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"train.schedule={cfg.schedule}: use one of {', '.join(SCHEDULES)}")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise UserError(f"train.epochs={cfg.epochs}: give a positive number of epochs, or null to use train.max_steps")
+    if any(m < 0 for m in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
+        raise UserError(f"train.milestones={list(cfg.milestones)}: give epochs in increasing order, e.g. [10,20,30]")
+    if cfg.gamma <= 0:
+        raise UserError(f"train.gamma={cfg.gamma} must be positive")
+    if cfg.small_classes not in ("repeat", "skip"):
+        raise UserError(f"train.small_classes={cfg.small_classes}: use repeat or skip")
+
+
+def steps_per_epoch(cfg: TrainConfig, train_images: int) -> int:
+    return max(1, train_images // cfg.global_batch)
+
+
+def resolve_epochs(cfg: TrainConfig, train_images: int) -> tuple[TrainConfig, dict]:
+    """(the config with max_steps decided by train.epochs where set, the epoch facts for the checkpoint's meta)."""
+    per_epoch = steps_per_epoch(cfg, train_images)
+    if cfg.epochs is not None:
+        cfg = dataclasses.replace(cfg, max_steps=cfg.epochs * per_epoch)
+    return cfg, {"train_images": train_images, "steps_per_epoch": per_epoch, "epochs": cfg.epochs,
+                 "max_steps": cfg.max_steps}
+
+
+def lr_factor(cfg: TrainConfig, per_epoch: int = 1):
+    """step -> multiplier of the base learning rates (torch LambdaLR)."""
+    milestones = [round(m * per_epoch) for m in cfg.milestones]
+
+    def factor(step: int) -> float:
+        warm = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
+        if cfg.schedule == "step":
+            return warm * cfg.gamma ** bisect.bisect_right(milestones, step)
+        if step < cfg.warmup_steps:
+            return warm
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(groups)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9)
+    if kind == "radam":
+        return torch.optim.RAdam(groups, decoupled_weight_decay=True)
+    return torch.optim.AdamW(groups)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, per_epoch: int = 1
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """per_epoch: optimizer steps per epoch (steps_per_epoch), for the step schedule's milestones."""
+    head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = cfg.head_lr if name.startswith("head.") else cfg.lr
-        decay = cfg.weight_decay if param.ndim > 1 else 0.0
+        lr = head_lr if name.startswith("head.") else cfg.lr
+        decay = cfg.weight_decay if param.ndim > 1 or cfg.decay_norms_biases else 0.0
         groups.setdefault((lr, decay), []).append(param)
-    optimizer = torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()])
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    optimizer = _optimizer(cfg.optimizer, [{"params": p, "lr": lr, "weight_decay": wd}
+                                           for (lr, wd), p in groups.items()])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, per_epoch))

@@ -29,9 +29,9 @@ REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": 
 # The settings each stage's output depends on (dotted prefixes), and those that never change it.
 _SHARD = ("seed", "data.name", "data.root", "data.image_size", "data.image_format", "data.test_fraction",
           "data.shard_max_count", "data.shard_max_size", "data.val_classes")
-_TRAIN = _SHARD + ("model", "train", "loss", "data.crop_scale", "data.hflip")
-INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size"), "finetune": _TRAIN,
-          "export": _TRAIN + ("export",), "eval": _TRAIN + ("export", "eval")}
+_TRAIN = _SHARD + ("model", "train", "loss", "data.crop_scale", "data.hflip", "data.random_erasing")
+INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size", "data.eval_resize"), "finetune": _TRAIN,
+          "export": _TRAIN + ("export",), "eval": _TRAIN + ("export", "eval", "data.eval_resize")}
 # Validation and tracking settings change what a run reports and which checkpoint is `best`, not the
 # weights it trains: changing them reruns nothing (a finished finetune would resume to do nothing).
 IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.requeue",

@@ -10,4 +10,4 @@
 #SBATCH --signal=B:USR1@120 --requeue --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 source "${PIPELINE_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh"  # submit from the repository root
-launch stage=export model=vitg14_clip parallel=zero3 "$@"
+launch stage=export model=vitg14_clip parallel=zero3 recipe=rsk "$@"

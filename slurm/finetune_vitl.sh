@@ -8,4 +8,4 @@
 #SBATCH --signal=B:USR1@120 --requeue --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 source "${PIPELINE_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh"  # submit from the repository root
-launch stage=export model=vitl14_clip parallel=zero2 "$@"
+launch stage=export model=vitl14_clip parallel=zero2 recipe=rsk "$@"

@@ -13,7 +13,7 @@ case "${FINETUNE:=vitl}" in
     vitg) model=vitg14_clip ;;
     *) echo "FINETUNE=$FINETUNE: use FINETUNE=vitl or FINETUNE=vitg" >&2; exit 2 ;;
 esac
-sbatch_args=() stage_args=("model=$model")  # embed and eval must use the finetuned model's preset
+sbatch_args=() stage_args=("model=$model" recipe=rsk)  # embed and eval: the finetune job's preset and recipe
 for arg in "$@"; do
     if [[ $arg == -* ]]; then sbatch_args+=("$arg"); else stage_args+=("$arg"); fi
 done

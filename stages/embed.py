@@ -27,7 +27,8 @@ DISTRIBUTED = True  # every rank embeds its shards (the runner starts it on all 
 def _parts(cfg: Config, rd: RunDir):
     """The parts folder, emptied (on rank 0) unless it was made with these very settings."""
     parts = rd.root / "embeddings" / "frozen.parts"
-    tag = {"model": dataclasses.asdict(cfg.model), "seed": cfg.seed, "shards": rd.run_id("shard")}
+    tag = {"model": dataclasses.asdict(cfg.model), "seed": cfg.seed, "shards": rd.run_id("shard"),
+           "eval_resize": cfg.data.eval_resize}
 
     def check():
         if parts.exists() and (not (parts / "tag.json").is_file()
@@ -47,8 +48,9 @@ def run(cfg: Config, rd: RunDir) -> None:
     model = build_encoder(cfg.model, cfg.seed).to(device)
     splits = json.loads((rd.shards / "summary.json").read_text())["splits"]
     parts = _parts(cfg, rd)
+    transform = eval_transform(cfg.model, cfg.data.eval_resize)
     for split, info in splits.items():
-        data = embed_split(model, rd.shards / split, eval_transform(cfg.model), cfg.eval.batch_size, device,
+        data = embed_split(model, rd.shards / split, transform, cfg.eval.batch_size, device,
                            desc=f"embed {split}", workers=cfg.data.workers, parts=parts / split)
         if world.is_main:
             save_embeddings(rd.embeddings("frozen") / f"{split}.npz", data)

@@ -53,7 +53,7 @@ def run(cfg: Config, rd: RunDir) -> None:
         model, model_cfg, sources[name] = load_model(name, cfg, rd)
         model.to(device)
         for split in splits:
-            data = embed_split(model, rd.shards / split, eval_transform(model_cfg), cfg.eval.batch_size,
+            data = embed_split(model, rd.shards / split, eval_transform(model_cfg, cfg.data.eval_resize), cfg.eval.batch_size,
                                device, desc=f"embed {split} ({name})")
             if world_from_env().is_main:
                 save_embeddings(rd.embeddings(name) / f"{split}.npz", data)

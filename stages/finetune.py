@@ -23,7 +23,7 @@ from pipeline.distributed import pick_device, world_from_env
 from pipeline.encoders import architecture, build_encoder
 from pipeline.engine import build_engine
 from pipeline.losses import build_loss, set_step
-from pipeline.optim import build_optimizer
+from pipeline.optim import build_optimizer, resolve_epochs
 from pipeline.preflight import check_processes, check_shares
 from pipeline.progress import StepProgress
 from pipeline.run_dir import RunDir, fresh_dir
@@ -49,14 +49,19 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
     check_shares(t, world.size)
     preemption.log_slurm_restart()
     device = pick_device(cfg.device, world)
+    index = ShardIndex.load(rd.shards / "train")
+    t, epochs = resolve_epochs(t, len(index.labels))  # train.epochs -> max_steps
+    cfg = dataclasses.replace(cfg, train=t)
     validator = Validator(cfg, rd, device) if t.val_every else None  # checks the split before building anything
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
-    index = ShardIndex.load(rd.shards / "train")
     loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), model.dim, cfg.seed).to(device)
-    loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg))
-    engine = build_engine(model, lambda m: build_optimizer(m, t), cfg.parallel, t.chunk_size, device, t.grad_clip)
-    sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed)
-    meta = {"model": architecture(cfg.model), "parallel": cfg.parallel.name, "sampler": sampler.settings()}
+    model.unnormalized_in_training = getattr(loss_fn, "unnormalized_inputs", False)
+    loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg, epochs["steps_per_epoch"]))
+    engine = build_engine(model, lambda m: build_optimizer(m, t, epochs["steps_per_epoch"]), cfg.parallel,
+                          t.chunk_size, device, t.grad_clip)
+    sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed, t.small_classes)
+    meta = {"model": architecture(cfg.model), "parallel": cfg.parallel.name, "sampler": sampler.settings(),
+            "epochs": epochs}
     start, saved = resume(cfg, rd, engine, loss_state, meta)
     best = restore_best(saved, t.best_metric, validator.evaluation.query if validator else None, rd)
     tracker = tracking.open_tracker(cfg, rd, start)
@@ -173,12 +178,15 @@ def preempted(stop: preemption.StopRequest, step: int, requeue: bool) -> None:
                                + ("the Slurm job was requeued" if requeued else "run the same command to resume"))
 
 
-def loss_optimizer(loss_fn, cfg: Config) -> tuple:
-    """The loss's own parameters (proxies, beta, MPN) train with AdamW at loss.lr under the model's
-    schedule; every rank computes the same loss gradient, so no communication. (None, None) if none."""
+def loss_optimizer(loss_fn, cfg: Config, per_epoch: int = 1) -> tuple:
+    """The loss's own parameters (proxies, beta, MPN) train with train.optimizer at loss.lr and
+    loss.weight_decay under the model's schedule; every rank computes the same loss gradient, so no
+    communication. (None, None) if none."""
     if not any(p.requires_grad for p in loss_fn.parameters()):
         return None, None
-    return build_optimizer(loss_fn, dataclasses.replace(cfg.train, lr=cfg.loss.lr, head_lr=cfg.loss.lr))
+    decay = cfg.train.weight_decay if cfg.loss.weight_decay is None else cfg.loss.weight_decay
+    own = dataclasses.replace(cfg.train, lr=cfg.loss.lr, head_lr=cfg.loss.lr, weight_decay=decay)
+    return build_optimizer(loss_fn, own, per_epoch)
 
 
 def step_loss_parameters(optimizer, scheduler) -> None:

@@ -119,7 +119,7 @@ def test_inat(tmp_path):
     assert [r.label for r in splits["train"]] == [7477, 7477, 2761] and [r.label for r in splits["test"]] == [1234]
 
 
-def test_vehicleid_gallery_is_one_seeded_image_per_vehicle(tmp_path):
+def test_vehicleid_lists_and_their_gallery_form(tmp_path):
     rows = [(f"{i:07d}", vehicle) for i, vehicle in enumerate([1, 1, 1, 2, 2, 3, 3, 3, 3])]
     lines(tmp_path / "train_test_split" / "train_list.txt", rows[:3])
     for size in (800, 1600, 2400):
@@ -128,8 +128,9 @@ def test_vehicleid_gallery_is_one_seeded_image_per_vehicle(tmp_path):
         jpg(tmp_path / "image" / f"{image}.jpg")
     splits = run("vehicleid", tmp_path)
     check_files(splits)
-    assert set(splits) == {"train"} | {f"test{s}_{p}" for s in (800, 1600, 2400) for p in ("query", "gallery")}
+    assert set(splits) == {"train"} | {f"test{s}{p}" for s in (800, 1600, 2400) for p in ("", "_query", "_gallery")}
     for size in (800, 1600, 2400):
+        assert [(r.key, r.label) for r in splits[f"test{size}"]] == [(f"v{i}", v) for i, v in rows[3:]]  # the list
         gallery, query = splits[f"test{size}_gallery"], splits[f"test{size}_query"]
         assert sorted(r.label for r in gallery) == [2, 3]
         assert sorted(r.label for r in query) == [2, 3, 3, 3]

@@ -9,11 +9,14 @@ from pipeline.config import LossConfig, TrainConfig
 from pipeline.losses import NAMES, build_loss, set_step
 from test_two_pass import CHUNK, assert_close, autograd_grads, seeds_for, setup, two_pass_grads
 
+ROTH = {"miner": "distance", "p_switch": 0.5, "reduction": "mean"}   # Roth's rho miner and criteria (recipe=roth)
 CASES = [LossConfig(name=n) for n in NAMES] + [
-    LossConfig(name="margin", p_switch=0.5), LossConfig(name="triplet", p_switch=0.5),
-    LossConfig(name="rsk_simix", simix_per_class=2), LossConfig(name="mpn", mpn_layers=1, mpn_heads=2)]
+    LossConfig(name="margin", miner="distance", p_switch=0.5), LossConfig(name="triplet", distance_power=2, **ROTH),
+    LossConfig(name="contrastive", margin=1.0, **ROTH), LossConfig(name="rsk_simix", simix_per_class=2),
+    LossConfig(name="mpn", mpn_layers=2, mpn_heads=2, mpn_concat=True), LossConfig(name="mpn", mpn_layers=0)]
 IDS = [c.name + ("_rho" if c.p_switch else "") + ("_2pc" if c.simix_per_class else "") +
-       ("_1layer" if c.name == "mpn" and c.mpn_layers == 1 else "") for c in CASES]
+       ("_concat" if c.mpn_concat else "") + ("_backbone_only" if c.name == "mpn" and not c.mpn_layers else "")
+       for c in CASES]
 
 
 def make_loss(cfg: LossConfig, labels: torch.Tensor):
@@ -38,17 +41,21 @@ def test_two_pass_equals_whole_batch(cfg):
     params = dict(loss_fn.named_parameters())
     ref_params = dict(ref_loss_fn.named_parameters())
     for name, p in ref_params.items():
-        assert p.grad is not None and p.grad.norm() > 0, f"loss parameter {name} got no gradient"
+        if p.requires_grad:   # (the MPN's BatchNorm neck keeps its shift frozen at 0, as IBC's)
+            assert p.grad is not None and p.grad.norm() > 0, f"loss parameter {name} got no gradient"
+    params = {n: p for n, p in params.items() if p.requires_grad}
+    ref_params = {n: p for n, p in ref_params.items() if p.requires_grad}
     assert_close({n: p.grad for n, p in params.items()}, {n: p.grad for n, p in ref_params.items()}, rtol=1e-4)
     has_params = cfg.name in ("margin", "proxy_anchor", "normalized_softmax", "arcface", "mpn")
     assert bool(params) == has_params
 
 
 def test_loss_is_a_function_of_seed_and_step_only():
-    """Seeded parts (SiMix alphas, distance-weighted mining, rho switches) ignore the global RNG."""
+    """Seeded parts (SiMix alphas, distance-weighted mining, rho switches, the MPN's dropout) ignore the global RNG."""
     _, _, labels, _ = setup(drop_path=0.0)
     emb = torch.nn.functional.normalize(torch.randn(len(labels), 24, generator=torch.Generator().manual_seed(0)), dim=1)
-    for cfg in (LossConfig(name="rsk_simix"), LossConfig(name="margin", p_switch=0.5)):
+    for cfg in (LossConfig(name="rsk_simix"), LossConfig(name="margin", miner="distance", p_switch=0.5),
+                LossConfig(name="mpn", mpn_layers=1, mpn_heads=2)):
         loss_fn = make_loss(cfg, labels)
         torch.manual_seed(0)
         a = loss_fn(emb, labels)

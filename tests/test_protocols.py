@@ -5,7 +5,7 @@ from pipeline.errors import UserError
 from pipeline.protocols import Evaluation, check_splits, resolve
 
 
-@pytest.mark.parametrize("name, ks", [("cub", (1, 2, 4, 8)), ("cars", (1, 2, 4, 8)), ("sop", (1, 10, 100, 1000)),
+@pytest.mark.parametrize("name, ks", [("cub", (1, 2, 4, 8, 16)), ("cars", (1, 2, 4, 8, 16)), ("sop", (1, 10, 100, 1000)),
                                       ("inat", (1, 4, 16, 32)), ("digits", (1, 2, 4, 8)),
                                       ("fashion_mnist", (1, 2, 4, 8)), ("a_new_dataset", (1, 2, 4, 8))])
 def test_leave_one_out_datasets(name, ks):
@@ -13,14 +13,13 @@ def test_leave_one_out_datasets(name, ks):
     assert p.ks == ks and p.evaluations == (Evaluation("test", "test", None),) and p.splits == ["test"]
 
 
-def test_inshop_and_vehicleid_are_query_to_gallery():
+def test_inshop_is_query_to_gallery_and_vehicleid_leave_one_out_in_each_list():
     inshop = resolve("inshop", None, None, None)
     assert inshop.ks == (1, 10, 20, 30, 40) and inshop.evaluations == (Evaluation("test", "query", "gallery"),)
     vehicle = resolve("vehicleid", None, None, None)
     assert vehicle.ks == (1, 5)
-    assert [e.name for e in vehicle.evaluations] == ["test800", "test1600", "test2400"]
-    assert vehicle.splits == ["test800_query", "test800_gallery", "test1600_query", "test1600_gallery",
-                              "test2400_query", "test2400_gallery"]
+    assert vehicle.evaluations == tuple(Evaluation(f"test{s}", f"test{s}", None) for s in (800, 1600, 2400))
+    assert vehicle.splits == ["test800", "test1600", "test2400"]
 
 
 def test_overrides():

@@ -114,6 +114,18 @@ class TestPKSampler:
         assert sorted(np.bincount(labels[batch])) == [8, 8, 8]
         assert len(set(batch)) == 24  # distinct samples while the classes have enough
 
+    def test_small_classes_repeat_or_skip(self):
+        """labels: class 5 has 3 images, class 7 has 2, class 9 has 4. With K = 4, `skip` (the RS@k
+        authors' rule) never draws 5 and 7; `repeat` draws them, repeating their images."""
+        drawn = {}
+        for rule in ("repeat", "skip"):
+            sampler = PKSampler(self.labels, batch_size=16, samples_per_class=4, seed=0, small_classes=rule)
+            drawn[rule] = set(np.concatenate([self.labels[sampler.batch(s)] for s in range(40)]).tolist())
+            assert sampler.settings()["small_classes"] == rule
+        assert drawn["repeat"] == set(range(10)) and drawn["skip"] == set(range(10)) - {5, 7}
+        with pytest.raises(UserError, match="train.small_classes=skip leaves 1 of 10 classes"):
+            PKSampler(self.labels, batch_size=16, samples_per_class=7, seed=0, small_classes="skip")
+
     def test_rank_shares_partition_the_global_batch(self):
         """Any world size sees the same (sample, augmentation seed) pairs at a step, split by rank."""
         sampler = PKSampler(self.labels, batch_size=16, samples_per_class=4, seed=0)

@@ -24,7 +24,8 @@ from test_parallel import exported_weights_close
 
 from pipeline.checkpoint import damage
 
-TINY = ["model=tiny", "data=digits", *SMALL]
+# recipe=none: the job scripts pass recipe=rsk, and the jobs are compared with plain runs.
+TINY = ["model=tiny", "data=digits", "recipe=none", *SMALL]
 
 
 @pytest.fixture(scope="module", autouse=True)

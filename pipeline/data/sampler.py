@@ -14,16 +14,28 @@ from pipeline.errors import UserError
 
 
 class PKSampler:
-    def __init__(self, labels: np.ndarray, batch_size: int, samples_per_class: int, seed: int):
-        self.batch_size, self.k, self.seed = batch_size, samples_per_class, seed
-        self.classes, inverse = np.unique(labels, return_inverse=True)
-        self.members = [np.flatnonzero(inverse == c) for c in range(len(self.classes))]
-        if len(self.classes) < 2:
+    """small_classes: what happens to a class with fewer than K images. `repeat`: it is drawn like any
+    other and its images repeat within its group (Roth et al.'s sampler draws with replacement,
+    datasampler/class_random_sampler.py:43; IBC pads, combine_sampler.py:47-49); `skip`: it is never
+    drawn (the RS@k authors' batches, src/datasets.py:325)."""
+
+    def __init__(self, labels: np.ndarray, batch_size: int, samples_per_class: int, seed: int,
+                 small_classes: str = "repeat"):
+        self.batch_size, self.k, self.seed, self.small_classes = batch_size, samples_per_class, seed, small_classes
+        classes, inverse = np.unique(labels, return_inverse=True)
+        members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+        keep = [c for c, m in enumerate(members) if small_classes == "repeat" or len(m) >= samples_per_class]
+        self.classes, self.members = classes[keep], [members[c] for c in keep]
+        if len(classes) < 2:
             raise ValueError("the P x K sampler needs at least 2 classes")
+        if len(self.classes) < 2:
+            raise UserError(f"train.small_classes=skip leaves {len(self.classes)} of {len(classes)} classes with at least "
+                            f"train.samples_per_class={samples_per_class} images; lower samples_per_class or use repeat")
 
     def settings(self) -> dict:
         """What decides the batches: with the step, the data position saved in a checkpoint."""
-        return {"seed": self.seed, "global_batch": self.batch_size, "samples_per_class": self.k}
+        return {"seed": self.seed, "global_batch": self.batch_size, "samples_per_class": self.k,
+                "small_classes": self.small_classes}
 
     def batch(self, step: int) -> np.ndarray:
         """Indices of the global batch at `step`: P = batch_size / K class groups of K samples.

@@ -1,23 +1,28 @@
 """The deep-metric-learning baselines of Roth et al.'s comparison, through pytorch-metric-learning.
 
-Tuple losses (contrastive, triplet, margin, multi-similarity, lifted) take their miner wrapped in
-`RhoMiner` (rho-regularisation when p_switch > 0). Proxy and classifier losses (proxy-anchor,
-normalized softmax, ArcFace) and the margin loss's per-class beta hold parameters indexed by class:
-labels are mapped to 0..C-1 over the training classes, kept as a buffer.
+Tuple losses (contrastive, triplet, margin, multi-similarity, lifted) take their usual pml miner,
+or with loss.miner=distance (contrastive, triplet, margin) Roth et al.'s distance-weighted miner,
+which with loss.p_switch > 0 is his rho-regularisation (pipeline/losses/rho.py). loss.distance_power=2
+and loss.reduction=mean give Roth's triplet and contrastive criteria (criteria/triplet.py:25,32:
+squared distances, mean over all triplets; criteria/contrastive.py:34-35: mean over all pairs).
+Proxy and classifier losses (proxy-anchor, normalized softmax, ArcFace) and the margin loss's
+per-class beta hold parameters indexed by class: labels are mapped to 0..C-1 over the training
+classes, kept as a buffer.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import nn
 
 from pipeline.config import LossConfig
-from pipeline.losses.rho import RhoMiner
+from pipeline.losses.rho import DistanceMiner
 from pipeline.losses.seeding import StepSeeded
 
 TUPLE_LOSSES = ("contrastive", "triplet", "margin", "multi_similarity", "lifted")
+DISTANCE_LOSSES = ("contrastive", "triplet", "margin")  # the losses Roth's distance-weighted triplets feed
 CLASS_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface")
 
 
@@ -45,22 +50,30 @@ class MetricLoss(nn.Module, StepSeeded):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         y = self.index(labels)
-        with self.rng(embeddings.device):
+        with self.rng(embeddings.device, salt=1):  # a miner's draws (distance-weighted sampling, rho's switches)
             tuples = self.miner(embeddings, y) if self.miner is not None else None
+        with self.rng(embeddings.device):
             return self.loss(embeddings, y, tuples)
 
 
 def _tuple_loss(cfg: LossConfig, n_classes: int) -> tuple[nn.Module, nn.Module | None]:
+    roth = cfg.miner == "distance"
+    kwargs = {}
+    if cfg.name in DISTANCE_LOSSES:
+        kwargs["distance"] = distances.LpDistance(power=cfg.distance_power)
+        if cfg.reduction == "mean":
+            kwargs["reducer"] = reducers.MeanReducer()
     if cfg.name == "contrastive":
-        return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=cfg.margin), None
+        return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=cfg.margin, **kwargs), None
     if cfg.name == "triplet":
-        return (losses.TripletMarginLoss(margin=cfg.margin),
-                miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard"))
+        return (losses.TripletMarginLoss(margin=cfg.margin, **kwargs),
+                None if roth else miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard"))
     if cfg.name == "margin":
-        return (losses.MarginLoss(margin=cfg.margin, beta=cfg.beta, learn_beta=True, num_classes=n_classes),
-                miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4))
-    if cfg.name == "multi_similarity":
-        return losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
+        return (losses.MarginLoss(margin=cfg.margin, beta=cfg.beta, learn_beta=True, num_classes=n_classes, **kwargs),
+                None if roth else miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4))
+    if cfg.name == "multi_similarity":  # alpha 2, base 0.5; beta and the miner's epsilon from the config
+        return (losses.MultiSimilarityLoss(alpha=2, beta=cfg.beta, base=0.5),
+                miners.MultiSimilarityMiner(epsilon=cfg.margin))
     return losses.LiftedStructureLoss(neg_margin=cfg.margin, pos_margin=0.0), None
 
 
@@ -76,7 +89,9 @@ def build_baseline(cfg: LossConfig, classes: Sequence[int], dim: int, seed: int)
     n_classes = len(set(classes))
     if cfg.name in TUPLE_LOSSES:
         loss, miner = _tuple_loss(cfg, n_classes)
-        return MetricLoss(loss, RhoMiner(miner, cfg.p_switch, seed), classes, seed)
+        if cfg.miner == "distance":
+            miner = DistanceMiner(cfg.p_switch)
+        return MetricLoss(loss, miner, classes, seed)
     if cfg.name in CLASS_LOSSES:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the proxies' / class weights' initialisation depends on the seed only

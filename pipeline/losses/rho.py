@@ -1,49 +1,67 @@
-"""Roth et al.'s rho-regularisation (Revisiting Training Strategies and Generalization Performance in
-Deep Metric Learning, ICML 2020) as a miner for the tuple losses.
+"""Roth et al.'s distance-weighted triplet miner and its rho-regularisation ("Revisiting Training
+Strategies and Generalization Performance in Deep Metric Learning", ICML 2020), as a
+pytorch-metric-learning miner: the pml losses (contrastive, triplet, margin) compute the loss on its
+triplets. Follows Confusezius/Revisiting_Deep_Metric_Learning_PyTorch, batchminer/rho_distance.py.
 
-Ranking losses pull every class into a tight cluster and so compress the embedding space to few
-directions, which hurts generalisation to unseen classes. Rho-regularisation keeps some
-intra-class spread: the rule here is, for each negative of the base miner's output (n of a
-triplet (a, p, n), or of a negative pair (a, n)), independently with probability p_switch,
-replace n by a sample of a's own class other than a, drawn uniformly; the loss then pushes that
-same-class sample away from the anchor as if it were a negative. Anchors whose class has no other
-sample keep their negative. Draws come from (seed, step), identical on every rank.
+One triplet per anchor a that has another sample of its class in the batch (rho_distance.py:22-39):
+
+- with probability p_switch, Roth's rho rule: (a, a, n) with n drawn uniformly among a's own class,
+  n != a. The positive term vanishes (d(a, a) = 0) and only the push on the same-class n acts,
+  which keeps some intra-class spread, so the embedding space is less compressed (l.28-32);
+- otherwise (a, p, n): p uniform among a's class, p != a (l.35-37), and n drawn from the other
+  classes with probability proportional to the inverse density of distances between points uniform
+  on the unit sphere in D dimensions, q(d)^-1 with log q(d) = (D - 2) log d + (D - 3)/2 log(1 - d^2/4)
+  (l.50-66), distances clamped from below at the lower cutoff 0.5 (l.16; parameters.py:147) and no
+  upper cutoff (Roth's is commented out, l.61-63).
+
+p_switch = 0 is Roth's distance miner (batchminer/distance.py), except that an anchor alone in its
+class is skipped (as in rho_distance.py:26) where distance.py gives it the triplet (a, a, n); with
+the P x K sampler (K >= 2) no anchor is alone. Unlike pytorch-metric-learning's DistanceWeightedMiner
+(one triplet per positive pair, upper cutoff 1.4), this draws one triplet per anchor.
+
+Random draws use the global RNG: MetricLoss runs the miner under a seed of (seed, step).
 """
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
-from torch import nn
+from pytorch_metric_learning.miners import BaseMiner
 
-from pipeline.losses.seeding import StepSeeded
-
-
-class RhoMiner(nn.Module, StepSeeded):
-    """Wraps a pytorch-metric-learning miner (None: all pairs) and switches negatives to positives."""
-
-    def __init__(self, base: nn.Module | None, p_switch: float, seed: int = 0):
-        super().__init__()
-        self.base, self.p_switch, self.seed = base, p_switch, seed
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with self.rng(embeddings.device, salt=1):   # the base miner may sample (distance weighted)
-            tuples = self.base(embeddings, labels) if self.base is not None else lmu.get_all_pairs_indices(labels)
-        if self.p_switch <= 0:
-            return tuples
-        anchors, negatives = (tuples[0], tuples[2]) if len(tuples) == 3 else (tuples[2], tuples[3])
-        switched = switch_negatives(anchors, negatives, labels, self.p_switch, self.generator(salt=2))
-        return (*tuples[:2], switched) if len(tuples) == 3 else (*tuples[:3], switched)
+LOWER_CUTOFF = 0.5  # parameters.py:144 and :147 (miner_distance_lower_cutoff, miner_rho_distance_lower_cutoff)
 
 
-def switch_negatives(anchors: torch.Tensor, negatives: torch.Tensor, labels: torch.Tensor, p_switch: float,
-                     generator: torch.Generator) -> torch.Tensor:
-    """Each negative, with probability p_switch, becomes a uniform same-class sample of its anchor (not the anchor)."""
-    n = len(anchors)
-    coin = torch.rand(n, generator=generator).to(labels.device) < p_switch
-    pick = torch.rand(n, generator=generator).to(labels.device)
-    same = labels[anchors, None] == labels[None, :]                    # (n, B)
-    same[torch.arange(n, device=labels.device), anchors] = False
-    count = same.sum(1)
-    rank = (pick * count).long().clamp_max((count - 1).clamp_min(0))  # which of the same-class samples
-    choice = (same.cumsum(1) > rank[:, None]).int().argmax(1)
-    return torch.where(coin & (count > 0), choice, negatives)
+def inverse_sphere_density(embeddings: torch.Tensor, labels: torch.Tensor,
+                           lower_cutoff: float = LOWER_CUTOFF) -> torch.Tensor:
+    """(B, B): row a holds the probabilities of drawing each sample as a's negative (0 on a's class;
+    a row with no other class is all 0)."""
+    e = embeddings.detach().double()
+    dim = e.shape[1]
+    gram = e @ e.T
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0).sqrt().clamp_min(lower_cutoff)
+    log_w = (2.0 - dim) * dist.log() - (dim - 3) / 2 * (1.0 - 0.25 * dist ** 2).clamp_min(1e-300).log()
+    negative = labels[:, None] != labels[None, :]
+    log_w = log_w.masked_fill(~negative, -torch.inf)
+    top = log_w.max(1, keepdim=True).values.nan_to_num(neginf=0.0)  # for stability (rho_distance.py:58)
+    w = (log_w - top).exp()
+    return w / w.sum(1, keepdim=True).clamp_min(1e-300)
+
+
+class DistanceMiner(BaseMiner):
+    """Roth's distance-weighted miner; p_switch > 0 makes it his rho-regularised miner."""
+
+    def __init__(self, p_switch: float = 0.0, lower_cutoff: float = LOWER_CUTOFF, **kwargs):
+        super().__init__(**kwargs)
+        self.p_switch, self.lower_cutoff = p_switch, lower_cutoff
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        same = labels[:, None] == labels[None, :]
+        partners = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        weights = inverse_sphere_density(embeddings, labels, self.lower_cutoff)
+        anchors = torch.nonzero(partners.any(1) & (~same).any(1)).squeeze(1)
+        if len(anchors) == 0:
+            return anchors, anchors, anchors
+        positives = torch.multinomial(partners[anchors].float(), 1).squeeze(1)
+        negatives = torch.multinomial(weights[anchors], 1).squeeze(1)
+        pushed = torch.multinomial(partners[anchors].float(), 1).squeeze(1)   # the rho rule's same-class negative
+        switch = torch.rand(len(anchors), device=anchors.device) < self.p_switch
+        return anchors, torch.where(switch, anchors, positives), torch.where(switch, pushed, negatives)

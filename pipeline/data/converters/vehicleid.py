@@ -1,8 +1,11 @@
 """PKU VehicleID: `train_test_split/train_list.txt` and `test_list_{800,1600,2400}.txt`, lines
 "<image name> <vehicle id>"; images at `image/<image name>.jpg`.
 
-The standard protocol: for each test size S, one image per vehicle drawn at random (seeded) forms
-the gallery `test{S}_gallery`, the others are the queries `test{S}_query`.
+For each test size S: `test{S}`, the whole list (the default protocol: leave-one-out inside it, as
+the RS@k authors evaluate, src/datasets.py:159-206), and the gallery form of the same images: one
+image per vehicle drawn at random (seeded) as `test{S}_gallery`, the others as `test{S}_query`.
+The test images are stored twice (about 40,000 images over the three lists) so that both forms
+evaluate from the shards.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ def convert(cfg: DataConfig, seed: int) -> dict[str, list]:
     splits: dict[str, list] = {"train": _records(cfg, root, "train_list.txt")}
     for size in TEST_SIZES:
         records = _records(cfg, root, f"test_list_{size}.txt")
+        splits[f"test{size}"] = records
         by_vehicle = defaultdict(list)
         for i, record in enumerate(records):
             by_vehicle[record.label].append(i)
