@@ -81,6 +81,8 @@ class TrainConfig:
     include_query_in_rank: bool = False
     log_every: int = 10
     requeue: bool = True            # on SIGUSR1/SIGTERM under Slurm: checkpoint, then `scontrol requeue` the job
+    rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
+    split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
 
 
 @dataclass
@@ -205,6 +207,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"eval.models={cfg.eval.models}: list some of {', '.join(models)}, each once")
     from pipeline.losses.build import check_loss_config  # here, not at the top: the losses import this module
     check_loss_config(cfg.loss)
+    from pipeline.losses.recall_at_k import check_kernel
+    check_kernel(t.rsk_kernel)
 
 
 def to_yaml(cfg: Config) -> str:
