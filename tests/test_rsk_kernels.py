@@ -134,6 +134,14 @@ def test_simix_module_matches_reference_kernel():
     assert (grads[1] - grads[0]).norm() <= 1e-5 * grads[0].norm()
 
 
+def test_unknown_kernel_refused_when_the_config_loads():
+    from pipeline.config import load_config
+
+    assert load_config(["train.rsk_kernel=reference"]).train.rsk_kernel == "reference"
+    with pytest.raises(UserError, match="train.rsk_kernel=fused is unknown"):
+        load_config(["train.rsk_kernel=fused"])
+
+
 def test_auto_picks_triton_on_cuda_and_torch_on_cpu():
     assert pick_kernel("auto", torch.device("cpu")) == "torch"
     assert pick_kernel("auto", torch.device("cuda")) == "triton"  # triton ships with CUDA builds of torch

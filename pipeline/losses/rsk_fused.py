@@ -20,6 +20,9 @@ sums instead of masked inside the slab.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import torch
 
 # Elements of one slab: 4 MiB of float32, within L2 + L3 (measured on the build machine, 1 thread,
@@ -42,13 +45,14 @@ class SmoothRanks(torch.autograd.Function):
         inv_tau = 1.0 / tau
         rows, n = cols.shape
         slab = max(1, block // max(1, n * sim.shape[1]))
-        scaled, slab_buf = _buffers(sim, slab, n)
         total = sim.new_empty(rows, n)
-        for start in range(0, rows, slab):
-            stop = min(rows, start + slab)
-            u, base = _slab(sim, cols, start, stop, inv_tau, scaled, slab_buf)
+
+        def ranks(start, stop, scaled, slab_buf):
+            u = _slab(sim, cols, start, stop, inv_tau, scaled, slab_buf)
             torch.sigmoid(u, out=u)
             torch.sum(u, -1, out=total[start:stop])
+
+        _for_each_slab(sim, n, slab, ranks)
         rank = total.add_(0.5)  # 1 + sum - sigmoid(0), the term z = p
         if self_col is not None:
             rank -= torch.sigmoid(_self_u(sim, cols, self_col, inv_tau))
@@ -61,18 +65,19 @@ class SmoothRanks(torch.autograd.Function):
         sim, cols, self_col = ctx.saved_tensors
         inv_tau, slab = ctx.inv_tau, ctx.slab
         rows, n = cols.shape
-        scaled, slab_buf = _buffers(sim, slab, n)
         g = grad_rank.contiguous()
         grad = sim.new_empty(sim.shape)
         diagonal = sim.new_empty(rows, n)
-        for start in range(0, rows, slab):
-            stop = min(rows, start + slab)
-            u, _ = _slab(sim, cols, start, stop, inv_tau, scaled, slab_buf)
+
+        def row_grads(start, stop, scaled, slab_buf):
+            u = _slab(sim, cols, start, stop, inv_tau, scaled, slab_buf)
             torch.sigmoid(u, out=u)
             # g * sigmoid * (1 - sigmoid), in place, in one pass
             torch.ops.aten.sigmoid_backward.grad_input(g[start:stop, :, None], u, grad_input=u)
             torch.sum(u, -1, out=diagonal[start:stop])
             torch.sum(u, 1, out=grad[start:stop])
+
+        _for_each_slab(sim, n, slab, row_grads)
         grad.scatter_add_(1, cols, diagonal.neg_())
         if self_col is not None:  # take the z = self terms back out of both sums
             sig = torch.sigmoid(_self_u(sim, cols, self_col, inv_tau))
@@ -82,11 +87,35 @@ class SmoothRanks(torch.autograd.Function):
         return grad.mul_(inv_tau), None, None, None, None
 
 
-def _buffers(sim: torch.Tensor, slab: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return sim.new_empty(slab, sim.shape[1]), sim.new_empty(slab, n, sim.shape[1])
+def _for_each_slab(sim: torch.Tensor, n: int, slab: int, work: Callable[..., None]) -> None:
+    """work(start, stop, scaled, slab_buf) for every slab of rows, each thread with its own buffers.
+
+    On the CPU the slabs are shared out to torch.get_num_threads() Python threads, each running torch
+    single-threaded: torch's own threading opens one OpenMP parallel region per op, whose barrier
+    waits for the slowest thread, and on a machine whose cores are shared with other jobs that was
+    measured several times slower than one thread (BENCHMARKS.md); whole slabs per thread need no
+    barrier. Each slab's result is the same whichever thread computes it."""
+    starts = range(0, sim.shape[0], slab)
+    threads = min(torch.get_num_threads(), len(starts)) if sim.device.type == "cpu" else 1
+
+    def worker(k: int) -> None:
+        scaled, slab_buf = sim.new_empty(slab, sim.shape[1]), sim.new_empty(slab, n, sim.shape[1])
+        with torch.no_grad():  # grad mode is per thread: a new one records by default
+            for start in starts[k::threads]:
+                work(start, min(start + slab, sim.shape[0]), scaled, slab_buf)
+
+    if threads <= 1:
+        return worker(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)   # read by each new thread's first parallel op
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(worker, range(threads)))
+    finally:
+        torch.set_num_threads(before)
 
 
-def _slab(sim, cols, start, stop, inv_tau, scaled, slab_buf) -> tuple[torch.Tensor, torch.Tensor]:
+def _slab(sim, cols, start, stop, inv_tau, scaled, slab_buf) -> torch.Tensor:
     """u[r, j, z] = s_rz / tau - s_rp / tau for rows start:stop, in the preallocated buffer. The scaled
     row is computed once per row (not per pair), and base is read from it, so u is exactly 0 at z = p."""
     rows = scaled[:stop - start]
@@ -94,7 +123,7 @@ def _slab(sim, cols, start, stop, inv_tau, scaled, slab_buf) -> tuple[torch.Tens
     base = rows.gather(1, cols[start:stop])
     u = slab_buf[:stop - start]
     torch.sub(rows[:, None, :], base[:, :, None], out=u)
-    return u, base
+    return u
 
 
 def _self_u(sim, cols, self_col, inv_tau) -> torch.Tensor:
