@@ -13,6 +13,9 @@ other round), wall and CPU time (this process's threads) both reported:
 - --loop-queries N: the authors' per-query loop (their released code: for one query, the (B x B) matrix
   of sigmoid differences, then backward) on N queries, scaled to B, and its loss and gradient checked
   against the vectorised loss restricted to those queries.
+- --before REV: the same RS@k and SiMix forward + backward with the code of git revision REV (its
+  `pipeline/` extracted to a temporary folder and imported in a subprocess), each after a sigmoid(x)
+  pass of the RS@k size, for the figures before a change.
 - --compile: torch.compile (inductor) of the whole-batch smooth ranks, forward and backward, compile time
   counted, against the torch kernel on the same similarity matrix.
 
@@ -25,6 +28,7 @@ before the loss (what the loss itself added, at most).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -233,6 +237,46 @@ def compile_check(emb, labels) -> list[str]:
             f"kernel (median of 3)"]
 
 
+BEFORE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import pipeline.losses as L
+from tools.bench_recall_at_k import inputs
+assert L.__file__.startswith(sys.argv[1]), L.__file__
+emb, labels = inputs(int(sys.argv[2]), int(sys.argv[3]), 4)
+x = torch.randn(len(labels) * 3, len(labels))
+for case in ("rsk", "rsk_simix"):
+    loss_fn = L.RecallAtK((1, 2, 4, 8, 16), 0.01, 1.0) if case == "rsk" else L.RecallAtKSiMix(
+        (1, 2, 4, 8, 16), 0.01, 1.0, per_class=0, seed=0)
+    L.set_step(loss_fn, 0)
+    loss_fn(*inputs(64, 16, 4)).item()  # warm-up: first calls pay one-off set-up costs
+    t = (time.perf_counter(), time.process_time())
+    torch.sigmoid(x)
+    sig = (time.perf_counter() - t[0], time.process_time() - t[1])
+    e = emb.clone().requires_grad_()
+    t = (time.perf_counter(), time.process_time())
+    loss_fn(e, labels).backward()
+    total = (time.perf_counter() - t[0], time.process_time() - t[1])
+    print(f"  {case:<10} fwd+bwd {total[0]:.2f} / {total[1]:.2f} s (wall / CPU); sigmoid(x) just before "
+          f"{sig[0]:.3f} / {sig[1]:.3f} s: {total[0] / sig[0]:.1f}x wall, {total[1] / sig[1]:.1f}x CPU", flush=True)
+"""
+
+
+def before(rev: str, batch: int, dim: int) -> None:
+    """RS@k and SiMix with the code of another git revision, in a subprocess."""
+    import tarfile
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        archive = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "archive", rev, "pipeline", "tools"],
+                                 capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(folder, filter="data")
+        print(f"revision {rev}, B={batch}:", flush=True)
+        subprocess.run([sys.executable, "-c", BEFORE, folder, str(batch), str(dim)], check=True)
+
+
 def memory_child(case: str, batch: int, dim: int, per_class: int, kernel: str) -> None:
     emb, labels = inputs(batch, dim, per_class)
     emb.requires_grad_()
@@ -267,6 +311,7 @@ def main() -> None:
     parser.add_argument("--simix-reference", action="store_true", help="also SiMix with the reference kernel (slow)")
     parser.add_argument("--loop-queries", type=int, default=0)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--before", metavar="REV", help="also RS@k and SiMix with the code of this git revision")
     parser.add_argument("--memory", action="store_true", help="peak memory of each case and kernel")
     parser.add_argument("--memory-child", choices=["rsk", "rsk_simix"])
     parser.add_argument("--kernel", default="torch")
@@ -297,6 +342,8 @@ def main() -> None:
         print("\n".join(report(f"RS@k + SiMix, {a.batch} originals + every within-class pair = {rows} rows, "
                                f"{elements / 1e6:.0f}M pair x column elements", rounds(sides, n),
                                ("sigmoid(x)", "sigmoid(x, out=y)"), n)), flush=True)
+    if a.before:
+        before(a.before, a.batch, a.dim)
     if a.memory:
         for case in ("rsk", "rsk_simix"):
             for kernel in ("torch", "reference"):

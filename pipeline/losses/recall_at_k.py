@@ -72,10 +72,12 @@ class _Gram(torch.autograd.Function):
         return (grad + grad.T) @ e
 
 
-def gram(embeddings: torch.Tensor) -> torch.Tensor:
-    """Similarities in float32 even under autocast (see rsk_rows)."""
+def similarities(embeddings: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, B) similarities of embeddings[rows] (default: all, the Gram matrix) to all embeddings, in
+    float32 even under autocast (see rsk_rows)."""
     with torch.autocast(embeddings.device.type, enabled=False):
-        return _Gram.apply(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)))
+        e = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+        return _Gram.apply(e) if rows is None else e[rows] @ e.T
 
 
 def share(n: int, part: int, parts: int) -> torch.Tensor:
@@ -219,16 +221,13 @@ class RecallAtK(nn.Module):
                         queries, self.kernel, pair_chunk=self.pair_chunk)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.rows_loss(gram(embeddings), labels, torch.arange(len(labels), device=labels.device))
+        return self.rows_loss(similarities(embeddings), labels, torch.arange(len(labels), device=labels.device))
 
     def partial(self, embeddings: torch.Tensor, labels: torch.Tensor, part: int, parts: int) -> torch.Tensor:
         """The share of the loss of the `part`-th of `parts` contiguous shares of the queries, each
         against the whole batch; the parts sum to forward(embeddings, labels)."""
         rows = share(len(labels), part, parts).to(labels.device)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            e = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-            sim = e[rows] @ e.T
-        return self.rows_loss(sim, labels, rows, query_count(labels))
+        return self.rows_loss(similarities(embeddings, rows), labels, rows, query_count(labels))
 
     def extra_repr(self) -> str:
         return (f"ks={self.ks}, tau_rank={self.tau_rank}, tau_count={self.tau_count}, "

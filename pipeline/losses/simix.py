@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.losses.recall_at_k import RecallAtK, gram, query_count, share
+from pipeline.losses.recall_at_k import RecallAtK, query_count, share, similarities
 from pipeline.losses.seeding import StepSeeded
 
 
@@ -118,7 +118,7 @@ class RecallAtKSiMix(RecallAtK, StepSeeded):
         return simix(sim, labels, *self.draw(labels))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        sim, all_labels = self.mix(gram(embeddings), labels)
+        sim, all_labels = self.mix(similarities(embeddings), labels)
         return self.rows_loss(sim, all_labels, torch.arange(len(all_labels), device=labels.device))
 
     def partial(self, embeddings: torch.Tensor, labels: torch.Tensor, part: int, parts: int) -> torch.Tensor:
@@ -128,9 +128,7 @@ class RecallAtKSiMix(RecallAtK, StepSeeded):
         b, device = len(labels), labels.device
         mine, virtual = share(b, part, parts).to(device), share(len(pairs), part, parts).to(device)
         needed = torch.cat([mine, pairs[virtual].flatten()]).unique()   # sorted
-        with torch.autocast(embeddings.device.type, enabled=False):
-            e = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-            base = e[needed] @ e.T                                       # the originals' rows it needs
+        base = similarities(embeddings, needed)                           # the originals' rows it needs
         a = alphas.to(base)
         local_pairs = torch.searchsorted(needed, pairs[virtual])          # their rows in base
         rows = torch.cat([base[torch.searchsorted(needed, mine)], mix_rows(base, local_pairs, a[virtual])])
