@@ -20,8 +20,8 @@ other round), wall and CPU time (this process's threads) both reported:
   counted, against the torch kernel on the same similarity matrix.
 
 Memory: each case in a fresh subprocess that builds its inputs, records its resident set size (RSS),
-runs forward + backward, and reports the peak RSS (getrusage ru_maxrss) and the peak minus the RSS
-before the loss (what the loss itself added, at most).
+runs forward + backward, and reports the peak RSS (VmHWM) and the peak minus the RSS before the
+loss (what the loss itself added, at most).
 
     bash tools/env.sh python tools/bench_recall_at_k.py [--batch 4000] [--dim 512] [--rounds 3] [--simix]
 """
@@ -31,7 +31,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -277,6 +276,13 @@ def before(rev: str, batch: int, dim: int) -> None:
         subprocess.run([sys.executable, "-c", BEFORE, folder, str(batch), str(dim)], check=True)
 
 
+def high_water_kib() -> int:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    an exec from the parent's memory when the child was vforked, as subprocess does."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
 def memory_child(case: str, batch: int, dim: int, per_class: int, kernel: str) -> None:
     emb, labels = inputs(batch, dim, per_class)
     emb.requires_grad_()
@@ -286,10 +292,10 @@ def memory_child(case: str, batch: int, dim: int, per_class: int, kernel: str) -
         loss_fn = RecallAtKSiMix(KS, TAU_RANK, TAU_COUNT, per_class=0, seed=0, kernel=kernel)
         set_step(loss_fn, 0)
         total = batch + batch // per_class * per_class * (per_class - 1) // 2
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = high_water_kib()
     rss_before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     loss_fn(emb, labels).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = high_water_kib()
     print(json.dumps({"case": case, "batch": batch, "rows": total, "peak_mib": peak / 1024,
                       "added_mib": (peak - max(rss_before, 0)) / 1024, "peak_before_mib": before / 1024}))
 
