@@ -17,7 +17,8 @@ The loss itself is split across the ranks where that is exact (`splits`): RS@k a
 sums over queries divided by the number of queries of the whole batch, known to every rank, so each
 rank computes the terms of its own share of the queries against the whole gathered batch
 (`loss_fn.partial`), a reduce-scatter sums the (B x D) embedding gradients of all ranks and leaves
-each rank its own rows, and an all-reduce sums the loss. Its cost per rank falls as 1 / ranks. Every
+each rank its own rows, and an all-reduce sums the loss (per rank, 0.52 of one process's cost on 2:
+BENCHMARKS.md). Every
 other loss is computed whole on every rank, as before, because its terms are not a sum with a
 denominator known before the others are computed, or it has parameters:
   - pytorch-metric-learning's tuple losses: contrastive and triplet average over the non-zero terms
