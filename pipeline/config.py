@@ -100,6 +100,8 @@ class TrainConfig:
     epochs: int | None = None       # set: max_steps = epochs x (train split's images // global_batch)
     small_classes: str = "repeat"   # classes with fewer than samples_per_class images: repeat them | skip (never drawn)
     decay_norms_biases: bool = False  # weight decay on every parameter (the papers' code), not on weight matrices only
+    rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
+    split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
 
 
 @dataclass
@@ -294,6 +296,8 @@ def validate(cfg: Config) -> None:
                         "(the eval view is a centre crop of the resized image)")
     if not 0.0 <= d.random_erasing <= 1.0:
         raise UserError(f"data.random_erasing={d.random_erasing} must be a probability in [0, 1]")
+    from pipeline.losses.recall_at_k import check_kernel
+    check_kernel(t.rsk_kernel)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -152,6 +152,25 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's tensor (same shape on all), on every rank."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def reduce_scatter_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank r's contiguous share of the rows of the sum over ranks of every rank's (N, ...) tensor
+    (N divisible by the world size): one reduce-scatter, each rank receives N / world_size rows."""
+    if world_size() == 1:
+        return tensor
+    share = tensor.new_empty(len(tensor) // world_size(), *tensor.shape[1:])
+    dist.reduce_scatter_tensor(share, tensor.contiguous())
+    return share
+
+
 def shutdown(together: bool = True) -> None:
     """Leave the group together: a rank that tears gloo down while another still talks to it can abort.
     together=False after a failed collective: the group is broken, and waiting on it would hang."""

@@ -9,9 +9,25 @@ dropout draw the same masks in both passes (and on any number of processes), and
 one step over the whole batch at once. Memory is one chunk's activations plus B x D embeddings.
 
 Under several processes each rank holds a contiguous share of the global batch: pass 1 embeds the
-share, the embeddings and labels are gathered, every rank computes the same loss over the global
-batch, and pass 2 back-propagates the gradient of its own rows only; the engine sums the ranks'
+share, the embeddings and labels are gathered, the loss over the global batch gives the gradient of
+this rank's rows (`share_loss_and_grad`), and pass 2 back-propagates it; the engine sums the ranks'
 contributions when it synchronises the gradients (once per step).
+
+The loss itself is split across the ranks where that is exact (`splits`): RS@k and RS@k + SiMix are
+sums over queries divided by the number of queries of the whole batch, known to every rank, so each
+rank computes the terms of its own share of the queries against the whole gathered batch
+(`loss_fn.partial`), a reduce-scatter sums the (B x D) embedding gradients of all ranks and leaves
+each rank its own rows, and an all-reduce sums the loss (per rank, 0.52 of one process's cost on 2:
+BENCHMARKS.md). Every
+other loss is computed whole on every rank, as before, because its terms are not a sum with a
+denominator known before the others are computed, or it has parameters:
+  - pytorch-metric-learning's tuple losses: contrastive and triplet average over the non-zero terms
+    (AvgNonZeroReducer), margin over the active pairs (DivisorReducer), denominators known only once
+    every rank's terms are; multi-similarity and lifted are means over anchors, but their miners
+    (and rho's switches) draw tuples from the whole batch: a split would run them per share;
+  - proxy and classifier losses (proxy_anchor, normalized_softmax, arcface) and margin's beta:
+    parameters shared by all anchors (proxy-anchor is a mean over proxies, not anchors);
+  - mpn: message passing attends over the whole batch, so every term depends on every embedding.
 """
 from __future__ import annotations
 
@@ -59,6 +75,28 @@ def loss_and_grad(embeddings: torch.Tensor, labels: torch.Tensor, loss_fn: Loss)
     return loss.detach(), grad
 
 
+def splits(loss_fn: Loss) -> bool:
+    """Whether each rank may compute only its share of the loss: a loss that says so and has
+    `partial(embeddings, labels, part, parts)`, and no trainable parameters (their gradients
+    would need summing across ranks too)."""
+    if not getattr(loss_fn, "split_across_ranks", False) or not hasattr(loss_fn, "partial"):
+        return False
+    return not any(p.requires_grad for p in loss_fn.parameters())
+
+
+def share_loss_and_grad(embeddings: torch.Tensor, labels: torch.Tensor,
+                        loss_fn: Loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global loss (the same on every rank) and its gradient with respect to this rank's rows,
+    from this rank's embeddings and labels (shares of equal size)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    all_embeddings, all_labels = distributed.gather_rows(embeddings), distributed.gather_rows(labels)
+    if world > 1 and splits(loss_fn):
+        part, grad = loss_and_grad(all_embeddings, all_labels, lambda e, y: loss_fn.partial(e, y, rank, world))
+        return distributed.sum_over_ranks(part), distributed.reduce_scatter_rows(grad)
+    loss, grad = loss_and_grad(all_embeddings, all_labels, loss_fn)
+    return loss, grad[rank * len(embeddings):(rank + 1) * len(embeddings)]
+
+
 def backward_in_chunks(engine: Engine, images: torch.Tensor, grad: torch.Tensor, chunk_size: int,
                        seeds: list[int]) -> None:
     """Pass 2: re-embed each chunk with gradients; the chain rule through the cached embedding gradient."""
@@ -76,14 +114,13 @@ def two_pass_step(engine: Engine, images: torch.Tensor, labels: torch.Tensor, lo
     shares equal). Returns the global loss (the same on every rank). `timer` (pipeline.timing)
     times the four phases: pass1, loss (with the gathers), pass2, optimizer."""
     offset = distributed.rank() * len(images)  # the share's start in the global batch
-    mine = slice(offset, offset + len(images))
     seeds = [chunk_seed(seed, step, offset + p.start) for p in chunks(len(images), chunk_size)]
     with timer.phase("pass1"):
         embeddings = embed_without_grad(engine, images, chunk_size, seeds)
     with timer.phase("loss"):
-        loss, grad = loss_and_grad(distributed.gather_rows(embeddings), distributed.gather_rows(labels), loss_fn)
+        loss, grad = share_loss_and_grad(embeddings, labels, loss_fn)
     with timer.phase("pass2"):
-        backward_in_chunks(engine, images, grad[mine], chunk_size, seeds)
+        backward_in_chunks(engine, images, grad, chunk_size, seeds)
     with timer.phase("optimizer"):
         engine.step()
     return loss

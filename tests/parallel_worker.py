@@ -2,9 +2,10 @@
 weights after them, for tests/test_parallel.py to compare with one process doing one-pass steps,
 the weights of a fresh engine that loaded the engine's checkpoint, and those the export stage
 consolidates from it. Variant `clip`: the plain problem with train.grad_clip=CLIP, whose global
-gradient norms (before clipping) it saves too.
+gradient norms (before clipping) it saves too. The loss variants (LOSS_VARIANTS) save their weights
+and losses only.
 
-    torchrun --nproc_per_node 2 tests/parallel_worker.py OUT_DIR ddp,zero1,... plain,frozen_ckpt,clip
+    torchrun --nproc_per_node 2 tests/parallel_worker.py OUT_DIR ddp,zero1,... plain,frozen_ckpt,clip [ddp:simix,...]
 """
 import json
 import sys
@@ -18,12 +19,21 @@ from pipeline.config import ModelConfig, ParallelConfig  # noqa: E402
 from pipeline.distributed import world_from_env  # noqa: E402
 from pipeline.encoders import build_encoder  # noqa: E402
 from pipeline.engine import build_engine  # noqa: E402
-from pipeline.losses import RecallAtK  # noqa: E402
+from pipeline.losses import RecallAtK, RecallAtKSiMix, set_step  # noqa: E402
 from pipeline.two_pass import two_pass_step  # noqa: E402
 
 GLOBAL, CHUNK, SEED, STEPS, LR = 16, 4, 5, 2, 0.5
 VARIANTS = ("plain", "frozen_ckpt")
 CLIP = 1.0  # below both steps' gradient norms (about 8.8 and 1.6): every step is clipped
+# The plain model with another loss: RS@k + SiMix split across the ranks (virtual queries shared out
+# too), and RS@k computed whole on every rank (the path of every loss that does not split).
+LOSS_VARIANTS = ("simix", "whole_loss")
+
+
+def make_loss(variant: str):
+    if variant == "simix":
+        return RecallAtKSiMix(ks=(1, 2, 4), tau_rank=0.05, seed=SEED)
+    return RecallAtK(ks=(1, 2, 4), tau_rank=0.05, split_across_ranks=variant != "whole_loss")
 
 
 def problem(variant: str):
@@ -42,7 +52,7 @@ def problem(variant: str):
         gen = torch.Generator().manual_seed(100 + step)
         labels = torch.arange(4).repeat_interleave(4)[torch.randperm(GLOBAL, generator=gen)]
         batches.append((torch.randn(GLOBAL, 3, 32, 32, generator=gen), labels))
-    return model, batches, RecallAtK(ks=(1, 2, 4), tau_rank=0.05)
+    return model, batches, make_loss(variant)
 
 
 def sgd(model: torch.nn.Module):
@@ -99,50 +109,57 @@ def syncs_of_one_backward(engine, images: torch.Tensor, counter: SyncCounter) ->
     return counter.calls - before
 
 
-def main(out: Path, backends: list[str], variants: list[str]) -> None:
+def main(out: Path, combos: list[tuple[str, str]]) -> None:
     world = world_from_env()
     distributed.init(world, torch.device("cpu"))
     share = slice(world.rank * GLOBAL // world.size, (world.rank + 1) * GLOBAL // world.size)
-    for backend in backends:
-        for variant in variants:
-            if variant == "clip":
-                clipped(out, backend, share)
-                continue
-            model, batches, loss_fn = problem(variant)
-            full = sum(p.numel() for p in model.parameters())
-            engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
-            if world.is_main:
-                (out / f"{backend}-{variant}.numel").write_text(f"{local_numel(engine.module)} {full}")
-            counter = SyncCounter(engine, backend) if variant == VARIANTS[0] else None
-            per_step = []
-            for step, (images, labels) in enumerate(batches):
-                before = counter.calls if counter else 0
-                two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, step)
-                per_step.append(counter.calls - before if counter else 0)
-            state = engine.full_state_dict()
-            if counter is not None and backend in ("ddp", "fsdp2"):
-                units = syncs_of_one_backward(engine, batches[0][0][share][:CHUNK], counter)
-                counter.close()
-                if world.is_main:  # several chunks per rank, so a sync per chunk would show as a multiple
-                    (out / f"{backend}-syncs.json").write_text(json.dumps({"per_step": per_step, "units": units}))
+    for backend, variant in combos:
+        if variant == "clip":
+            clipped(out, backend, share)
+            continue
+        model, batches, loss_fn = problem(variant)
+        full = sum(p.numel() for p in model.parameters())
+        engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
+        if world.is_main:
+            (out / f"{backend}-{variant}.numel").write_text(f"{local_numel(engine.module)} {full}")
+        counter = SyncCounter(engine, backend) if variant == VARIANTS[0] else None
+        per_step, losses = [], []
+        for step, (images, labels) in enumerate(batches):
+            before = counter.calls if counter else 0
+            set_step(loss_fn, step)
+            losses.append(two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, step).item())
+            per_step.append(counter.calls - before if counter else 0)
+        state = engine.full_state_dict()
+        if world.is_main:
+            (out / f"{backend}-{variant}.losses.json").write_text(json.dumps(losses))
+        if variant in LOSS_VARIANTS:
             if world.is_main:
                 torch.save(state, out / f"{backend}-{variant}.pt")
-            folder = out / f"checkpoint-{backend}-{variant}"
-            engine.save(folder)
             distributed.barrier()
-            if world.is_main:  # what the export stage does: one process, any backend's checkpoint
-                (folder / "meta.json").write_text(json.dumps({"format": engine.checkpoint_format}))
-                exported, _, _ = problem(variant)
-                checkpoint.load_weights(folder, exported)
-                torch.save(exported.state_dict(), out / f"{backend}-{variant}-exported.pt")
-            if variant == VARIANTS[0]:
-                model, _, _ = problem(variant)
-                again = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
-                again.load(folder)
-                state = again.full_state_dict()
-                if world.is_main:
-                    torch.save(state, out / f"{backend}-reloaded.pt")
-            distributed.barrier()
+            continue
+        if counter is not None and backend in ("ddp", "fsdp2"):
+            units = syncs_of_one_backward(engine, batches[0][0][share][:CHUNK], counter)
+            counter.close()
+            if world.is_main:  # several chunks per rank, so a sync per chunk would show as a multiple
+                (out / f"{backend}-syncs.json").write_text(json.dumps({"per_step": per_step, "units": units}))
+        if world.is_main:
+            torch.save(state, out / f"{backend}-{variant}.pt")
+        folder = out / f"checkpoint-{backend}-{variant}"
+        engine.save(folder)
+        distributed.barrier()
+        if world.is_main:  # what the export stage does: one process, any backend's checkpoint
+            (folder / "meta.json").write_text(json.dumps({"format": engine.checkpoint_format}))
+            exported, _, _ = problem(variant)
+            checkpoint.load_weights(folder, exported)
+            torch.save(exported.state_dict(), out / f"{backend}-{variant}-exported.pt")
+        if variant == VARIANTS[0]:
+            model, _, _ = problem(variant)
+            again = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
+            again.load(folder)
+            state = again.full_state_dict()
+            if world.is_main:
+                torch.save(state, out / f"{backend}-reloaded.pt")
+        distributed.barrier()
     distributed.shutdown()
 
 
@@ -162,4 +179,5 @@ def clipped(out: Path, backend: str, share: slice) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3].split(","))
+    extra = [tuple(c.split(":")) for c in sys.argv[4].split(",")] if len(sys.argv) > 4 else []
+    main(Path(sys.argv[1]), [(b, v) for b in sys.argv[2].split(",") for v in sys.argv[3].split(",") if v] + extra)

@@ -12,15 +12,19 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SMALL, run_torchrun
-from parallel_worker import CHUNK, CLIP, SEED, VARIANTS, problem, sgd
+from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, VARIANTS, problem, sgd
 from pipeline.config import TrainConfig
 from pipeline.distributed import expand_nodelist, slurm_rendezvous, world_from_env
 from pipeline.engine import Engine, check_launcher, transformer_blocks
 from pipeline.errors import UserError
+from pipeline.losses import set_step
 from pipeline.two_pass import one_pass_step
 from stages.finetune import check_shares
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
+# The loss variants (SiMix split across ranks; RS@k computed whole on every rank) run on DDP by default;
+# the loss path does not depend on the backend, the other backends run them in the slow set.
+DEFAULT_LOSS_COMBOS = tuple(f"ddp:{v}" for v in LOSS_VARIANTS)
 
 
 def torchrun_script(nproc: int, script: str, *args: str) -> None:
@@ -34,19 +38,23 @@ def torchrun_script(nproc: int, script: str, *args: str) -> None:
 def worker_out(tmp_path_factory):
     """One torchrun launch runs every backend and variant (the start-up is most of the cost)."""
     out = tmp_path_factory.mktemp("parallel")
-    torchrun_script(2, "tests/parallel_worker.py", str(out), ",".join(BACKENDS), ",".join(VARIANTS + ("clip",)))
+    torchrun_script(2, "tests/parallel_worker.py", str(out), ",".join(BACKENDS), ",".join(VARIANTS + ("clip",)),
+                    ",".join(DEFAULT_LOSS_COMBOS))
     return out
 
 
 @lru_cache
-def one_process(variant: str) -> tuple[dict, dict]:
-    """Independent reference: one process, the naive one-pass step on the whole global batch."""
+def one_process(variant: str) -> tuple[dict, dict, list[float]]:
+    """Independent reference: one process, the naive one-pass step on the whole global batch (the
+    whole loss: no split). Weights before, after, and the loss of each step."""
     model, batches, loss_fn = problem(variant)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     engine = Engine(model, *sgd(model), torch.device("cpu"))
+    losses = []
     for step, (images, labels) in enumerate(batches):
-        one_pass_step(engine, images, labels, loss_fn, CHUNK, SEED, step)
-    return start, model.state_dict()
+        set_step(loss_fn, step)
+        losses.append(one_pass_step(engine, images, labels, loss_fn, CHUNK, SEED, step).item())
+    return start, model.state_dict(), losses
 
 
 class ClippedByHand(Engine):
@@ -79,7 +87,7 @@ def test_clipped_updates_equal_one_process(worker_out, backend):
     """train.grad_clip under each backend on 2 processes: the global norm before clipping, and the
     clipped update, are those of one process clipping the whole batch's gradient by hand."""
     ref, ref_norms = one_process_clipped()
-    start, unclipped = one_process("plain")
+    start, unclipped, _ = one_process("plain")
     assert all(n > CLIP for n in ref_norms)  # both steps were clipped: the comparison is about clipping
     got = torch.load(worker_out / f"{backend}-clip.pt")
     norms = json.loads((worker_out / f"{backend}-clip-norms.json").read_text())
@@ -91,11 +99,13 @@ def test_clipped_updates_equal_one_process(worker_out, backend):
     assert off.norm() > 0.1 * update.norm()  # unclipped steps end elsewhere
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_two_processes_equal_one_process(worker_out, backend, variant):
-    start, ref = one_process(variant)
-    got = torch.load(worker_out / f"{backend}-{variant}.pt")
+def assert_equals_one_process(out, backend, variant):
+    """Weights within 1e-5 relative per tensor and 1e-5 of the update; the loss of every step within
+    1e-5 relative (the global loss, which a split sums from the ranks' parts)."""
+    start, ref, ref_losses = one_process(variant)
+    got = torch.load(out / f"{backend}-{variant}.pt")
+    losses = json.loads((out / f"{backend}-{variant}.losses.json").read_text())
+    assert losses == pytest.approx(ref_losses, rel=1e-5), (losses, ref_losses)
     assert set(got) == set(ref)
     for name in ref:
         err = (got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
@@ -105,10 +115,33 @@ def test_two_processes_equal_one_process(worker_out, backend, variant):
     update = torch.cat([(ref[n] - start[n]).flatten() for n in ref])
     error = torch.cat([(got[n] - ref[n]).flatten() for n in ref])
     assert error.norm() <= 1e-5 * update.norm()
+    return start, got
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_processes_equal_one_process(worker_out, backend, variant):
+    start, got = assert_equals_one_process(worker_out, backend, variant)
     if variant == "frozen_ckpt":
         for name in ("backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight", "backbone.pos_embed"):
             assert torch.equal(got[name], start[name]), name
         assert not torch.equal(got["backbone.blocks.1.attn.qkv.weight"], start["backbone.blocks.1.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("combo", DEFAULT_LOSS_COMBOS)
+def test_loss_split_or_whole_equals_one_process(worker_out, combo):
+    """SiMix split across the 2 ranks (originals and virtual queries shared out) and RS@k computed whole
+    on every rank (split_across_ranks=False, the path of the losses that do not split)."""
+    assert_equals_one_process(worker_out, *combo.split(":"))
+
+
+@pytest.mark.slow
+def test_loss_variants_on_every_backend(tmp_path):
+    others = [b for b in BACKENDS if b != "ddp"]
+    torchrun_script(2, "tests/parallel_worker.py", str(tmp_path), ",".join(others), ",".join(LOSS_VARIANTS))
+    for backend in others:
+        for variant in LOSS_VARIANTS:
+            assert_equals_one_process(tmp_path, backend, variant)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -147,7 +180,7 @@ def test_gradients_are_synchronised_once_per_step(worker_out, backend):
 def test_engine_checkpoint_reloads_the_weights(worker_out, backend):
     saved = torch.load(worker_out / f"{backend}-{VARIANTS[0]}.pt")
     reloaded = torch.load(worker_out / f"{backend}-reloaded.pt")
-    start, _ = one_process(VARIANTS[0])
+    start, _, _ = one_process(VARIANTS[0])
     for name, tensor in saved.items():
         assert torch.equal(reloaded[name], tensor), name
     assert not torch.equal(saved["head.1.weight"], start["head.1.weight"])
@@ -242,7 +275,7 @@ def test_resume_under_accelerate_launch(tmp_path):
 @pytest.mark.slow
 def test_zero3_offload_equals_one_process(tmp_path):
     torchrun_script(2, "tests/parallel_worker.py", str(tmp_path), "zero3_offload", "plain")
-    _, ref = one_process("plain")
+    _, ref, _ = one_process("plain")
     got = torch.load(tmp_path / "zero3_offload-plain.pt")
     for name in ref:
         err = (got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)

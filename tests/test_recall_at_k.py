@@ -1,4 +1,5 @@
-"""RS@k loss against an independent, loop-by-loop float64 reference of the paper's formula."""
+"""RS@k loss against an independent, loop-by-loop float64 reference of the paper's formula, with the
+reference kernel and the fused torch kernel (tests/test_rsk_kernels.py compares the kernels)."""
 
 import math
 
@@ -45,15 +46,19 @@ UNEQUAL = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
 UNEQUAL = UNEQUAL[torch.randperm(11, generator=torch.Generator().manual_seed(1))]
 
 
+KERNELS = ["reference", "torch"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("labels", [EQUAL, UNEQUAL], ids=["equal", "unequal"])
 @pytest.mark.parametrize("include_query", [False, True])
 # tau_count = 4 flattens the count sigmoid so the count exceeds k and the min(k, .) clamp matters.
 @pytest.mark.parametrize("tau_rank,tau_count", [(0.01, 1.0), (0.1, 4.0)])
-def test_matches_dense_reference(labels, include_query, tau_rank, tau_count):
+def test_matches_dense_reference(labels, include_query, tau_rank, tau_count, kernel):
     n = len(labels)
     emb = embed(n, seed=n)
     # 16 and 64 both clip to n - 1 and must be counted once.
-    loss_fn = RecallAtK((1, 2, 4, 16, 64), tau_rank, tau_count, include_query)
+    loss_fn = RecallAtK((1, 2, 4, 16, 64), tau_rank, tau_count, include_query, kernel=kernel)
     ref = dense_reference(emb, labels, (1, 2, 4, n - 1), tau_rank, tau_count, include_query)
     torch.testing.assert_close(loss_fn(emb, labels), ref, rtol=1e-10, atol=0)
     # float32 input: computed in float32, still close to the float64 reference.
@@ -62,20 +67,21 @@ def test_matches_dense_reference(labels, include_query, tau_rank, tau_count):
     torch.testing.assert_close(out32.double(), ref, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("labels", [EQUAL, UNEQUAL], ids=["equal", "unequal"])
 @pytest.mark.parametrize("include_query", [False, True])
-def test_gradient_matches_dense_reference(labels, include_query):
+def test_gradient_matches_dense_reference(labels, include_query, kernel):
     n = len(labels)
     ks, tau_rank, tau_count = (1, 2, 4, 8), 0.1, 0.5
     emb = embed(n, seed=3 * n).requires_grad_()
     ref_emb = emb.detach().clone().requires_grad_()
-    RecallAtK(ks, tau_rank, tau_count, include_query)(emb, labels).backward()
+    RecallAtK(ks, tau_rank, tau_count, include_query, kernel=kernel)(emb, labels).backward()
     dense_reference(ref_emb, labels, ks, tau_rank, tau_count, include_query).backward()
     assert ref_emb.grad.abs().max() > 1e-3  # the comparison is not vacuous
     torch.testing.assert_close(emb.grad, ref_emb.grad, rtol=1e-5, atol=1e-8)
     # float32 gradients agree too, at float32 precision.
     emb32 = emb.detach().float().requires_grad_()
-    RecallAtK(ks, tau_rank, tau_count, include_query)(emb32, labels).backward()
+    RecallAtK(ks, tau_rank, tau_count, include_query, kernel=kernel)(emb32, labels).backward()
     torch.testing.assert_close(emb32.grad.double(), ref_emb.grad, rtol=1e-4, atol=1e-5)
 
 
@@ -84,7 +90,7 @@ def test_small_pair_chunk_matches_one_chunk():
     grads, losses = [], []
     for chunk in (3, 10_000):
         emb = embed(len(labels), seed=5).requires_grad_()
-        loss = RecallAtK(tau_rank=0.05, include_query_in_rank=True, pair_chunk=chunk)(emb, labels)
+        loss = RecallAtK(tau_rank=0.05, include_query_in_rank=True, pair_chunk=chunk, kernel="reference")(emb, labels)
         loss.backward()
         losses.append(loss)
         grads.append(emb.grad)
@@ -100,17 +106,18 @@ def test_include_query_in_rank_changes_value():
     assert b - a > 0.05
 
 
-def test_query_mask_and_no_positives():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_query_mask_and_no_positives(kernel):
     emb = embed(11, seed=2)
     sim = emb @ emb.T
     # Masking queries removes them from the mean only, not from the database.
     mask = torch.arange(11) < 6
-    masked = recall_at_k_loss(sim, UNEQUAL, (1, 2, 4), 0.05, 1.0, False, query_mask=mask)
+    masked = recall_at_k_loss(sim, UNEQUAL, (1, 2, 4), 0.05, 1.0, False, query_mask=mask, kernel=kernel)
     ref = dense_reference(emb, UNEQUAL, (1, 2, 4), 0.05, 1.0, False, queries=range(6))
     torch.testing.assert_close(masked, ref, rtol=1e-10, atol=0)
     # No query has a positive: a zero that still backpropagates.
     e = emb.clone().requires_grad_()
-    zero = RecallAtK()(e, torch.arange(11))
+    zero = RecallAtK(kernel=kernel)(e, torch.arange(11))
     assert zero.item() == 0.0 and zero.grad_fn is not None
     zero.backward()
     assert torch.equal(e.grad, torch.zeros_like(e))

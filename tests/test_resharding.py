@@ -64,7 +64,18 @@ def check_resumed(out, written: str, resumed: str) -> None:
 
 
 def largest_difference(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in b)
+    """Over all weights but the attention key bias: its true gradient is exactly zero (softmax ignores
+    it), so its computed gradient is rounding noise, which AdamW turns into steps of up to the learning
+    rate that differ between any two summation orders (1 process against 2 with the RS@k loss split
+    across them: 5e-5 there, every other weight within 2e-7)."""
+    return max((without_key_bias(k, a[k]) - without_key_bias(k, b[k])).abs().max().item() for k in b)
+
+
+def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if not name.endswith("attn.qkv.bias"):
+        return tensor
+    query, _, value = tensor.chunk(3)
+    return torch.cat([query, value])
 
 
 def restarted_without_optimizer_state(variant: str, weights: dict) -> dict:

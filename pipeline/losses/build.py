@@ -47,10 +47,11 @@ def build_loss(cfg: LossConfig, train: TrainConfig, classes: Sequence[int], dim:
     """classes: the training split's labels (proxy/classifier losses index them); dim: embedding size."""
     check_loss_config(cfg)
     if cfg.name == "rsk":
-        return RecallAtK(train.ks, train.tau_rank, train.tau_count, train.include_query_in_rank)
+        return RecallAtK(train.ks, train.tau_rank, train.tau_count, train.include_query_in_rank,
+                         kernel=train.rsk_kernel, split_across_ranks=train.split_loss)
     if cfg.name == "rsk_simix":
         return RecallAtKSiMix(train.ks, train.tau_rank, train.tau_count, train.include_query_in_rank,
-                              cfg.simix_per_class, seed)
+                              cfg.simix_per_class, seed, kernel=train.rsk_kernel, split_across_ranks=train.split_loss)
     if cfg.name == "mpn":
         if dim % cfg.mpn_heads:
             raise UserError(f"loss.mpn_heads={cfg.mpn_heads} must divide the embedding size {dim}")
