@@ -33,6 +33,8 @@ class DataConfig:
     shard_workers: int = 0          # processes decoding/encoding images in the shard stage (0: none)
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop
     hflip: bool = True              # random horizontal flips (off for digits: a flipped 2 is not a 2)
+    font_dirs: list[str] = field(default_factory=list)  # glyphs: font folders added to matplotlib's fonts
+    min_fonts: int = 8              # glyphs: a character is a class when at least this many fonts draw it
 
 
 @dataclass
