@@ -83,7 +83,7 @@ def run_all(runs: list[sweep.Run], fixed: list[str], out: Path, jobs: int) -> No
 
 def main(argv: list[str]) -> int:
     options, grid, fixed = parse(argv)
-    out: Path = options.out
+    out: Path = options.out.resolve()  # the runs start in the repository: a relative path would move
     try:
         if options.aggregate or options.args is not None:
             if grid or fixed:

@@ -27,14 +27,13 @@ import logging
 import unicodedata
 import zlib
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
 import matplotlib
 import numpy as np
 from fontTools import agl
-from fontTools.ttLib import TTCollection, TTFont, TTLibError
+from fontTools.ttLib import TTCollection, TTFont
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.config import DataConfig
@@ -61,7 +60,7 @@ class Face:
     index: int                      # face number inside a .ttc/.otc collection
     name: str                       # full name, e.g. "DejaVu Sans Bold"
 
-    @cached_property
+    @property
     def seed(self) -> int:
         """Per-font part of an image's jitter seed: from the name, so adding fonts changes no other image."""
         return zlib.crc32(self.name.encode())
@@ -119,16 +118,15 @@ def load_faces(files: list[Path]) -> dict[Face, list[int]]:
     names = set()
     for path in files:
         try:
-            tables = _tables(path)
-        except (TTLibError, OSError, AssertionError) as e:
-            log.warning("glyphs: skipping unreadable font %s: %s", path, e)
-            continue
-        for index, table in enumerate(tables):
-            name = table["name"].getBestFullName() or f"{path.stem}#{index}"
-            if name in names:
-                continue
-            names.add(name)
-            faces[Face(path, index, name)] = visible_characters(table)
+            for index, table in enumerate(_tables(path)):
+                name = table["name"].getBestFullName() or f"{path.stem}#{index}"
+                if name not in names:
+                    face = Face(path, index, name)
+                    face.font(12)  # FreeType reads it too
+                    faces[face] = visible_characters(table)
+                    names.add(name)
+        except Exception as e:  # a broken font file is skipped, never fatal
+            log.warning("glyphs: skipping unreadable font %s: %s: %s", path, type(e).__name__, e)
     return faces
 
 
@@ -142,7 +140,11 @@ def render(font: ImageFont.FreeTypeFont, char: str) -> tuple[tuple[int, int, int
     return (box, ink) if ink.getbbox() else None
 
 
-def _fingerprint(glyph: tuple) -> bytes:
+def _fingerprint(font: ImageFont.FreeTypeFont, char: str) -> bytes | None:
+    """A digest of the glyph's rendering (its ink and where it sits); None when it has no ink."""
+    glyph = render(font, char)
+    if glyph is None:
+        return None
     box, ink = glyph
     return hashlib.blake2b(repr(box).encode() + ink.tobytes(), digest_size=16).digest()
 
@@ -156,13 +158,12 @@ def drawn(faces: dict[Face, list[int]], size: int, min_fonts: int) -> dict[int, 
     renders: dict[int, dict[bytes, Face]] = {}  # character -> rendering -> the first face that draws it so
     for face, codes in faces.items():
         font = face.font(round(EM * size * SUPERSAMPLE))
-        notdef = render(font, NOTDEF_PROBE)
-        notdef = notdef and _fingerprint(notdef)
+        notdef = _fingerprint(font, NOTDEF_PROBE)
         owner: dict[bytes, int] = {}  # rendering -> lowest code point drawn so by this face
         for code in codes:
-            glyph = render(font, chr(code)) if claims[code] >= min_fonts else None
-            if glyph is not None and _fingerprint(glyph) != notdef:
-                owner.setdefault(_fingerprint(glyph), code)  # codes ascend: the first is the lowest
+            fingerprint = _fingerprint(font, chr(code)) if claims[code] >= min_fonts else None
+            if fingerprint is not None and fingerprint != notdef:
+                owner.setdefault(fingerprint, code)  # codes ascend: the first is the lowest
         for fingerprint, code in owner.items():
             renders.setdefault(code, {}).setdefault(fingerprint, face)
     return {code: list(by_render.values()) for code, by_render in sorted(renders.items())
@@ -198,7 +199,7 @@ def _records(classes: dict[int, list[Face]], size: int, seed: int) -> Iterator[R
         font = face.font(round(EM * size * SUPERSAMPLE))
         for code in drawn_by[face]:
             yield Record(key=f"u{code:06x}_f{number:03d}", label=code, image=jittered(face, font, code, size, seed),
-                             meta={"char": chr(code), "font": face.name})
+                         meta={"char": chr(code), "font": face.name})
 
 
 def convert(cfg: DataConfig, seed: int) -> dict[str, Iterator[Record]]:
