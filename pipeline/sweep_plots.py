@@ -1,6 +1,7 @@
 """A sweep's figures (PNG, Agg), from its summary (pipeline/sweep.py):
 
-    summary.png   one panel per metric of the finetuned model: a bar per setting, error bar = std
+    summary.png   one panel per metric of the finetuned model: a bar per setting, error bar = std,
+                  a dashed line at the frozen encoder's mean where the runs evaluated it
     batch.png     when train.global_batch is swept: each metric against the batch size, one line per
                   setting of the other grid words (mean, error bar = std)
 """
@@ -35,6 +36,10 @@ def bars(summary: dict, metrics: list[str], path: Path) -> None:
     for ax, metric in zip(axes, metrics):
         mean, std = zip(*(_mean_std(summary[s].get(metric)) for s in settings))
         ax.bar(x, mean, yerr=std, capsize=3, color=[f"C{i % 10}" for i in x])
+        frozen = [_mean_std(summary[s].get(f"frozen/{metric}"))[0] for s in settings]
+        if not np.isnan(frozen).all():  # the encoder before finetuning, for scale
+            ax.hlines(frozen, x - 0.4, x + 0.4, colors="k", linestyles="--", label="frozen")
+            ax.legend(fontsize=7)
         ax.set_xticks(x, settings, rotation=60, ha="right", fontsize=7)
         ax.set_title(metric)
         ax.grid(axis="y", alpha=0.3)
