@@ -38,6 +38,8 @@ class DataConfig:
     val_classes: float = 0.1        # training classes held out as shards/val: < 1 a fraction, >= 1 a count; 0 none
     eval_resize: int | None = None  # eval view: shorter side resized to this, then centre crop; None = model.image_size
     random_erasing: float = 0.0     # training: probability of erasing a random rectangle (IBC: 0.5)
+    font_dirs: list[str] = field(default_factory=list)  # glyphs: font folders added to matplotlib's fonts
+    min_fonts: int = 8              # glyphs: a character is a class when at least this many fonts draw it
 
 
 @dataclass

@@ -28,7 +28,8 @@ REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": 
 
 # The settings each stage's output depends on (dotted prefixes), and those that never change it.
 _SHARD = ("seed", "data.name", "data.root", "data.image_size", "data.image_format", "data.test_fraction",
-          "data.shard_max_count", "data.shard_max_size", "data.val_classes")
+          "data.shard_max_count", "data.shard_max_size", "data.val_classes", "data.font_dirs",
+          "data.min_fonts")
 _TRAIN = _SHARD + ("model", "train", "loss", "data.crop_scale", "data.hflip", "data.random_erasing")
 INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size", "data.eval_resize"), "finetune": _TRAIN,
           "export": _TRAIN + ("export",), "eval": _TRAIN + ("export", "eval", "data.eval_resize")}

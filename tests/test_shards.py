@@ -39,7 +39,8 @@ def image(value: int, size=12) -> Image.Image:
 def test_write_index_and_read_back(tmp_path):
     records = [Record(f"s{i:03d}", i % 3, image(i * 10), {"i": i}) for i in range(10)]
     summary = write_split(records, tmp_path, "train", image_size=8, image_format="png", max_count=4, max_size=1 << 20)
-    assert summary == {"images": 10, "classes": 3, "shards": 3, "skipped": 0, "skipped_files": []}
+    assert summary == {"images": 10, "classes": 3, "shards": 3, "skipped": 0, "skipped_files": [],
+                       "images_per_class": {"min": 3, "mean": 3.33, "max": 4}}
     with tarfile.open(tmp_path / "train-000000.tar") as tar:
         names = tar.getnames()
     assert sorted(names[:3]) == ["s000.cls", "s000.json", "s000.png"]

@@ -97,7 +97,10 @@ def write_split(records: Iterable[Record], out: Path, split: str, image_size: in
             labels.append(label)
     index = build_index(out)
     (out / "index.json").write_text(json.dumps(index))
+    per_class = np.unique(labels, return_counts=True)[1] if labels else np.zeros(1, dtype=int)
     return {"images": len(labels), "classes": len(set(labels)), "shards": len(index["shards"]),
+            "images_per_class": {"min": int(per_class.min()), "mean": round(float(per_class.mean()), 2),
+                                 "max": int(per_class.max())},
             "skipped": len(skipped), "skipped_files": skipped[:100]}
 
 

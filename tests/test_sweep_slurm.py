@@ -1,0 +1,45 @@
+"""slurm/sweep.sh on the local Slurm cluster: a 2 x 2 grid as one job array (two tasks at a time on the
+node's two CPUs), then the summary job, which waits for the whole array (afterany). A second call
+submits no array, only the summary. Skips without a cluster, fails with REQUIRE_SLURM=1 (test_slurm)."""
+import json
+import subprocess
+
+from conftest import REPO, SMALL
+from test_slurm import job, slurm, user_env, wait_for_end  # noqa: F401  (slurm: the module's skip/require)
+from test_sweep import assert_summary
+
+ONE_CPU = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:20:00"]
+FIXED = ["data=digits", *(a for a in SMALL if not a.startswith("train.global_batch="))]
+
+
+def submit(out, *grid: str) -> dict[str, str]:
+    proc = subprocess.run(["bash", "slurm/sweep.sh", "--out", str(out), "--throttle", "2", *ONE_CPU, *grid, "--",
+                           *FIXED], cwd=REPO, env=user_env(NPROC_PER_NODE="1"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+
+
+def test_sweep_sh_runs_a_job_array_then_the_summary(tmp_path):
+    out = tmp_path / "sweep"
+    grid = ["train.global_batch=16,32", "seed=0,1"]
+    ids = submit(out, *grid)
+    array, summary = ids["array"], ids["summary"]
+    assert job(summary)["Dependency"].startswith(f"afterany:{array}")
+    assert job(f"{array}_0")["ArrayTaskThrottle"] == "2"
+    info = wait_for_end(summary, out / "slurm" / f"summary-{summary}.out")
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((out / "slurm").glob("*.out")))
+    assert info["JobState"] == "COMPLETED", logs
+    for task in range(4):
+        assert job(f"{array}_{task}")["JobState"] == "COMPLETED", logs
+        assert "launch: pipeline/run.py exited with status 0" in (out / "slurm" / f"{array}_{task}.out").read_text()
+    names = ["train.global_batch=16,seed=0", "train.global_batch=16,seed=1",
+             "train.global_batch=32,seed=0", "train.global_batch=32,seed=1"]
+    assert_summary(out, {"train.global_batch=16": names[:2], "train.global_batch=32": names[2:]})
+    assert "4/4 runs finished" in (out / "slurm" / f"summary-{summary}.out").read_text()
+    assert (out / "batch.png").is_file() and (out / "summary.png").is_file()
+
+    again = submit(out, *grid)  # every run finished: no array, only a new summary
+    assert again["array"].startswith("none") and set(again) == {"array", "summary"}
+    assert wait_for_end(again["summary"], out / "slurm" / f"summary-{again['summary']}.out")["JobState"] == "COMPLETED"
+    assert json.loads((out / "summary.json").read_text())["train.global_batch=32"]["recall@1"]["n"] == 2
