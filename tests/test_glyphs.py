@@ -49,13 +49,16 @@ def glyph_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def splits(glyph_run) -> dict[str, list]:
-    return {split: read_split(glyph_run / "shards" / split) for split in ("train", "test")}
+    return {split: read_split(glyph_run / "shards" / split) for split in ("train", "val", "test")}
 
 
 def test_open_set_split_with_many_classes(splits, glyph_run):
-    train, test = ({label for label, _, _ in splits[s]} for s in ("train", "test"))
-    assert not train & test, "a character is in both splits"
-    assert len(test) >= 1000 and abs(len(train) - len(test)) <= 1
+    """Half the characters test, half train; data.val_classes (0.1 by default) of the training half
+    held out as val."""
+    train, val, test = ({label for label, _, _ in splits[s]} for s in ("train", "val", "test"))
+    assert not train & test and not val & test and not train & val, "a character is in two splits"
+    assert len(test) >= 1000 and abs(len(train) + len(val) - len(test)) <= 1
+    assert len(val) == round(0.1 * (len(train) + len(val)))
     summary = json.loads((glyph_run / "shards" / "summary.json").read_text())
     assert summary["splits"]["test"]["classes"] == len(test)
     assert summary["splits"]["test"]["images"] == len(splits["test"])

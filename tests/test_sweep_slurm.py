@@ -1,15 +1,22 @@
 """slurm/sweep.sh on the local Slurm cluster: a 2 x 2 grid as one job array (two tasks at a time on the
 node's two CPUs), then the summary job, which waits for the whole array (afterany). A second call
-submits no array, only the summary. Skips without a cluster, fails with REQUIRE_SLURM=1 (test_slurm)."""
+submits no array, only the summary. Skips without a cluster, fails with REQUIRE_SLURM=1 (slurm_cluster)."""
 import json
 import subprocess
 
+import pytest
+
 from conftest import REPO, SMALL
-from test_slurm import job, slurm, user_env, wait_for_end  # noqa: F401  (slurm: the module's skip/require)
+from slurm_cluster import job, require_cluster, user_env, wait_for_end
 from test_sweep import assert_summary
 
 ONE_CPU = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:20:00"]
 FIXED = ["data=digits", *(a for a in SMALL if not a.startswith("train.global_batch="))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_node():
+    require_cluster(nodes=1)
 
 
 def submit(out, *grid: str) -> dict[str, str]:
