@@ -3,6 +3,7 @@
 demo data) run as written on the local cluster, with only the job's output and run_dir sent to a
 temporary folder; the others (real data and weights, absent here) at least pass the config check,
 with the defaults the script puts before them."""
+import itertools
 import re
 import shlex
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from conftest import REPO
 from slurm_cluster import completed, require_cluster, user_env
 
+from pipeline import sweep
 from pipeline.config import load_config
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
@@ -25,14 +27,23 @@ def code_lines(text: str) -> list[str]:
     return [line for i, block in enumerate(text.split("```")) if i % 2 for line in block.splitlines()]
 
 
+def header(script: Path) -> list[str]:
+    """A script's header: its comment lines after the #! line, up to #SBATCH or the first command."""
+    lines = script.read_text().split("#SBATCH")[0].splitlines()[1:]
+    return [line.lstrip("#") for line in itertools.takewhile(lambda line: line.startswith("#"), lines)]
+
+
 def documented() -> list[str]:
-    """Every command line that submits a slurm/ script, as documented (a trailing comment cut)."""
+    """Every command line that submits a slurm/ script, as documented (continuation lines joined, a
+    trailing comment cut); a synopsis with [optional] parts is not an example."""
     readme = (REPO / "README.md").read_text().split("\n## On a cluster")[1].split("\n## ")[0]
     candidates = code_lines(readme) + code_lines((REPO / "slurm" / "README.md").read_text())
-    for script in SCRIPTS:  # the header: the comment lines before the first #SBATCH
-        candidates += [line.lstrip("#") for line in script.read_text().split("#SBATCH")[0].splitlines()]
-    commands = {re.split(r"\s+#", line.strip())[0] for line in candidates}
-    return sorted(c for c in commands if re.search(r"\b(sbatch|bash)\b.*slurm/\w+\.sh", c))
+    for script in SCRIPTS:
+        candidates += header(script)
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(candidates)).splitlines()
+    commands = {re.split(r"\s+#", line.strip())[0] for line in joined}
+    return sorted(c for c in commands if re.match(r"(\w+=\S*\s+)*(sbatch|bash)\s.*slurm/\w+\.sh", c)
+                  and " [" not in c)
 
 
 def parse(command: str) -> tuple[dict, str, list[str]]:
@@ -68,8 +79,24 @@ def test_the_documentation_has_examples_of_both_kinds():
     assert all("--cpus-per-task=" in c for c in SMALL), "a small job keeps the script's --cpus-per-task=64 and pends"
 
 
+def sweep_words(command: str) -> tuple[list[str], list[str]]:
+    """slurm/sweep.sh's (grid words, fixed words): its own and sbatch's options left out."""
+    words = shlex.split(command)
+    words = words[next(i for i, w in enumerate(words) if w.endswith("slurm/sweep.sh")) + 1:]
+    rest, fixed = (words[:words.index("--")], words[words.index("--") + 1:]) if "--" in words else (words, [])
+    grid, skip = [], False
+    for word in rest:
+        if not skip and not word.startswith("-"):
+            grid.append(word)
+        skip = word in ("--out", "--throttle")  # options whose value is the next word
+    return grid, fixed
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_documented_arguments_pass_the_config_check(command):
+    if parse(command)[1] == "sweep.sh":  # every run of the grid, as tools/sweep.py checks them
+        sweep.plan(*sweep_words(command))
+        return
     for args in job_lines(command):
         load_config(args)  # a UserError (unknown key, preset or value) fails the test with its line
 
