@@ -40,6 +40,8 @@ class DataConfig:
     random_erasing: float = 0.0     # training: probability of erasing a random rectangle (IBC: 0.5)
     font_dirs: list[str] = field(default_factory=list)  # glyphs: font folders added to matplotlib's fonts
     min_fonts: int = 8              # glyphs: a character is a class when at least this many fonts draw it
+    max_fonts: int | None = None    # glyphs: ... and at most this many (None: no limit); 4 to 7 gives classes apart from the >= 8 set
+    seed: int | None = None         # the shard stage's seed (class split, val classes, glyph jitter); None = seed
 
 
 @dataclass
@@ -252,6 +254,8 @@ def load_config(args: list[str]) -> Config:
         cfg.recipe = chosen["recipe"]
     cfg = OmegaConf.merge(cfg, dotlist)
     config: Config = OmegaConf.to_object(cfg)
+    if config.data.seed is None:  # resolved here, so that the saved config and the fingerprints say which
+        config.data.seed = config.seed
     validate(config)
     return config
 
@@ -296,6 +300,8 @@ def validate(cfg: Config) -> None:
     if d.eval_resize is not None and d.eval_resize < cfg.model.image_size:
         raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={cfg.model.image_size} "
                         "(the eval view is a centre crop of the resized image)")
+    if d.max_fonts is not None and d.max_fonts < d.min_fonts:
+        raise UserError(f"data.max_fonts={d.max_fonts} is below data.min_fonts={d.min_fonts}: no character can be a class")
     if not 0.0 <= d.random_erasing <= 1.0:
         raise UserError(f"data.random_erasing={d.random_erasing} must be a probability in [0, 1]")
     from pipeline.losses.recall_at_k import check_kernel

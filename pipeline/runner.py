@@ -27,11 +27,12 @@ ORDER = ("shard", "embed", "finetune", "export", "eval")
 REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": ("finetune",), "eval": ("embed", "export")}
 
 # The settings each stage's output depends on (dotted prefixes), and those that never change it.
-_SHARD = ("seed", "data.name", "data.root", "data.image_size", "data.image_format", "data.test_fraction",
+# data.seed (the seed unless set) alone seeds the shards; the model's random init and training use seed.
+_SHARD = ("data.seed", "data.name", "data.root", "data.image_size", "data.image_format", "data.test_fraction",
           "data.shard_max_count", "data.shard_max_size", "data.val_classes", "data.font_dirs",
-          "data.min_fonts")
-_TRAIN = _SHARD + ("model", "train", "loss", "data.crop_scale", "data.hflip", "data.random_erasing")
-INPUTS = {"shard": _SHARD, "embed": _SHARD + ("model", "eval.batch_size", "data.eval_resize"), "finetune": _TRAIN,
+          "data.min_fonts", "data.max_fonts")
+_TRAIN = _SHARD + ("seed", "model", "train", "loss", "data.crop_scale", "data.hflip", "data.random_erasing")
+INPUTS = {"shard": _SHARD, "embed": _SHARD + ("seed", "model", "eval.batch_size", "data.eval_resize"), "finetune": _TRAIN,
           "export": _TRAIN + ("export",), "eval": _TRAIN + ("export", "eval", "data.eval_resize")}
 # Validation and tracking settings change what a run reports and which checkpoint is `best`, not the
 # weights it trains: changing them reruns nothing (a finished finetune would resume to do nothing).

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, rd: RunDir) -> None:
-    splits = hold_out_classes(convert(cfg.data, cfg.seed), cfg.data.val_classes, cfg.seed)
+    splits = hold_out_classes(convert(cfg.data, cfg.data.seed), cfg.data.val_classes, cfg.data.seed)
     tmp = fresh_dir(rd.shards.with_name("shards.tmp"))
     summary = {}
     for split, records in splits.items():

@@ -18,7 +18,7 @@ from fontTools.ttLib import TTFont
 from PIL import Image
 
 from conftest import run_pipeline
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, load_config
 from pipeline.data.converters import convert, glyphs
 from pipeline.errors import UserError
 
@@ -142,3 +142,15 @@ def test_bad_settings_say_what_to_do(tmp_path):
         convert(DataConfig(name="glyphs", font_dirs=[str(tmp_path)]), seed=0)
     with pytest.raises(UserError, match="min_fonts"):
         convert(DataConfig(name="glyphs", min_fonts=1000), seed=0)
+
+
+def test_font_ranges_that_do_not_overlap_give_disjoint_classes():
+    """data.max_fonts: characters drawn by 8 to 11 fonts and those drawn by 12 or more are two sets of
+    classes with nothing in common (an encoder pretrained on one is tested on the other)."""
+    faces = glyphs.load_faces(glyphs.font_files(DataConfig(name="glyphs")))
+    low, high, every = (glyphs.drawn(faces, 16, lo, hi) for lo, hi in ((8, 11), (12, None), (8, None)))
+    assert low and high and not low.keys() & high.keys()
+    assert low.keys() | high.keys() == every.keys()
+    assert all(8 <= len(f) <= 11 for f in low.values()) and all(len(f) >= 12 for f in high.values())
+    with pytest.raises(UserError, match="max_fonts"):
+        load_config(["data=glyphs", "data.min_fonts=8", "data.max_fonts=7"])

@@ -15,7 +15,9 @@ the cmap:
 - within a font, a rendering shared by several characters (Latin A, Greek Alpha, Cyrillic A drawn
   by one outline) belongs only to the lowest code point: the others would be indistinguishable;
 - within a class, identical renderings count once (the same typeface installed twice).
-A character is a class when at least data.min_fonts fonts draw it; classes are split
+A character is a class when at least data.min_fonts (and at most data.max_fonts) fonts draw it: two
+ranges that do not overlap give disjoint sets of classes (e.g. 4 to 7 fonts to pretrain an encoder
+on, 8 or more for the benchmark: tools/study_glyphs.py). Classes are split
 class-disjointly by a seeded data.test_fraction. Each image is rendered once, here, supersampled
 and reduced to data.image_size, centred on the font's own middle (so baseline and height, which
 tell "." from "·" and "o" from "O", are kept), with a seeded jitter of scale and position.
@@ -149,25 +151,24 @@ def _fingerprint(font: ImageFont.FreeTypeFont, char: str) -> bytes | None:
     return hashlib.blake2b(repr(box).encode() + ink.tobytes(), digest_size=16).digest()
 
 
-def drawn(faces: dict[Face, list[int]], size: int, min_fonts: int) -> dict[int, list[Face]]:
-    """Character -> the faces that really draw it, distinctly (see the module docstring); >= min_fonts."""
-    claims: dict[int, int] = {}
-    for codes in faces.values():
-        for code in codes:
-            claims[code] = claims.get(code, 0) + 1
+def drawn(faces: dict[Face, list[int]], size: int, min_fonts: int, max_fonts: int | None = None) -> dict[int, list[Face]]:
+    """Character -> the faces that really draw it, distinctly (see the module docstring); from min_fonts
+    to max_fonts (None: any number above) of them."""
     renders: dict[int, dict[bytes, Face]] = {}  # character -> rendering -> the first face that draws it so
     for face, codes in faces.items():
         font = face.font(round(EM * size * SUPERSAMPLE))
         notdef = _fingerprint(font, NOTDEF_PROBE)
+        # Every code the face claims is drawn, whatever min_fonts: who owns a rendering does not depend on
+        # it, so two font ranges give disjoint classes.
         owner: dict[bytes, int] = {}  # rendering -> lowest code point drawn so by this face
         for code in codes:
-            fingerprint = _fingerprint(font, chr(code)) if claims[code] >= min_fonts else None
+            fingerprint = _fingerprint(font, chr(code))
             if fingerprint is not None and fingerprint != notdef:
                 owner.setdefault(fingerprint, code)  # codes ascend: the first is the lowest
         for fingerprint, code in owner.items():
             renders.setdefault(code, {}).setdefault(fingerprint, face)
     return {code: list(by_render.values()) for code, by_render in sorted(renders.items())
-            if len(by_render) >= min_fonts}
+            if min_fonts <= len(by_render) <= (max_fonts or len(by_render))}
 
 
 def jittered(face: Face, font: ImageFont.FreeTypeFont, code: int, size: int, seed: int) -> Image.Image:
@@ -206,13 +207,15 @@ def convert(cfg: DataConfig, seed: int) -> dict[str, Iterator[Record]]:
     if cfg.min_fonts < 2:
         raise UserError(f"data.min_fonts={cfg.min_fonts}: a class needs at least 2 fonts (a query and a match)")
     faces = load_faces(font_files(cfg))
-    classes = drawn(faces, cfg.image_size, cfg.min_fonts)
+    classes = drawn(faces, cfg.image_size, cfg.min_fonts, cfg.max_fonts)
     if len(classes) < 2:
-        raise UserError(f"only {len(classes)} character(s) are drawn by data.min_fonts={cfg.min_fonts} fonts; "
-                        f"lower data.min_fonts or add fonts with data.font_dirs")
+        limit = "" if cfg.max_fonts is None else f" to data.max_fonts={cfg.max_fonts}"
+        raise UserError(f"only {len(classes)} character(s) are drawn by data.min_fonts={cfg.min_fonts}{limit} fonts; "
+                        f"widen that range or add fonts with data.font_dirs")
     test = split_classes(cfg, list(classes), seed)
     counts = [len(f) for f in classes.values()]
-    log.info("glyphs: %d fonts, %d characters drawn by >= %d of them (%d test), %d-%d fonts per class (mean %.1f)",
-             len(faces), len(classes), cfg.min_fonts, len(test), min(counts), max(counts), np.mean(counts))
+    log.info("glyphs: %d fonts, %d characters drawn by %d to %s of them (%d test), %d-%d fonts per class (mean %.1f)",
+             len(faces), len(classes), cfg.min_fonts, cfg.max_fonts or "all", len(test), min(counts), max(counts),
+             np.mean(counts))
     return {split: _records({c: f for c, f in classes.items() if (c in test) == (split == "test")}, cfg.image_size, seed)
             for split in ("train", "test")}
