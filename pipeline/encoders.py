@@ -68,12 +68,21 @@ def freeze(backbone: Backbone, trainable_blocks: int) -> None:
 
 
 def build_encoder(cfg: ModelConfig, seed: int, saved_config: dict | None = None) -> Embedder:
-    """`saved_config`: the backbone config stored by `export` (transformers models), for `load_exported`."""
+    """`saved_config`: the backbone config stored by `export` (transformers models), for `load_exported`.
+    A `model.pretrained` folder that this project exported starts the whole encoder, head included,
+    from that export (`exported_start`)."""
     builder = family(cfg)
+    start = exported_start(cfg)
+    if start is not None:
+        saved = start / "backbone_config.json"
+        cfg = dataclasses.replace(cfg, pretrained=None)
+        saved_config = json.loads(saved.read_text()) if saved.is_file() else saved_config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random-init weights (the tiny preset, the head) depend on the seed only
         backbone = builder.build(cfg, saved_config)
         model = Embedder(backbone.module, backbone.width, cfg.embed_dim, cfg.head_norm)
+    if start is not None:
+        model.load_state_dict(load_file(str(start / "model.safetensors")))
     freeze(backbone, cfg.trainable_blocks)
     if cfg.grad_checkpointing:
         backbone.set_grad_checkpointing()
@@ -82,10 +91,42 @@ def build_encoder(cfg: ModelConfig, seed: int, saved_config: dict | None = None)
 
 
 def preprocessing(cfg: ModelConfig) -> tuple[list[float], list[float]]:
-    """(mean, std): model.mean/model.std where set, else the values the model's weights were trained with."""
+    """(mean, std): model.mean/model.std where set, else the values the model's weights were trained with
+    (an exported start: those its config.json records)."""
     if cfg.mean is not None and cfg.std is not None:
         return list(cfg.mean), list(cfg.std)
+    start = exported_start(cfg)
+    if start is not None:
+        saved = json.loads((start / "config.json").read_text())
+        return list(saved["mean"]), list(saved["std"])
     return family(cfg).preprocessing(cfg)
+
+
+def is_exported(path: Path) -> bool:
+    """A folder written by `export`: model.safetensors and a config.json of this project's model keys
+    (a transformers save_pretrained folder has both files too, with its own config)."""
+    if not ((path / "model.safetensors").is_file() and (path / "config.json").is_file()):
+        return False
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and all(k in saved for k in ARCHITECTURE)
+
+
+def exported_start(cfg: ModelConfig) -> Path | None:
+    """model.pretrained as a folder written by stage=export (e.g. an encoder pretrained on other classes,
+    or a finetuned one to finetune further): the folder, checked to hold this very architecture; None
+    for weights in a library's own format."""
+    if not cfg.pretrained or not is_exported(Path(cfg.pretrained).expanduser()):
+        return None
+    folder = Path(cfg.pretrained).expanduser()
+    saved = json.loads((folder / "config.json").read_text())
+    differ = [f"{k}={saved.get(k)}" for k in ARCHITECTURE if saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise UserError(f"model.pretrained={cfg.pretrained} is an exported encoder with {', '.join(differ)}; "
+                        f"set those model keys to the same values (or start from another export)")
+    return folder
 
 
 def export(model: nn.Module, cfg: ModelConfig, out: Path) -> None:

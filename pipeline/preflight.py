@@ -72,7 +72,7 @@ def check_data(cfg: Config, root: Path) -> None:
     from pipeline.data.converters import convert
     from pipeline.data.shards import estimated_size
 
-    splits = convert(cfg.data, cfg.seed)  # a missing folder or list file raises here, naming it
+    splits = convert(cfg.data, cfg.data.seed)  # a missing folder or list file raises here, naming it
     images, need = 0, 0
     for records in splits.values():
         count, size = estimated_size(records, cfg.data.image_size, cfg.data.image_format)
@@ -86,14 +86,19 @@ def check_data(cfg: Config, root: Path) -> None:
 
 def check_pretrained(cfg: ModelConfig) -> None:
     """model.pretrained exists and is what the family loads: a weights file (safetensors or
-    torch.save's format) for timm and open_clip, a from_pretrained folder of that model for transformers."""
+    torch.save's format) for timm and open_clip, a from_pretrained folder of that model for transformers,
+    or a folder this project exported of the same architecture."""
     from pipeline.backbones import family
+
+    from pipeline.encoders import exported_start, is_exported
 
     family(cfg)  # an unknown model.family is its own one-line error
     path = Path(cfg.pretrained).expanduser()
     if not path.exists():
         raise UserError(f"model.pretrained={cfg.pretrained} does not exist; give the local {cfg.family} weights")
-    if cfg.family == "transformers":
+    if is_exported(path):
+        exported_start(cfg)  # this project's export: the architecture must be the same
+    elif cfg.family == "transformers":
         _check_hf_folder(cfg, path)
     elif path.is_dir():
         raise UserError(f"model.pretrained={cfg.pretrained} is a folder; {cfg.family} needs the weights file "

@@ -1,4 +1,5 @@
 """The embed stage across processes: each rank embeds its shards; merged in shard order; resumable."""
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from pipeline.config import ModelConfig, load_config
 from pipeline.data.converters import Record
 from pipeline.data.shards import write_split
 from pipeline.data.transforms import eval_transform
-from pipeline.encoders import build_encoder
+from pipeline.encoders import build_encoder, load_exported
 from pipeline.inference import embed_split, load_embeddings, save_embeddings
 
 # Digits in shards of 100 (written by 2 processes): 10 train shards, 9 test shards, so two ranks get
@@ -115,3 +116,19 @@ def test_embed_stage_resumes_from_its_parts(tmp_path):
     expected = single_process(tmp_path)
     np.testing.assert_allclose(train["embeddings"][100:], expected["train"]["embeddings"][100:], rtol=1e-5, atol=1e-6)
     assert_same_embeddings(load_embeddings(tmp_path / "embeddings" / "frozen" / "test.npz"), expected["test"])
+
+
+def test_an_export_as_pretrained_is_the_frozen_encoder(digits_run, tmp_path):
+    """model.pretrained=<an exported folder> (say, an encoder pretrained on other classes): the frozen
+    encoder is that export exactly, head included, whatever the seed; an export of another
+    architecture fails in one line before any stage writes."""
+    export = digits_run / "export"
+    run_pipeline("stage=embed", f"run_dir={tmp_path / 'run'}", *SMALL, "seed=5", f"model.pretrained={export}")
+    saved = ModelConfig(**json.loads((export / "config.json").read_text()))
+    expected = embed_split(load_exported(export), tmp_path / "run" / "shards" / "test", eval_transform(saved), 64,
+                           torch.device("cpu"))
+    assert_same_embeddings(load_embeddings(tmp_path / "run" / "embeddings" / "frozen" / "test.npz"), expected)
+    bad = run_pipeline("stage=all", f"run_dir={tmp_path / 'bad'}", *SMALL, "model.embed_dim=64",
+                       f"model.pretrained={export}", check=False)
+    assert bad.returncode == 2 and "exported encoder with embed_dim=32" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

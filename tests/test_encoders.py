@@ -164,6 +164,18 @@ def test_every_family_freezes_exports_and_checkpoints(tmp_path, preset):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
     assert json.loads((tmp_path / "config.json").read_text())["mean"] == preprocessing(cfg)[0]
+    # The export as model.pretrained: the whole encoder (head too) starts from it, whatever the seed.
+    start = dataclasses.replace(cfg, pretrained=str(tmp_path), mean=None, std=None)
+    again = build_encoder(start, seed=7)
+    assert again.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert preprocessing(start) == preprocessing(cfg)
+
+
+def test_export_of_another_architecture_as_pretrained_is_one_line(tmp_path):
+    export(build_encoder(ModelConfig(**TINY), seed=0), ModelConfig(**TINY), tmp_path)
+    with pytest.raises(UserError, match=r"exported encoder with depth=2, embed_dim=16; set those model keys"):
+        build_encoder(ModelConfig(patch_size=8, depth=3, embed_dim=32, pretrained=str(tmp_path)), seed=0)
 
 
 def test_model_normalisation_feeds_the_transforms():
