@@ -8,6 +8,8 @@
                  array task, the aggregation job) read the same runs
     finished     every requested stage of the run is complete for these settings (the runner's own
                  completion markers), so a finished run is skipped and a killed one run again
+    shared       runs whose shard stage has the same settings shard once (tools/sweep.py): the others
+                 copy the shards and the stage's marker
     summary      for each setting (a grid point without its seed, its words joined by spaces), the
                  mean, sample standard deviation and n of every metric of the finished runs:
                  SWEEP/summary.json, SWEEP/summary.md (with the runs that did not finish), and plots
@@ -25,14 +27,16 @@ import itertools
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.run_dir import RunDir, write_json
+from pipeline.run_dir import RunDir, replace_dir, write_json
 
 SEED, BATCH = "seed", "train.global_batch"
 PLAN, SUMMARY_JSON, SUMMARY_MD = "sweep.json", "summary.json", "summary.md"
@@ -145,6 +149,49 @@ def finished(run: Run, fixed: list[str], out: Path) -> bool:
             stages.add(stage)
             todo += runner.requires(stage, cfg)
     return all(rd.is_complete(s, runner.fingerprint(cfg, rd, s)) for s in stages)
+
+
+def _stage_state(run: Run, fixed: list[str], out: Path, stage: str) -> tuple[str, bool]:
+    """(the stage's settings as a key, whether the run has that stage complete with them)."""
+    from pipeline import runner
+
+    cfg = load_config(args(run, fixed, out))
+    rd = RunDir(cfg.run_dir)
+    fp = runner.fingerprint(cfg, rd, stage)
+    return json.dumps(fp["settings"], sort_keys=True), rd.is_complete(stage, fp)
+
+
+def share_shards(runs: list[Run], todo: list[Run], fixed: list[str], out: Path, shard: Callable[[Run], bool]) -> None:
+    """Runs to do that shard the same data (equal shard-stage settings: a grid over seeds with data.seed
+    fixed, or over training settings alone) share one sharding: a run of the group that has it (or
+    else the first, sharded now by `shard(run)`, False if that failed) gives the others a copy of its
+    shards and completion marker, so that their shard stage counts as done."""
+    groups: dict[str, list[tuple[Run, bool]]] = {}
+    for run in runs:
+        key, done = _stage_state(run, fixed, out, "shard")
+        groups.setdefault(key, []).append((run, done))
+    for members in groups.values():
+        waiting = [r for r, done in members if not done and r in todo]
+        if len(members) < 2 or not waiting:
+            continue
+        donor = next((r for r, done in members if done), None)
+        if donor is None:
+            donor = waiting.pop(0)
+            if not shard(donor):
+                continue  # the runs shard for themselves (and fail, if they must, with their own logs)
+        for run in waiting:
+            _copy_shards(Path(out) / donor.name, Path(out) / run.name)
+
+
+def _copy_shards(donor: Path, run_dir: Path) -> None:
+    source, target = RunDir(donor), RunDir(run_dir)
+    tmp = target.root / "shards.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(source.shards, tmp)
+    replace_dir(tmp, target.shards)
+    target.marker("shard").parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source.marker("shard"), target.marker("shard"))  # written last: the copy is whole
 
 
 # ---- aggregation ----------------------------------------------------------------------------------

@@ -105,8 +105,9 @@ def snapshot(out: Path) -> dict[str, float]:
 
 
 def test_sweep_runs_each_point_skips_finished_and_reruns_a_killed_run(tmp_path):
+    """data.seed fixed: the four runs have the same shards, made by the first and copied to the others."""
     out = tmp_path / "sweep"
-    grid = ["--out", str(out), "--jobs", "2", "train.lr=1e-4,1e-3", "seed=0,1", "--", *TINY]
+    grid = ["--out", str(out), "--jobs", "2", "train.lr=1e-4,1e-3", "seed=0,1", "--", *TINY, "data.seed=0"]
     names = ["train.lr=1e-4,seed=0", "train.lr=1e-4,seed=1", "train.lr=1e-3,seed=0", "train.lr=1e-3,seed=1"]
     victim = out / names[-1]
     proc = sweep_cli(*grid)
@@ -119,6 +120,11 @@ def test_sweep_runs_each_point_skips_finished_and_reruns_a_killed_run(tmp_path):
         rank.send_signal(signal.SIGKILL)
     status, log = finish(proc)
     assert killed and status == 1, log
+    assert log.count("sweep: sharding once in") == 1 and f"sharding once in {names[0]}" in log
+    shards = [{str(p.relative_to(out / n)): p.read_bytes() for p in (out / n / "shards").rglob("*") if p.is_file()}
+              for n in names]
+    assert shards[0] and all(s == shards[0] for s in shards)
+    assert len({json.loads((out / n / "stages" / "shard.json").read_text())["run_id"] for n in names}) == 1
     assert f"{names[-1]} FAILED (exit -9)" in log and f"failed: {victim}" in log
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(names)
     assert_summary(out, {"train.lr=1e-4": names[:2], "train.lr=1e-3": names[2:3]})

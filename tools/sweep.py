@@ -6,7 +6,8 @@
 
 One run directory per grid point, SWEEP/<its words joined by commas>; N runs at a time (default 1);
 finished runs are skipped, so after a crash or a kill the same command runs what is missing (a
-killed run resumes from its last checkpoint). Each run's output goes to SWEEP/<run>/sweep.log.
+killed run resumes from its last checkpoint). Runs with the same shard settings (e.g. seeds with
+data.seed fixed) shard once and copy. Each run's output goes to SWEEP/<run>/sweep.log.
 Exit status 1 when a run failed (the summary still covers the others), 2 for a bad command line.
 
 For slurm/sweep.sh:  --plan GRID... -- ...  writes the plan and prints the numbers of the runs not yet
@@ -46,12 +47,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     return options, grid, fixed
 
 
-def start(run: sweep.Run, fixed: list[str], out: Path, env: dict) -> subprocess.Popen:
+def start(run: sweep.Run, fixed: list[str], out: Path, env: dict, *extra: str) -> subprocess.Popen:
     folder = out / run.name
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "sweep.log", "ab") as log:
-        return subprocess.Popen([sys.executable, str(REPO / "pipeline" / "run.py"), *sweep.args(run, fixed, out)],
+        return subprocess.Popen([sys.executable, str(REPO / "pipeline" / "run.py"), *sweep.args(run, fixed, out), *extra],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def shard_first(run: sweep.Run, fixed: list[str], out: Path) -> bool:
+    """The shard stage of `run` alone, for the runs that share its shards (pipeline.sweep.share_shards)."""
+    print(f"sweep: sharding once in {run.name} for the runs with the same data", flush=True)
+    return start(run, fixed, out, dict(os.environ), "stage=shard").wait() == 0
 
 
 def run_all(runs: list[sweep.Run], fixed: list[str], out: Path, jobs: int) -> None:
@@ -104,6 +111,7 @@ def main(argv: list[str]) -> int:
                 return 0
             print(f"sweep: {len(runs)} runs in {out}, {len(runs) - len(todo)} already finished, "
                   f"{len(todo)} to run, {options.jobs} at a time", flush=True)
+            sweep.share_shards(runs, todo, fixed, out, lambda run: shard_first(run, fixed, out))
             run_all(todo, fixed, out, options.jobs)
         summary, status = sweep.aggregate(out)
     except UserError as e:
