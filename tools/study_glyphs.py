@@ -1,0 +1,188 @@
+"""The glyphs study: the seed papers' comparisons on data=glyphs, in one command (BENCHMARKS.md).
+
+    python tools/study_glyphs.py --out runs/study [--jobs 2] [--seeds 3]
+    python tools/study_glyphs.py --out runs/study --report     only (re)write the report
+
+1. pretrain  the tiny ViT on the characters that 4 to 7 fonts draw (multi-similarity loss), classes
+             disjoint from the benchmark's (8 fonts or more): the stand-in for the ImageNet
+             weights the papers start from. From random weights RS@k makes the tiny ViT worse on
+             glyphs (BENCHMARKS.md): it needs an encoder that already ranks, as in the papers.
+2. frozen    that encoder on the benchmark's test classes, untouched: the baseline.
+3. sweeps    from it, one protocol for every method (Roth et al.'s fairness: the same encoder,
+             images seen, sampler, augmentation, optimiser and schedule), each over --seeds seeds,
+             each a tools/sweep.py folder in OUT:
+               losses         every other loss preset at batch 128
+               rsk            RS@k and RS@k + SiMix at global batch 128, 512 and 2,048 (two-pass,
+                              the same chunk, the same number of images: train.epochs)
+               query_in_rank  RS@k with the query counted in every positive's rank (the authors' code)
+               rho            the margin loss on Roth's distance-weighted triplets, with and without
+                              rho-regularisation at his CUB/Cars p = 0.35
+4. report    OUT/report.md and OUT/losses.png: mean ± sample std over the seeds, and for each
+             comparison the difference of the means with Welch's t-test p-value (n = seeds).
+
+Every step skips what is finished (the runner's markers, the sweeps' own skipping), so after a crash
+or a kill the same command carries on. Runs go --jobs at a time, one thread each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # a checkout that is not pip-installed
+
+from pipeline import sweep, sweep_plots  # noqa: E402
+from pipeline.run_dir import RunDir  # noqa: E402
+
+# Multi-similarity: normalized softmax over these 1,558 classes of ~4 images stayed at chance (loss
+# ln 1558) for 800 steps at lr 1e-4 and 1e-3; multi-similarity took its held-out recall@1 from 0.12 to 0.54.
+PRETRAIN = ["data=glyphs", "data.min_fonts=4", "data.max_fonts=7", "data.test_fraction=0.2", "data.val_classes=0",
+            "loss=multi_similarity", "train.max_steps=1500", "train.lr=5e-4", "train.head_lr=5e-4",
+            "train.warmup_steps=50", "train.val_every=0", "eval.diagnostics=false"]
+BENCHMARK = ["data=glyphs", "data.seed=0"]  # one class split and rendering for every seed of every method
+PROTOCOL = [*BENCHMARK, "train.epochs=3", "train.warmup_steps=0", "train.val_every=50", "eval.models=[finetuned]"]
+OTHER_LOSSES = ("margin,margin_rho,triplet,triplet_rho,contrastive,contrastive_rho,multi_similarity,lifted,"
+                "normalized_softmax,proxy_anchor,arcface,mpn")
+SWEEPS = {  # name: (grid words before the seeds, fixed words after the protocol's)
+    "losses": ([f"loss={OTHER_LOSSES}"], []),
+    "rsk": (["loss=rsk,rsk_simix", "train.global_batch=128,512,2048"], []),
+    "query_in_rank": (["train.include_query_in_rank=true"], ["loss=rsk"]),
+    "rho": (["loss.p_switch=0,0.35"], ["loss=margin", "loss.miner=distance"]),
+}
+METRICS = ["recall@1", "recall@4", "map@r", "nmi", "best val/recall@1", "test/rho", "train/rho", "test/pi_ratio"]
+
+
+def pipeline(run_dir: Path, *args: str) -> None:
+    """One pipeline/run.py command, its output in run_dir/study.log; a failure ends the study."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"study: {run_dir.name}: python pipeline/run.py {' '.join(args)}", flush=True)
+    with open(run_dir / "study.log", "ab") as log:
+        status = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), *args, f"run_dir={run_dir}"],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    if status:
+        sys.exit(f"study: {run_dir.name} failed (exit {status}); see {run_dir / 'study.log'}")
+
+
+def run_sweeps(out: Path, start: Path, jobs: int, seeds: int) -> None:
+    seed_word = "seed=" + ",".join(str(s) for s in range(seeds))
+    for name, (grid, fixed) in SWEEPS.items():
+        command = [sys.executable, str(REPO / "tools" / "sweep.py"), "--out", str(out / name), "--jobs", str(jobs),
+                   *grid, seed_word, "--", *PROTOCOL, f"model.pretrained={start}", *fixed]
+        print(f"study: sweep {name}", flush=True)
+        if subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode:
+            print(f"study: sweep {name} had failed runs (see {out / name / 'summary.md'}); carrying on", flush=True)
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+def frozen_metrics(out: Path) -> dict[str, float]:
+    """The pretrained encoder's metrics on the benchmark (one run: no spread), by the sweeps' names."""
+    rd = RunDir(out / "frozen")
+    flat = {k: v for k, v in json.loads((rd.eval / "metrics.json").read_text())["frozen"].items()}
+    for split, values in json.loads((rd.eval / "diagnostics.json").read_text())["frozen"].items():
+        flat.update({f"{split}/{k}": v for k, v in values.items()})
+    return flat
+
+
+def settings(out: Path) -> dict[str, dict]:
+    """Every setting of every sweep, named 'sweep: words', with its statistics."""
+    found = {}
+    for name in SWEEPS:
+        path = out / name / sweep.SUMMARY_JSON
+        if path.is_file():
+            found.update({f"{name}: {setting}": stats for setting, stats in json.loads(path.read_text()).items()})
+    return found
+
+
+def cell(stats: dict | None) -> str:
+    if not stats:
+        return "n/a"
+    return f"{stats['mean']:.4f}" + (f" ± {stats['std']:.4f}" if stats.get("std") is not None else "")
+
+
+def welch(a: dict | None, b: dict | None) -> str:
+    """b - a, and Welch's two-sided p-value where both have a spread."""
+    from scipy.stats import ttest_ind_from_stats
+
+    if not a or not b:
+        return "n/a"
+    diff = f"{b['mean'] - a['mean']:+.4f}"
+    if not a.get("std") or not b.get("std") or a["n"] < 2 or b["n"] < 2:
+        return diff
+    p = ttest_ind_from_stats(a["mean"], a["std"], a["n"], b["mean"], b["std"], b["n"], equal_var=False).pvalue
+    return f"{diff} (p = {p:.2g})"
+
+
+def table(rows: dict[str, dict], metrics: list[str]) -> list[str]:
+    lines = ["| setting | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    return lines + [f"| {name} | " + " | ".join(cell(stats.get(m)) for m in metrics) + " |" for name, stats in rows.items()]
+
+
+def report(out: Path) -> str:
+    frozen = {k: {"mean": v, "std": None, "n": 1} for k, v in frozen_metrics(out).items()}
+    every = settings(out)
+    base = "train.global_batch=128"
+    losses = {"frozen (the pretrained encoder)": frozen}
+    losses.update({f"loss={loss}": every.get(f"rsk: loss={loss} {base}", {}) for loss in ("rsk", "rsk_simix")})
+    losses.update({setting.split(": ", 1)[1]: stats for setting, stats in every.items() if setting.startswith("losses:")})
+    plotted = {k: {**v, **{f"frozen/{m}": frozen[m] for m in frozen}} for k, v in losses.items() if k.startswith("loss=")}
+    sweep_plots.bars(plotted, ["recall@1", "map@r", "nmi", "test/rho"], out / "losses.png")
+    rsk = every.get(f"rsk: loss=rsk {base}")
+    lines = ["# The glyphs study", "", f"Made by `python tools/study_glyphs.py --out {out}`. Each cell: mean ± sample "
+             "std over the seeds (the frozen encoder: one run). Comparisons: difference of the means, Welch's "
+             "two-sided p-value.", "", "## Every loss under one protocol (batch 128)", "", *table(losses, METRICS), "",
+             "![losses](losses.png)", "", "Each loss against the frozen encoder and against RS@k (recall@1):", "",
+             "| loss | - frozen | - RS@k |", "|---|---|---|"]
+    lines += [f"| {name} | {welch(frozen['recall@1'], s.get('recall@1'))} | {welch(rsk and rsk.get('recall@1'), s.get('recall@1'))} |"
+              for name, s in losses.items() if name.startswith("loss=")]
+    batch = {b: {loss: every.get(f"rsk: loss={loss} train.global_batch={b}", {}) for loss in ("rsk", "rsk_simix")}
+             for b in (128, 512, 2048)}
+    lines += ["", "## RS@k against the batch (the same images seen)", "",
+              "| global batch | RS@k recall@1 | RS@k map@r | + SiMix recall@1 | + SiMix map@r | SiMix - RS@k (recall@1) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {b} | {cell(s['rsk'].get('recall@1'))} | {cell(s['rsk'].get('map@r'))} | "
+              f"{cell(s['rsk_simix'].get('recall@1'))} | {cell(s['rsk_simix'].get('map@r'))} | "
+              f"{welch(s['rsk'].get('recall@1'), s['rsk_simix'].get('recall@1'))} |" for b, s in batch.items()]
+    lines += ["", f"2,048 - 128, recall@1: RS@k {welch(batch[128]['rsk'].get('recall@1'), batch[2048]['rsk'].get('recall@1'))}, "
+              f"+ SiMix {welch(batch[128]['rsk_simix'].get('recall@1'), batch[2048]['rsk_simix'].get('recall@1'))}.", "",
+              "![batch](rsk/batch.png)", ""]
+    query = {"include_query_in_rank=false (the default)": rsk or {},
+             "include_query_in_rank=true (the authors' code)": every.get("query_in_rank: train.include_query_in_rank=true", {})}
+    lines += ["## The query in its positives' ranks", "", *table(query, METRICS[:5]), "",
+              f"true - false: recall@1 {welch(*(q.get('recall@1') for q in query.values()))}, "
+              f"map@r {welch(*(q.get('map@r') for q in query.values()))}.", ""]
+    rho = {"margin, pml's distance-weighted miner": every.get("losses: loss=margin", {}),
+           "margin_rho (p = 0.2)": every.get("losses: loss=margin_rho", {}),
+           "margin, Roth's miner, p = 0": every.get("rho: loss.p_switch=0", {}),
+           "margin, Roth's miner, p = 0.35": every.get("rho: loss.p_switch=0.35", {})}
+    pair = [rho["margin, Roth's miner, p = 0"], rho["margin, Roth's miner, p = 0.35"]]
+    lines += ["## rho-regularisation of the margin loss", "", *table(rho, METRICS), "",
+              f"p = 0.35 - p = 0: recall@1 {welch(*(p.get('recall@1') for p in pair))}, "
+              f"test/rho {welch(*(p.get('test/rho') for p in pair))}, train/rho {welch(*(p.get('train/rho') for p in pair))}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="the study's folder")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2, one thread each)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    parser.add_argument("--report", action="store_true", help="only write the report of what has run")
+    options = parser.parse_args(argv)
+    out = options.out.resolve()
+    if not options.report:
+        pipeline(out / "pretrain", "stage=all", *PRETRAIN)
+        start = out / "pretrain" / "export"
+        pipeline(out / "frozen", "stage=eval", "eval.models=[frozen]", *BENCHMARK, f"model.pretrained={start}")
+        run_sweeps(out, start, options.jobs, options.seeds)
+    (out / "report.md").write_text(report(out))
+    print(f"study: report in {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
