@@ -89,7 +89,6 @@ def check_pretrained(cfg: ModelConfig) -> None:
     torch.save's format) for timm and open_clip, a from_pretrained folder of that model for transformers,
     or a folder this project exported of the same architecture."""
     from pipeline.backbones import family
-
     from pipeline.encoders import exported_start, is_exported
 
     family(cfg)  # an unknown model.family is its own one-line error
