@@ -4,12 +4,15 @@
 #   bash slurm/sweep.sh --out runs/losses --throttle 4 --partition=gpu --gpus-per-node=1 \
 #       loss=rsk,margin seed=0,1,2 -- data=glyphs train.max_steps=1000
 # The grid, the run folders (SWEEP/<run>) and the summary are tools/sweep.py's (see pipeline/sweep.py).
-# One array task per run not yet finished (a second call submits none for finished runs), at most N
+# First a job that shards once for the runs that shard the same data (e.g. seeds with data.seed fixed)
+# and copies the shards to the others (tools/sweep.py --share-shards); then, after it however it ended
+# (a task whose shards are missing shards for itself), one array task per run not yet finished (a
+# second call submits neither for finished runs), at most N
 # running at once with --throttle N; each is slurm/sweep_task.sh: launch.sh's launcher on one node
 # (NPROC_PER_NODE processes; preemption: checkpoint and requeue). The summary job depends on the
 # array with afterany, so it runs however the tasks ended and lists the runs that did not finish.
-# Options starting with - (write them as --option=value) go to both sbatch calls. Prints the job ids.
-# Task output: SWEEP/slurm/<array id>_<task>.out; the summary's: SWEEP/slurm/summary-<id>.out.
+# Options starting with - (write them as --option=value) go to every sbatch call. Prints the job ids.
+# Task output: SWEEP/slurm/<array id>_<task>.out; the others': SWEEP/slurm/{shards,summary}-<id>.out.
 set -euo pipefail
 export PIPELINE_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 usage="usage: bash slurm/sweep.sh --out SWEEP [--throttle N] [--sbatch-option=value ...] GRID... -- key=value..."
@@ -34,8 +37,12 @@ todo=$(python "$PIPELINE_REPO/tools/sweep.py" --out "$out" --plan "${grid[@]}" -
 mkdir -p "$out/slurm"
 after=()
 if [[ -n $todo ]]; then
+    shards=$(sbatch --parsable --job-name=sweep-shards --output="$out/slurm/shards-%j.out" "${sbatch_args[@]}" \
+        --ntasks=1 --wrap="python $(printf %q "$PIPELINE_REPO/tools/sweep.py") --out $(printf %q "$out") --share-shards" \
+        | cut -d';' -f1)
+    echo "shards $shards"
     array=$(sbatch --parsable --array="$todo${throttle:+%$throttle}" --output="$out/slurm/%A_%a.out" \
-        "${sbatch_args[@]}" "$PIPELINE_REPO/slurm/sweep_task.sh" "$out" | cut -d';' -f1)
+        --dependency="afterany:$shards" "${sbatch_args[@]}" "$PIPELINE_REPO/slurm/sweep_task.sh" "$out" | cut -d';' -f1)
     echo "array $array"
     after=(--dependency="afterany:$array")
 else

@@ -144,8 +144,9 @@ def test_sweep_runs_each_point_skips_finished_and_reruns_a_killed_run(tmp_path):
 
 
 def test_aggregate_alone_and_a_bad_command_line(tmp_path):
-    status, log = finish(sweep_cli("--out", str(tmp_path), "--aggregate"))
-    assert status == 2 and "is not a sweep folder" in log
+    for mode in ("--aggregate", "--share-shards"):
+        status, log = finish(sweep_cli("--out", str(tmp_path), mode))
+        assert status == 2 and "is not a sweep folder" in log
     status, log = finish(sweep_cli("--out", str(tmp_path), "loss=rsk,nope", "--", *TINY))
     assert status == 2 and log.strip().splitlines()[-1].startswith("error: unknown preset loss=nope")
     assert not (tmp_path / "loss=rsk").exists()

@@ -1,6 +1,6 @@
-"""slurm/sweep.sh on the local Slurm cluster: a 2 x 2 grid as one job array (two tasks at a time on the
-node's two CPUs), then the summary job, which waits for the whole array (afterany). A second call
-submits no array, only the summary. Skips without a cluster, fails with REQUIRE_SLURM=1 (slurm_cluster)."""
+"""slurm/sweep.sh on the local Slurm cluster: the job that shards once per group of runs with the same
+data, then a 2 x 2 grid as one job array (two tasks at a time on the node's two CPUs), then the summary
+job, which waits for the whole array (afterany). A second call submits no array, only the summary. Skips without a cluster, fails with REQUIRE_SLURM=1 (slurm_cluster)."""
 import json
 import subprocess
 
@@ -31,7 +31,8 @@ def test_sweep_sh_runs_a_job_array_then_the_summary(tmp_path):
     out = tmp_path / "sweep"
     grid = ["train.global_batch=16,32", "seed=0,1"]
     ids = submit(out, *grid)
-    array, summary = ids["array"], ids["summary"]
+    shards, array, summary = ids["shards"], ids["array"], ids["summary"]
+    assert job(f"{array}_0")["Dependency"].startswith(f"afterany:{shards}")
     assert job(summary)["Dependency"].startswith(f"afterany:{array}")
     assert job(f"{array}_0")["ArrayTaskThrottle"] == "2"
     info = wait_for_end(summary, out / "slurm" / f"summary-{summary}.out")
@@ -43,10 +44,17 @@ def test_sweep_sh_runs_a_job_array_then_the_summary(tmp_path):
     names = ["train.global_batch=16,seed=0", "train.global_batch=16,seed=1",
              "train.global_batch=32,seed=0", "train.global_batch=32,seed=1"]
     assert_summary(out, {"train.global_batch=16": names[:2], "train.global_batch=32": names[2:]})
+    # data.seed follows seed: the runs of one seed shard the same data, once (the batch-16 run), and the
+    # batch-32 run got a copy of those shards and their marker before its task started
+    assert (out / "slurm" / f"shards-{shards}.out").read_text().count("sweep: sharding once in") == 2
+    for seed in (0, 1):
+        donor, copy = out / f"train.global_batch=16,seed={seed}", out / f"train.global_batch=32,seed={seed}"
+        assert (copy / "stages" / "shard.json").read_bytes() == (donor / "stages" / "shard.json").read_bytes()
+        assert "stages.shard" not in (copy / "logs" / "rank0.log").read_text()
     assert "4/4 runs finished" in (out / "slurm" / f"summary-{summary}.out").read_text()
     assert (out / "batch.png").is_file() and (out / "summary.png").is_file()
 
     again = submit(out, *grid)  # every run finished: no array, only a new summary
-    assert again["array"].startswith("none") and set(again) == {"array", "summary"}
+    assert again["array"].startswith("none") and set(again) == {"array", "summary"}  # and no shards job
     assert wait_for_end(again["summary"], out / "slurm" / f"summary-{again['summary']}.out")["JobState"] == "COMPLETED"
     assert json.loads((out / "summary.json").read_text())["train.global_batch=32"]["recall@1"]["n"] == 2

@@ -11,7 +11,8 @@ data.seed fixed) shard once and copy. Each run's output goes to SWEEP/<run>/swee
 Exit status 1 when a run failed (the summary still covers the others), 2 for a bad command line.
 
 For slurm/sweep.sh:  --plan GRID... -- ...  writes the plan and prints the numbers of the runs not yet
-finished (comma-separated); --args I prints run I's pipeline/run.py arguments, NUL-separated.
+finished (comma-separated); --share-shards shards once for each group of the planned runs that shard
+the same data (the job before the array); --args I prints run I's pipeline/run.py arguments, NUL-separated.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     mode.add_argument("--aggregate", action="store_true", help="only write the summary of the planned runs")
     mode.add_argument("--plan", action="store_true", help="write the plan; print the unfinished runs' numbers")
     mode.add_argument("--args", type=int, metavar="I", help="print run I's arguments, NUL-separated")
+    mode.add_argument("--share-shards", action="store_true", help="shard once for the planned runs with the same data")
     options, grid = parser.parse_known_args(words)
     unknown = [w for w in grid if w.startswith("-")]
     if unknown:
@@ -92,10 +94,14 @@ def main(argv: list[str]) -> int:
     options, grid, fixed = parse(argv)
     out: Path = options.out.resolve()  # the runs start in the repository: a relative path would move
     try:
-        if options.aggregate or options.args is not None:
+        if options.aggregate or options.share_shards or options.args is not None:
             if grid or fixed:
-                raise UserError("--aggregate and --args read the planned sweep: give no grid words")
+                raise UserError("--aggregate, --share-shards and --args read the planned sweep: give no grid words")
             fixed, runs = sweep.load_plan(out)
+            if options.share_shards:
+                todo = [r for r in runs if not sweep.finished(r, fixed, out)]
+                sweep.share_shards(runs, todo, fixed, out, lambda run: shard_first(run, fixed, out))
+                return 0
             if options.args is not None:
                 if not 0 <= options.args < len(runs):
                     raise UserError(f"--args {options.args}: the sweep in {out} has runs 0 to {len(runs) - 1}")
