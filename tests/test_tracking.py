@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import struct
+import time
 import zlib
 
 import pytest
@@ -143,7 +144,7 @@ def wandb_history(run_file) -> dict[str, dict[int, float]]:
             continue
         crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
         body = data[position + 7:position + 7 + length]
-        if kind == 0:
+        if kind == 0 or len(body) < length:  # the end, or a record still being written
             break
         assert zlib.crc32(bytes([kind]) + body) == crc, "corrupt record"
         position += 7 + length
@@ -152,6 +153,7 @@ def wandb_history(run_file) -> dict[str, dict[int, float]]:
             records.append(wandb_internal_pb2.Record.FromString(pending))
             pending = b""
     history, config = {}, {}
+    done = any(record.WhichOneof("record_type") == "exit" for record in records)
     for record in records:
         if record.WhichOneof("record_type") == "history":
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
@@ -161,14 +163,19 @@ def wandb_history(run_file) -> dict[str, dict[int, float]]:
                     history.setdefault(name, {})[step] = value
         if record.WhichOneof("record_type") == "run":
             config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
-    return {"history": history, "config": config}
+    return {"history": history, "config": config, "done": done}
 
 
 def read_back(tracker: str, run) -> dict[str, dict[int, float]]:
     """The scalars of the run's W&B or MLflow run, read with that library, named as in metrics.jsonl."""
     if tracker == "wandb":
         (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
-        read = wandb_history(run_file)
+        # wandb-core writes the file in its own process after finish() returns (CI once read it with no
+        # record yet): read it once its exit record is there
+        deadline = time.monotonic() + 60
+        while not (read := wandb_history(run_file))["done"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert read["done"], f"{run_file} has no exit record after 60 s"
         assert read["config"]["train.max_steps"] == 4  # the resolved config, as the run's config
         return read["history"]
     from mlflow import MlflowClient
