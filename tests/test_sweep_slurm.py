@@ -1,6 +1,7 @@
 """slurm/sweep.sh on the local Slurm cluster: the job that shards once per group of runs with the same
 data, then a 2 x 2 grid as one job array (two tasks at a time on the node's two CPUs), then the summary
-job, which waits for the whole array (afterany). A second call submits no array, only the summary. Skips without a cluster, fails with REQUIRE_SLURM=1 (slurm_cluster)."""
+job, which waits for the whole array (afterany). A second call submits no array, only the summary.
+Skips without a cluster, fails with REQUIRE_SLURM=1 (slurm_cluster)."""
 import json
 import subprocess
 

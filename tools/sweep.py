@@ -63,6 +63,11 @@ def shard_first(run: sweep.Run, fixed: list[str], out: Path) -> bool:
     return start(run, fixed, out, dict(os.environ), "stage=shard").wait() == 0
 
 
+def share_shards(runs: list[sweep.Run], todo: list[sweep.Run], fixed: list[str], out: Path) -> None:
+    """The runs to do that shard the same data shard once, the first of each group alone (shard_first)."""
+    sweep.share_shards(runs, todo, fixed, out, lambda run: shard_first(run, fixed, out))
+
+
 def run_all(runs: list[sweep.Run], fixed: list[str], out: Path, jobs: int) -> None:
     """Run `runs`, `jobs` at a time, saying how each ended."""
     env = dict(os.environ)
@@ -99,8 +104,7 @@ def main(argv: list[str]) -> int:
                 raise UserError("--aggregate, --share-shards and --args read the planned sweep: give no grid words")
             fixed, runs = sweep.load_plan(out)
             if options.share_shards:
-                todo = [r for r in runs if not sweep.finished(r, fixed, out)]
-                sweep.share_shards(runs, todo, fixed, out, lambda run: shard_first(run, fixed, out))
+                share_shards(runs, [r for r in runs if not sweep.finished(r, fixed, out)], fixed, out)
                 return 0
             if options.args is not None:
                 if not 0 <= options.args < len(runs):
@@ -117,7 +121,7 @@ def main(argv: list[str]) -> int:
                 return 0
             print(f"sweep: {len(runs)} runs in {out}, {len(runs) - len(todo)} already finished, "
                   f"{len(todo)} to run, {options.jobs} at a time", flush=True)
-            sweep.share_shards(runs, todo, fixed, out, lambda run: shard_first(run, fixed, out))
+            share_shards(runs, todo, fixed, out)
             run_all(todo, fixed, out, options.jobs)
         summary, status = sweep.aggregate(out)
     except UserError as e:
