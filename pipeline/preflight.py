@@ -17,9 +17,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import Config, ModelConfig, TrainConfig
+from pipeline.config import Config, ModelConfig
+from pipeline.dist.shares import check_processes, check_shares
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
+from pipeline.tracking import check_installed
 from pipeline.trust import pickle_allowed
 
 BUILDS_MODEL = ("embed", "finetune", "export", "eval")
@@ -30,7 +32,7 @@ HF_MODEL_TYPES = {"Dinov2Model": ("dinov2",), "CLIPVisionModel": ("clip", "clip_
 
 def problems(cfg: Config, rd: RunDir, processes: int, stages: list[str]) -> list[str]:
     """Every problem the checks for `stages` (the stages this command will run) find, one line each."""
-    checks: list[Callable[[], None]] = [lambda: check_run_dir(rd.root)]
+    checks: list[Callable[[], None]] = [lambda: check_run_dir(rd.root), lambda: check_installed(cfg.track)]
     if "shard" in stages:
         checks.append(lambda: check_data(cfg, rd.root))
     if cfg.model.pretrained and any(s in stages for s in BUILDS_MODEL):
@@ -88,8 +90,8 @@ def check_pretrained(cfg: ModelConfig) -> None:
     """model.pretrained exists and is what the family loads: a weights file (safetensors or
     torch.save's format) for timm and open_clip, a from_pretrained folder of that model for transformers,
     or a folder this project exported of the same architecture."""
-    from pipeline.backbones import family
-    from pipeline.encoders import exported_start, is_exported
+    from pipeline.models.backbones import family
+    from pipeline.models.encoders import exported_start, is_exported
 
     family(cfg)  # an unknown model.family is its own one-line error
     path = Path(cfg.pretrained).expanduser()
@@ -154,26 +156,10 @@ def check_foreign_checkpoint(spec: str) -> None:
                         f"set train.trust_checkpoint=true")
 
 
-def check_processes(parallel: str, processes: int) -> None:
-    if processes > 1 and parallel == "none":
-        raise UserError(f"{processes} processes were launched but parallel=none trains in one; launch a single "
-                        f"process or set parallel=ddp|zero1|zero2|zero3|fsdp2")
-
-
-def check_shares(t: TrainConfig, processes: int) -> None:
-    """Each rank takes an equal, contiguous share of the global batch, cut into whole chunks, so that
-    the chunks (and their drop-path masks) are those of a single process: the weights do not
-    depend on the number of processes."""
-    share = t.global_batch // processes
-    if processes > 1 and (t.global_batch % processes or share % t.chunk_size):
-        raise UserError(f"train.global_batch={t.global_batch} over {processes} processes must give each a multiple of "
-                        f"train.chunk_size={t.chunk_size}; pick a global batch divisible by {processes * t.chunk_size}")
-
-
 def check_deepspeed_config(cfg: Config) -> None:
     """The DeepSpeed JSON exists and parses (read as the engine reads it)."""
     import torch
 
-    from pipeline.engine import deepspeed_config
+    from pipeline.dist.engine import deepspeed_config
 
     deepspeed_config(cfg.parallel, cfg.train.chunk_size, torch.device("cpu"))

@@ -13,33 +13,20 @@ import uuid
 
 from omegaconf import OmegaConf
 
-from pipeline import distributed, preflight, trust
 from pipeline import log as logs
+from pipeline import preflight, trust
 from pipeline.config import Config, load_config, to_yaml
-from pipeline.distributed import pick_device, world_from_env
+from pipeline.config.inputs import is_input
+from pipeline.dist import distributed
+from pipeline.dist.distributed import pick_device, world_from_env
+from pipeline.dist.preemption import EXIT_STATUS, Preempted
 from pipeline.errors import UserError
-from pipeline.preemption import EXIT_STATUS, Preempted
 from pipeline.run_dir import RunDir
 
 log = logging.getLogger("pipeline")
 
 ORDER = ("shard", "embed", "finetune", "export", "eval")
 REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": ("finetune",), "eval": ("embed", "export")}
-
-# The settings each stage's output depends on (dotted prefixes), and those that never change it.
-# data.seed (the seed unless set) alone seeds the shards; the model's random init and training use seed.
-_SHARD = ("data.seed", "data.name", "data.root", "data.image_size", "data.image_format", "data.test_fraction",
-          "data.shard_max_count", "data.shard_max_size", "data.val_classes", "data.font_dirs",
-          "data.min_fonts", "data.max_fonts")
-_TRAIN = _SHARD + ("seed", "model", "train", "loss", "data.crop_scale", "data.hflip", "data.random_erasing")
-INPUTS = {"shard": _SHARD, "embed": _SHARD + ("seed", "model", "eval.batch_size", "data.eval_resize"), "finetune": _TRAIN,
-          "export": _TRAIN + ("export",), "eval": _TRAIN + ("export", "eval", "data.eval_resize")}
-# Validation and tracking settings change what a run reports and which checkpoint is `best`, not the
-# weights it trains: changing them reruns nothing (a finished finetune would resume to do nothing).
-IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.requeue",
-           "model.grad_checkpointing", "train.trust_checkpoint", "train.val_every", "train.val_split",
-           "train.best_metric", "train.peak_tflops", "track")
-
 
 def requires(stage: str, cfg: Config) -> tuple[str, ...]:
     """The stages `stage` needs; eval needs only those that make the models it evaluates."""
@@ -52,7 +39,7 @@ def requires(stage: str, cfg: Config) -> tuple[str, ...]:
 
 
 def _stage_module(name: str):
-    from stages import embed, evaluate, export, finetune, shard
+    from pipeline.stages import embed, evaluate, export, finetune, shard
     return {"shard": shard, "embed": embed, "finetune": finetune, "export": export, "eval": evaluate}[name]
 
 
@@ -76,9 +63,9 @@ def _flatten(node, prefix=""):
 
 
 def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
+    """The values of the settings `stage` depends on (pipeline/config/inputs.py) and the runs it follows."""
     flat = dict(_flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
-    settings = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in INPUTS[stage])
-                and not any(k == p or k.startswith(p + ".") for p in IGNORED)}
+    settings = {k: v for k, v in flat.items() if is_input(k, stage)}
     return {"settings": settings, "after": {req: rd.run_id(req) for req in requires(stage, cfg)}}
 
 

@@ -26,26 +26,21 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline import distributed
 from pipeline.config import Config, TrackConfig, to_yaml
+from pipeline.dist import distributed
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
-def check_tracking(track: TrackConfig) -> None:
-    """A one-line error, before any stage runs, for an unknown tracker or its library missing."""
-    if track.name not in TRACKERS:
-        raise UserError(f"track={track.name}: use one of {', '.join(TRACKERS)}")
+def check_installed(track: TrackConfig) -> None:
+    """The chosen tracker's library is installed (a preflight check: the name was checked at load)."""
     package = PACKAGES.get(track.name)
     if package and importlib.util.find_spec(package) is None:
         raise UserError(f"track={track.name} needs the {package} package: pip install '.[track]' (or track=tensorboard)")
-    if track.wandb_mode not in ("offline", "online"):
-        raise UserError(f"track.wandb_mode={track.wandb_mode}: use offline or online")
 
 
 def metrics_path(rd: RunDir) -> Path:

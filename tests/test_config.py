@@ -1,7 +1,10 @@
 """Config: presets, overrides, and one-line errors for a user's mistakes."""
-import pytest
+import json
+from pathlib import Path
 
+import pytest
 from conftest import run_pipeline
+
 from pipeline.config import load_config, valid_keys
 from pipeline.errors import UserError
 
@@ -51,3 +54,59 @@ def test_cli_missing_data_root_is_one_line(tmp_path):
                         f"data.root={tmp_path / 'nowhere'}", check=False)
     assert proc.returncode == 2 and "is not a folder" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run" / "shards").exists()
+
+
+@pytest.mark.parametrize("arg, closest", [
+    ("parallel.name=zer2", "zero2"), ("model.family=timmm", "timm"), ("train.optimizer=adamm", "adam"),
+    ("loss.name=rskk", "rsk"), ("track.name=tensorbord", "tensorboard"), ("train.rsk_kernel=torh", "torch"),
+])
+def test_a_typo_in_a_choice_key_fails_at_load(arg, closest):
+    """Every choice key is checked when the config is read, not when the stage that uses it is reached."""
+    with pytest.raises(UserError, match=f"did you mean '{closest}'"):
+        load_config([arg])
+
+
+def test_a_typo_in_a_choice_key_fails_before_any_work(tmp_path):
+    """Before the redesign, parallel.name=zer2 passed loading, sharded and embedded, then failed."""
+    run = tmp_path / "run"
+    proc = run_pipeline("stage=all", f"run_dir={run}", "parallel.name=zer2", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: parallel.name=zer2 is unknown; use one of none, ddp, zero1, zero2, zero3, zero3_offload, fsdp2; "
+        "did you mean 'zero2'?"]
+    assert not run.exists()
+
+
+def test_the_redesign_changed_no_key_default_or_fingerprint():
+    """The valid keys, the resolved default config (and three recipes') and the stage fingerprints of a
+    default run, against a fixture stored before the packages were reorganised (issue 21)."""
+    from pipeline import runner
+    from pipeline.config import to_yaml
+    from pipeline.run_dir import RunDir
+
+    before = json.loads((Path(__file__).parent / "fixtures" / "before_redesign.json").read_text())
+    assert valid_keys() == before["valid_keys"]
+    cfg = load_config(["stage=all", "run_dir=runs/x"])
+    assert to_yaml(cfg) == before["default_config"]
+    rd = RunDir("/nonexistent/run")
+    assert {s: runner.fingerprint(cfg, rd, s) for s in runner.ORDER} == before["fingerprints"]
+    for recipe in ("rsk", "roth", "ibc"):
+        args = ["stage=all", "run_dir=runs/x", f"recipe={recipe}", "data=cub", "data.root=/x", "model=vitl14_clip"]
+        assert to_yaml(load_config(args)) == before[f"config_recipe_{recipe}_cub"], recipe
+
+
+def test_every_key_is_classified_once():
+    """pipeline/config/inputs.py says for every leaf key which stages it re-runs; a new key without a
+    class would fail here (and a stale class for a removed key too)."""
+    from pipeline.config.inputs import AFFECTS, CLASS, unclassified
+
+    leaves = [k for k in valid_keys() if not any(other.startswith(k + ".") for other in valid_keys())]
+    assert unclassified(leaves) == []
+    assert set(CLASS.values()) <= set(AFFECTS)
+
+
+def test_the_choice_lists_are_what_the_features_build():
+    from pipeline.config.schema import FAMILIES
+    from pipeline.models.backbones import families
+
+    assert tuple(families()) == FAMILIES

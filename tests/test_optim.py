@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
-from pipeline.optim import build_optimizer, check_train_config, resolve_epochs
+from pipeline.train.optim import build_optimizer, resolve_epochs
 
 
 def lrs(cfg: TrainConfig, per_epoch: int, steps: int) -> list[float]:
@@ -129,4 +129,4 @@ def test_parameter_groups():
 ])
 def test_bad_settings_are_one_line(kw, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[")):
-        check_train_config(TrainConfig(**kw))
+        TrainConfig(**kw).check()

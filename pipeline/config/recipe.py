@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-PRESETS = Path(__file__).parent / "presets" / "recipe"
+PRESETS = Path(__file__).parent.parent / "presets" / "recipe"
 
 
 def names() -> list[str]:

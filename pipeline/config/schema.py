@@ -1,25 +1,51 @@
-"""Typed config: dataclass defaults, then YAML presets, then `key=value` overrides.
+"""The config's schema: one dataclass per section, each with the checks of its own values beside it.
 
-`data=cub` (a group name with a plain value) loads `presets/data/cub.yaml` over the defaults;
-`data.root=/x` (a dotted key) sets one field. Unknown keys fail with the closest valid key.
+A leaf: it imports no torch and no feature module, so a config is read and checked (also on a Slurm
+submit host) without them, and every typo of a choice key fails at load, before any stage runs.
+Checks that need the environment (files, installed packages, weight formats, process counts) are
+the preflight's (pipeline/preflight.py). The choice lists below are the ones the features build from.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from pipeline import recipe as recipes
+from pipeline import protocols
 from pipeline.errors import UserError
 
-PRESETS = Path(__file__).parent / "presets"
 STAGES = ("shard", "embed", "finetune", "eval", "export", "all")
+DEVICES = ("auto", "cpu", "cuda")
+IMAGE_FORMATS = ("png", "jpg", "webp")
+FAMILIES = ("timm", "open_clip", "transformers")  # pipeline/models/backbones/, one module each
+BACKENDS = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")  # pipeline/dist/engine.py
+OPTIMIZERS = ("adamw", "adam", "sgd", "radam")
+SCHEDULES = ("cosine", "step")
+SMALL_CLASSES = ("repeat", "skip")
+KERNELS = ("auto", "torch", "triton", "reference")  # RS@k smooth ranks (pipeline/losses/recall_at_k.py)
+TUPLE_LOSSES = ("contrastive", "triplet", "margin", "multi_similarity", "lifted")
+DISTANCE_LOSSES = ("contrastive", "triplet", "margin")  # the losses Roth's distance-weighted triplets feed
+CLASS_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface")
+LOSSES = ("rsk", "rsk_simix", *TUPLE_LOSSES, *CLASS_LOSSES, "mpn")  # pipeline/losses/build.py
+MINERS = ("default", "distance")
+EVAL_MODELS = ("frozen", "finetuned", "checkpoint")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
+WANDB_MODES = ("offline", "online")
+
+
+def closest(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def one_of(value: str, options: tuple[str, ...], message: str) -> None:
+    """A choice key's check: its one line, and the closest choice."""
+    if value not in options:
+        raise UserError(f"{message}{closest(str(value), list(options))}")
+
+
+def val_metric_names(ks) -> list[str]:
+    """The validation scalars train.best_metric can name."""
+    return [f"val/recall@{k}" for k in ks] + ["val/map@r"]
 
 
 @dataclass
@@ -43,6 +69,17 @@ class DataConfig:
     max_fonts: int | None = None    # glyphs: ... and at most this many (None: no limit); 4 to 7 gives classes apart from the >= 8 set
     seed: int | None = None         # the shard stage's seed (class split, val classes, glyph jitter); None = seed
 
+    def check(self) -> None:
+        one_of(self.image_format, IMAGE_FORMATS, f"data.image_format={self.image_format}: use png, jpg or webp")
+        if self.val_classes < 0 or (self.val_classes >= 1 and self.val_classes != int(self.val_classes)):
+            raise UserError(f"data.val_classes={self.val_classes}: a fraction below 1 (e.g. 0.1), a whole number of "
+                            "classes, or 0 for none")
+        if self.max_fonts is not None and self.max_fonts < self.min_fonts:
+            raise UserError(f"data.max_fonts={self.max_fonts} is below data.min_fonts={self.min_fonts}: "
+                            "no character can be a class")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise UserError(f"data.random_erasing={self.random_erasing} must be a probability in [0, 1]")
+
 
 @dataclass
 class ModelConfig:
@@ -64,6 +101,9 @@ class ModelConfig:
     mean: list[float] | None = None  # input normalisation; None = the model's own (its weights' preprocessing)
     std: list[float] | None = None
 
+    def check(self) -> None:
+        one_of(self.family, FAMILIES, f"model.family={self.family} is not supported; use one of {', '.join(FAMILIES)}")
+
 
 @dataclass
 class ParallelConfig:
@@ -71,6 +111,11 @@ class ParallelConfig:
     deepspeed_config: str | None = None  # zero*: DeepSpeed JSON; None = ds_configs/<name>.json
     fsdp_reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward
     timeout: float | None = None    # seconds a collective waits for the other ranks before failing; None = the backend's (gloo 30 min, NCCL 10 min)
+
+    def check(self) -> None:
+        one_of(self.name, BACKENDS, f"parallel.name={self.name} is unknown; use one of {', '.join(BACKENDS)}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UserError(f"parallel.timeout={self.timeout}: give seconds > 0, or leave it unset for the backend's own")
 
 
 @dataclass
@@ -107,6 +152,26 @@ class TrainConfig:
     rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
     split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
 
+    def check(self) -> None:
+        """The batch arithmetic, the optimizer and schedule, the kernel: each refused in one line."""
+        if self.global_batch % self.samples_per_class:
+            raise UserError(f"train.global_batch={self.global_batch} must be a multiple of "
+                            f"train.samples_per_class={self.samples_per_class}")
+        if self.chunk_size < 1 or self.global_batch < 2:
+            raise UserError("train.chunk_size must be >= 1 and train.global_batch >= 2")
+        one_of(self.optimizer, OPTIMIZERS, f"train.optimizer={self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
+        one_of(self.schedule, SCHEDULES, f"train.schedule={self.schedule}: use one of {', '.join(SCHEDULES)}")
+        if self.epochs is not None and self.epochs < 1:
+            raise UserError(f"train.epochs={self.epochs}: give a positive number of epochs, or null to use train.max_steps")
+        if any(m < 0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise UserError(f"train.milestones={list(self.milestones)}: give epochs in increasing order, e.g. [10,20,30]")
+        if self.gamma <= 0:
+            raise UserError(f"train.gamma={self.gamma} must be positive")
+        one_of(self.small_classes, SMALL_CLASSES, f"train.small_classes={self.small_classes}: use repeat or skip")
+        one_of(self.rsk_kernel, KERNELS, f"train.rsk_kernel={self.rsk_kernel} is unknown; use one of {', '.join(KERNELS)}")
+        if self.val_every < 0:
+            raise UserError(f"train.val_every={self.val_every}: give a number of steps, or 0 to not validate")
+
 
 @dataclass
 class LossConfig:
@@ -129,6 +194,31 @@ class LossConfig:
     mpn_dropout: float = 0.1        # mpn: attention, residual and feed-forward dropout (IBC: 0.1)
     mpn_concat: bool = False        # mpn: classify the concatenation of every layer's output (IBC on Cars)
 
+    def check(self) -> None:
+        """The loss settings a user can get wrong, each refused in one line."""
+        one_of(self.name, LOSSES, f"unknown loss.name={self.name}; available: {', '.join(LOSSES)}")
+        roth = ", ".join(DISTANCE_LOSSES)
+        one_of(self.miner, MINERS, f"loss.miner={self.miner}: use default (the loss's own miner) or distance (Roth et al.'s)")
+        if self.miner == "distance" and self.name not in DISTANCE_LOSSES:
+            raise UserError(f"loss.miner=distance is for {roth}, not loss={self.name}")
+        if not 0.0 <= self.p_switch <= 1.0:
+            raise UserError(f"loss.p_switch={self.p_switch} must be a probability in [0, 1]")
+        if self.p_switch and (self.name not in DISTANCE_LOSSES or self.miner != "distance"):
+            raise UserError(f"loss.p_switch (Roth et al.'s rho rule) lives in his distance-weighted miner: use it with "
+                            f"loss.miner=distance and one of {roth} (loss={self.name}, loss.miner={self.miner})")
+        if self.distance_power not in (1, 2) or self.reduction not in ("pml", "mean"):
+            raise UserError(f"loss.distance_power={self.distance_power}, loss.reduction={self.reduction}: "
+                            "use 1 or 2, and pml or mean")
+        if (self.distance_power != 1 or self.reduction != "pml") and self.name not in DISTANCE_LOSSES:
+            raise UserError(f"loss.distance_power and loss.reduction are for {roth}, not loss={self.name}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise UserError(f"loss.weight_decay={self.weight_decay} must be >= 0 (or null: train.weight_decay)")
+        if self.mpn_layers < 0 or self.mpn_heads < 1 or not 0.0 <= self.mpn_dropout < 1.0:
+            raise UserError(f"loss.mpn_layers={self.mpn_layers}, loss.mpn_heads={self.mpn_heads}, "
+                            f"loss.mpn_dropout={self.mpn_dropout}: need layers >= 0, heads >= 1, 0 <= dropout < 1")
+        if self.simix_per_class < 0:
+            raise UserError(f"loss.simix_per_class={self.simix_per_class}: use 0 (every pair) or a positive count")
+
 
 @dataclass
 class EvalConfig:
@@ -144,6 +234,11 @@ class EvalConfig:
     show_queries: int = 4           # eval/retrievals.png: this many seeded queries, and as many of the worst; 0: none
     show_k: int = 5                 # eval/retrievals.png: results shown per query
 
+    def check(self) -> None:
+        chosen = self.models
+        if not chosen or any(m not in EVAL_MODELS for m in chosen) or len(set(chosen)) < len(chosen):
+            raise UserError(f"eval.models={self.models}: list some of {', '.join(EVAL_MODELS)}, each once")
+
 
 @dataclass
 class ExportConfig:
@@ -158,6 +253,11 @@ class TrackConfig:
     run_name: str | None = None     # None: the run directory's name
     wandb_mode: str = "offline"     # offline (run_dir/wandb, `wandb sync` later) | online
     mlflow_uri: str | None = None   # None: a local SQLite store, run_dir/mlflow.db
+
+    def check(self) -> None:
+        """The tracker's name; whether its library is installed is the preflight's question."""
+        one_of(self.name, TRACKERS, f"track={self.name}: use one of {', '.join(TRACKERS)}")
+        one_of(self.wandb_mode, WANDB_MODES, f"track.wandb_mode={self.wandb_mode}: use offline or online")
 
 
 @dataclass
@@ -177,137 +277,17 @@ class Config:
     track: TrackConfig = field(default_factory=TrackConfig)
     recipe: str = "none"            # a paper's settings (presets/recipe/): rsk | roth | ibc | none
 
-
-GROUPS = ("data", "model", "parallel", "loss", "track")  # groups that presets fill
-
-
-def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
-    """Every settable dotted key, e.g. 'train.max_steps'."""
-    keys = []
-    for f in dataclasses.fields(node):
-        key = prefix + f.name
-        keys.append(key)
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            keys += valid_keys(f.default_factory, key + ".")
-    return keys
-
-
-def presets(group: str) -> list[str]:
-    return sorted(p.stem for p in (PRESETS / group).glob("*.yaml"))
-
-
-def _closest(word: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(word, options, n=1, cutoff=0.0)
-    return f"; did you mean '{match[0]}'?" if match else ""
-
-
-def _parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    chosen, overrides = {}, []
-    for arg in args:
-        if "=" not in arg:
-            raise UserError(f"argument '{arg}' is not key=value (e.g. stage=all run_dir=runs/demo)")
-        key, value = arg.split("=", 1)
-        if key == "recipe":
-            if value not in recipes.names():
-                raise UserError(f"unknown recipe={value}; available: {', '.join(recipes.names())}")
-            chosen[key] = value
-        elif key in GROUPS:
-            if value not in presets(key):
-                raise UserError(f"unknown preset {key}={value}; available: {', '.join(presets(key))}")
-            chosen[key] = value
-        elif key in valid_keys():
-            overrides.append((key, value))
-        else:
-            raise UserError(f"unknown config key '{key}'{_closest(key, valid_keys())}")
-    return chosen, overrides
-
-
-def load_config(args: list[str]) -> Config:
-    """Defaults < presets (data=, model=, parallel=, loss=) < recipe= < dotted overrides, validated
-    against the dataclasses (see pipeline/recipe.py for how a recipe composes)."""
-    chosen, overrides = _parse_args(args)
-    recipe = _recipe(chosen)
-    cfg = OmegaConf.structured(Config)
-    for group in GROUPS:
-        chosen[group] = chosen.get(group, getattr(cfg, group).name)
-        preset = OmegaConf.load(PRESETS / group / f"{chosen[group]}.yaml")
-        try:
-            cfg = OmegaConf.merge(cfg, {group: preset})
-        except OmegaConfBaseException as e:
-            raise UserError(f"preset {group}={chosen[group]}: {e.msg}") from None
-    for key, value in overrides:  # a value YAML cannot read ('...', '[1,') is named, not a traceback
-        try:
-            OmegaConf.from_dotlist([f"{key}={value}"])
-        except yaml.YAMLError as e:
-            raise UserError(f"bad value for '{key}': {value!r} is not a YAML value ({e.problem}); quote it") from None
-    try:
-        dotlist = OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides])
-        probe = OmegaConf.merge(cfg, dotlist)
-    except OmegaConfBaseException as e:
-        raise UserError(f"bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
-    if recipe is not None:
-        for block in recipes.settings(recipe, chosen, probe):
-            try:
-                cfg = OmegaConf.merge(cfg, block)
-            except OmegaConfBaseException as e:
-                raise UserError(f"recipe={chosen['recipe']}: {e.msg}") from None
-        cfg.recipe = chosen["recipe"]
-    cfg = OmegaConf.merge(cfg, dotlist)
-    config: Config = OmegaConf.to_object(cfg)
-    if config.data.seed is None:  # resolved here, so that the saved config and the fingerprints say which
-        config.data.seed = config.seed
-    validate(config)
-    return config
-
-
-def _recipe(chosen: dict[str, str]) -> dict | None:
-    """The chosen recipe's rules; its default loss preset becomes the loss unless loss= was given."""
-    if chosen.get("recipe", "none") == "none":
-        return None
-    recipe = recipes.load(chosen["recipe"])
-    if "loss" in recipe:
-        chosen.setdefault("loss", recipe["loss"])
-    return recipe
-
-
-def validate(cfg: Config) -> None:
-    if cfg.stage not in STAGES:
-        raise UserError(f"unknown stage '{cfg.stage}'{_closest(cfg.stage, list(STAGES))} (one of {', '.join(STAGES)})")
-    t = cfg.train
-    if t.global_batch % t.samples_per_class:
-        raise UserError(f"train.global_batch={t.global_batch} must be a multiple of train.samples_per_class={t.samples_per_class}")
-    if t.chunk_size < 1 or t.global_batch < 2:
-        raise UserError("train.chunk_size must be >= 1 and train.global_batch >= 2")
-    if cfg.data.image_format not in ("png", "jpg", "webp"):
-        raise UserError(f"data.image_format={cfg.data.image_format}: use png, jpg or webp")
-    if cfg.parallel.timeout is not None and cfg.parallel.timeout <= 0:
-        raise UserError(f"parallel.timeout={cfg.parallel.timeout}: give seconds > 0, or leave it unset for the backend's own")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"device={cfg.device}: use auto, cpu or cuda")
-    models = ("frozen", "finetuned", "checkpoint")
-    chosen = cfg.eval.models
-    if not chosen or any(m not in models for m in chosen) or len(set(chosen)) < len(chosen):
-        raise UserError(f"eval.models={cfg.eval.models}: list some of {', '.join(models)}, each once")
-    from pipeline.losses.build import check_loss_config  # here, not at the top: the losses import this module
-    check_loss_config(cfg.loss)
-    from pipeline.tracking import check_tracking  # the tracking libraries import late, and only when chosen
-    from pipeline.validation import check_validation_config
-    check_tracking(cfg.track)
-    check_validation_config(cfg)
-    from pipeline.optim import check_train_config
-    check_train_config(cfg.train)
-    d = cfg.data
-    if d.eval_resize is not None and d.eval_resize < cfg.model.image_size:
-        raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={cfg.model.image_size} "
-                        "(the eval view is a centre crop of the resized image)")
-    if d.max_fonts is not None and d.max_fonts < d.min_fonts:
-        raise UserError(f"data.max_fonts={d.max_fonts} is below data.min_fonts={d.min_fonts}: no character can be a class")
-    if not 0.0 <= d.random_erasing <= 1.0:
-        raise UserError(f"data.random_erasing={d.random_erasing} must be a probability in [0, 1]")
-    from pipeline.losses.recall_at_k import check_kernel
-    check_kernel(t.rsk_kernel)
-
-
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
+    def check(self) -> None:
+        """Every section's own checks, then those across sections."""
+        if self.stage not in STAGES:
+            raise UserError(f"unknown stage '{self.stage}'{closest(self.stage, list(STAGES))} (one of {', '.join(STAGES)})")
+        for section in (self.data, self.model, self.parallel, self.train, self.loss, self.eval, self.track):
+            section.check()
+        one_of(self.device, DEVICES, f"device={self.device}: use auto, cpu or cuda")
+        ks = protocols.resolve(self.data.name, self.eval.ks, self.eval.split, self.eval.gallery).ks
+        if self.train.best_metric not in val_metric_names(ks):
+            raise UserError(f"train.best_metric={self.train.best_metric}: use one of {', '.join(val_metric_names(ks))}")
+        d = self.data
+        if d.eval_resize is not None and d.eval_resize < self.model.image_size:
+            raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={self.model.image_size} "
+                            "(the eval view is a centre crop of the resized image)")

@@ -27,11 +27,12 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from pipeline import checkpoint, distributed, zero_universal
+from pipeline.dist import checkpoint, distributed, zero_universal
 from pipeline.config import ParallelConfig
+from pipeline.config.schema import BACKENDS
 from pipeline.errors import UserError
+from pipeline.precision import autocast
 
-BACKENDS = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,6 @@ def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 on GPU; full fp32 on CPU, where bf16 is slow and inexact."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class Engine:
@@ -283,8 +277,7 @@ def build_engine(model: nn.Module, make_optimizer: OptimizerFactory, cfg: Parall
                  device: torch.device, grad_clip: float = 0.0) -> Engine:
     """The engine for `parallel=<cfg.name>`; `make_optimizer(model)` gives the optimizer and scheduler
     (called after sharding where the backend replaces the parameters); `grad_clip`: see the module doc."""
-    if cfg.name not in BACKENDS:
-        raise UserError(f"parallel.name={cfg.name} is unknown; use one of {', '.join(BACKENDS)}")
+    cfg.check()  # for callers that built the config by hand (load_config checked it already)
     check_launcher(cfg.name)
     if cfg.name == "none":
         return Engine(model, *make_optimizer(model), device, grad_clip)

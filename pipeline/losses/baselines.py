@@ -18,12 +18,9 @@ from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import nn
 
 from pipeline.config import LossConfig
+from pipeline.config.schema import CLASS_LOSSES, DISTANCE_LOSSES, TUPLE_LOSSES
 from pipeline.losses.rho import DistanceMiner
 from pipeline.losses.seeding import StepSeeded
-
-TUPLE_LOSSES = ("contrastive", "triplet", "margin", "multi_similarity", "lifted")
-DISTANCE_LOSSES = ("contrastive", "triplet", "margin")  # the losses Roth's distance-weighted triplets feed
-CLASS_LOSSES = ("proxy_anchor", "normalized_softmax", "arcface")
 
 
 class ClassIndex(nn.Module):

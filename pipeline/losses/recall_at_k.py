@@ -31,18 +31,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.errors import UserError
+from pipeline.config.schema import KERNELS, one_of
 from pipeline.losses import rsk_fused
-
-KERNELS = ("auto", "torch", "triton", "reference")
+from pipeline.losses.protocol import SplitsAcrossRanks
 
 # A chunk's (pairs x B) block holds about this many elements: bounds the reference's forward intermediate.
 _CHUNK_ELEMENTS = 1 << 24
 
 
 def check_kernel(kernel: str) -> None:
-    if kernel not in KERNELS:
-        raise UserError(f"train.rsk_kernel={kernel} is unknown; use one of {', '.join(KERNELS)}")
+    one_of(kernel, KERNELS, f"train.rsk_kernel={kernel} is unknown; use one of {', '.join(KERNELS)}")
 
 
 def pick_kernel(kernel: str, device: torch.device) -> str:
@@ -200,7 +198,7 @@ def recall_at_k_loss(sim: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
                     pair_chunk=pair_chunk)
 
 
-class RecallAtK(nn.Module):
+class RecallAtK(nn.Module, SplitsAcrossRanks):
     """RS@k on L2-normalised embeddings (B, D) and integer labels (B,); see module docstring.
 
     split_across_ranks: the two-pass step may call `partial` on each rank instead of the whole loss

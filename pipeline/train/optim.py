@@ -24,26 +24,6 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.errors import UserError
-
-OPTIMIZERS = ("adamw", "adam", "sgd", "radam")
-SCHEDULES = ("cosine", "step")
-
-
-def check_train_config(cfg: TrainConfig) -> None:
-    """The optimizer and schedule settings a user can get wrong, each refused in one line."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"train.optimizer={cfg.optimizer}: use one of {', '.join(OPTIMIZERS)}")
-    if cfg.schedule not in SCHEDULES:
-        raise UserError(f"train.schedule={cfg.schedule}: use one of {', '.join(SCHEDULES)}")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        raise UserError(f"train.epochs={cfg.epochs}: give a positive number of epochs, or null to use train.max_steps")
-    if any(m < 0 for m in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
-        raise UserError(f"train.milestones={list(cfg.milestones)}: give epochs in increasing order, e.g. [10,20,30]")
-    if cfg.gamma <= 0:
-        raise UserError(f"train.gamma={cfg.gamma} must be positive")
-    if cfg.small_classes not in ("repeat", "skip"):
-        raise UserError(f"train.small_classes={cfg.small_classes}: use repeat or skip")
 
 
 def steps_per_epoch(cfg: TrainConfig, train_images: int) -> int:

@@ -23,35 +23,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline import distributed, protocols
+from pipeline import protocols
 from pipeline.config import Config
+from pipeline.config.schema import val_metric_names as metric_names
 from pipeline.data.transforms import eval_transform
+from pipeline.dist import distributed
 from pipeline.errors import UserError
-from pipeline.inference import embed_split
-from pipeline.metrics import retrieval_metrics
+from pipeline.eval.inference import embed_split
+from pipeline.eval.metrics import retrieval_metrics
 from pipeline.protocols import Evaluation
 from pipeline.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
 VAL_SPLIT = "val"
-
-
-def metric_names(ks) -> list[str]:
-    return [f"val/recall@{k}" for k in ks] + ["val/map@r"]
-
-
-def check_validation_config(cfg: Config) -> None:
-    """One-line errors for the validation keys, when the config is read."""
-    t, data = cfg.train, cfg.data
-    if t.val_every < 0:
-        raise UserError(f"train.val_every={t.val_every}: give a number of steps, or 0 to not validate")
-    if data.val_classes < 0 or (data.val_classes >= 1 and data.val_classes != int(data.val_classes)):
-        raise UserError(f"data.val_classes={data.val_classes}: a fraction below 1 (e.g. 0.1), a whole number of "
-                        "classes, or 0 for none")
-    ks = protocols.resolve(data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery).ks
-    if t.best_metric not in metric_names(ks):
-        raise UserError(f"train.best_metric={t.best_metric}: use one of {', '.join(metric_names(ks))}")
 
 
 def evaluation(cfg: Config, available: list[str]) -> Evaluation:

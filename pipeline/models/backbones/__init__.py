@@ -27,7 +27,7 @@ class Backbone:
 
 
 def families() -> dict:
-    from pipeline.backbones import hf_vit, open_clip_vit, timm_vit
+    from pipeline.models.backbones import hf_vit, open_clip_vit, timm_vit
     return {"timm": timm_vit, "open_clip": open_clip_vit, "transformers": hf_vit}
 
 
