@@ -1,16 +1,13 @@
 """Entry point: `python pipeline/run.py stage=<shard|embed|finetune|eval|export|all> run_dir=DIR key=value ...`
 
-Also run as a script by torchrun, `accelerate launch` and srun. Python puts this file's folder first
-on sys.path, where modules named like top-level ones (`config`, `distributed`, ...) would shadow
-them, so it is taken off before anything is imported.
+Also `python -m pipeline.run ...`, and run as a file by torchrun, `accelerate launch` and srun. Run as
+a file, Python puts this folder first on sys.path; nothing in it is named like a top-level module
+the code imports (tests/test_layers.py checks), so no path needs changing. `pipeline` itself comes
+from the project's environment (tools/env.sh installs it).
 """
-import os
 import sys
 
-if __name__ == "__main__":
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    sys.path.append(os.path.dirname(here))  # the repository, for a checkout that is not pip-installed
-    from pipeline.runner import main
+from pipeline.runner import main
 
+if __name__ == "__main__":
     sys.exit(main())

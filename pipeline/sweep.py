@@ -138,7 +138,7 @@ def load_plan(out: Path) -> tuple[list[str], list[Run]]:
 
 def finished(run: Run, fixed: list[str], out: Path) -> bool:
     """Whether every stage the run asks for is complete with its settings (as the runner would skip them)."""
-    from pipeline import runner  # here: the runner imports the training side (torch)
+    from pipeline import runner  # here: the runner imports the training side(torch)
 
     cfg: Config = load_config(args(run, fixed, out))
     rd = RunDir(cfg.run_dir)

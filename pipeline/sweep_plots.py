@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.plots import _save, plt
+from pipeline.eval.plots import plt, save_figure
+
 
 def _panels(n: int, width: float = 3.6, height: float = 3.0):
     cols = min(n, 3)
@@ -44,7 +45,7 @@ def bars(summary: dict, metrics: list[str], path: Path) -> None:
         ax.set_title(metric)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def against_batch(summary: dict, settings_batch: dict[str, tuple[str, int]], metrics: list[str], path: Path) -> None:
@@ -63,7 +64,7 @@ def against_batch(summary: dict, settings_batch: dict[str, tuple[str, int]], met
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write(out: Path, summary: dict, metrics: list[str], batch: dict[str, tuple[str, int]]) -> list[str]:

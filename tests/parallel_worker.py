@@ -14,13 +14,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import checkpoint, distributed  # noqa: E402
 from pipeline.config import ModelConfig, ParallelConfig  # noqa: E402
-from pipeline.distributed import world_from_env  # noqa: E402
-from pipeline.encoders import build_encoder  # noqa: E402
-from pipeline.engine import build_engine  # noqa: E402
+from pipeline.dist import (
+    checkpoint,
+    distributed,  # noqa: E402
+)
+from pipeline.dist.distributed import world_from_env  # noqa: E402
+from pipeline.dist.engine import build_engine  # noqa: E402
 from pipeline.losses import RecallAtK, RecallAtKSiMix, set_step  # noqa: E402
-from pipeline.two_pass import two_pass_step  # noqa: E402
+from pipeline.models.encoders import build_encoder  # noqa: E402
+from pipeline.train.two_pass import two_pass_step  # noqa: E402
 
 GLOBAL, CHUNK, SEED, STEPS, LR = 16, 4, 5, 2, 0.5
 VARIANTS = ("plain", "frozen_ckpt")
@@ -78,7 +81,9 @@ class SyncCounter:
     def __init__(self, engine, backend: str):
         self.calls = 0
         if backend == "ddp":
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
+                allreduce_hook,
+            )
 
             def hook(state, bucket):
                 self.calls += 1

@@ -20,12 +20,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parallel_worker import CHUNK, GLOBAL, SEED, problem  # noqa: E402
-from pipeline import checkpoint, distributed  # noqa: E402
+
 from pipeline.config import ParallelConfig, TrainConfig  # noqa: E402
-from pipeline.distributed import world_from_env  # noqa: E402
-from pipeline.engine import build_engine  # noqa: E402
-from pipeline.optim import build_optimizer  # noqa: E402
-from pipeline.two_pass import two_pass_step  # noqa: E402
+from pipeline.dist import (
+    checkpoint,
+    distributed,  # noqa: E402
+)
+from pipeline.dist.distributed import world_from_env  # noqa: E402
+from pipeline.dist.engine import build_engine  # noqa: E402
+from pipeline.train.optim import build_optimizer  # noqa: E402
+from pipeline.train.two_pass import two_pass_step  # noqa: E402
 
 WRITTEN_STEPS, LR = 2, 1e-3
 
@@ -50,7 +54,10 @@ def full_state(engine) -> dict:
         optim = {name: {k: safe_get_full_optimizer_state(p, k).cpu().clone() for k in moments}
                  for name, p in engine.module.named_parameters() if p.requires_grad}
     else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         state = get_optimizer_state_dict(engine.module, engine.optimizer,
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -4,9 +4,15 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.accounting import flops_per_image, mfu, peak_flops, peak_flops_of, peak_memory_gb
 from pipeline.config import ModelConfig, load_config
-from pipeline.timing import NO_TIMER, PhaseTimer
+from pipeline.models.accounting import (
+    flops_per_image,
+    mfu,
+    peak_flops,
+    peak_flops_of,
+    peak_memory_gb,
+)
+from pipeline.train.timing import NO_TIMER, PhaseTimer
 
 
 def vit_matmul_flops(cfg: ModelConfig, width=192, mlp=768) -> dict:

@@ -4,8 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import diagnostics
-from pipeline.diagnostics import embedding_diagnostics, singular_values, spectral_decay
+from pipeline.eval import diagnostics
+from pipeline.eval.diagnostics import (
+    embedding_diagnostics,
+    singular_values,
+    spectral_decay,
+)
 
 
 def data(rng, sizes, dim=12):

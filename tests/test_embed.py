@@ -8,15 +8,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, SMALL, run_pipeline, run_torchrun
 from PIL import Image
 
-from conftest import REPO, SMALL, run_pipeline, run_torchrun
 from pipeline.config import ModelConfig, load_config
 from pipeline.data.converters import Record
 from pipeline.data.shards import write_split
 from pipeline.data.transforms import eval_transform
-from pipeline.encoders import build_encoder, load_exported
-from pipeline.inference import embed_split, load_embeddings, save_embeddings
+from pipeline.eval.inference import embed_split, load_embeddings, save_embeddings
+from pipeline.models.encoders import build_encoder, load_exported
 
 # Digits in shards of 100 (written by 2 processes): 10 train shards, 9 test shards, so two ranks get
 # unequal shares.

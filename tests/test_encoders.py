@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig, load_config
 from pipeline.data.transforms import eval_transform
-from pipeline.encoders import build_encoder, export, load_exported, preprocessing
 from pipeline.errors import UserError
+from pipeline.models.encoders import build_encoder, export, load_exported, preprocessing
 
 TINY = dict(patch_size=8, depth=2, embed_dim=16)
 

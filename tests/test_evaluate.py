@@ -5,21 +5,21 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, run_pipeline, run_torchrun
 from PIL import Image
 
-from conftest import SMALL, run_pipeline, run_torchrun
-from pipeline import checkpoint
 from pipeline.config import Config, load_config
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
-from pipeline.diagnostics import embedding_diagnostics
-from pipeline.encoders import build_encoder
+from pipeline.dist import checkpoint
 from pipeline.errors import UserError
-from pipeline.inference import load_embeddings, save_embeddings
-from pipeline.metrics import retrieval_metrics
+from pipeline.eval import results
+from pipeline.eval.diagnostics import embedding_diagnostics
+from pipeline.eval.inference import load_embeddings, save_embeddings
+from pipeline.eval.metrics import retrieval_metrics
+from pipeline.models.encoders import build_encoder
 from pipeline.protocols import resolve
 from pipeline.run_dir import RunDir
-from stages import evaluate
 
 
 def metrics_of(run):
@@ -146,7 +146,7 @@ def test_vehicleid_reports_each_test_size(tmp_path):
             x, labels = clustered(rng, size // 100, 4)
             save_embeddings(rd.embeddings(model) / f"test{size}.npz",
                             {"embeddings": x, "labels": labels, "keys": np.arange(len(x)).astype(str)})
-    evaluate.write_results(cfg, rd, proto, proto.splits, {"frozen": "a", "finetuned": "b"})
+    results.write_results(cfg, rd, proto, proto.splits, {"frozen": "a", "finetuned": "b"})
     metrics = metrics_of(tmp_path)
     assert set(metrics) == {"frozen", "finetuned"}
     for model in ("frozen", "finetuned"):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import REPO, SMALL
 from PIL import Image
 
-from conftest import REPO, SMALL
 from pipeline.config import ModelConfig, load_config
 from pipeline.data.transforms import eval_transform
-from pipeline.encoders import build_encoder, export, load_exported
+from pipeline.models.encoders import build_encoder, export, load_exported
 
 TINY_VIT = ["model.image_size=32", "model.patch_size=8", "model.depth=2", "model.width=64", "model.heads=2",
             "model.embed_dim=16", "model.grad_checkpointing=false"]
@@ -104,7 +104,7 @@ def runs(tmp_path_factory, digits_run) -> dict[str, tuple[Path, torch.Tensor | N
         with torch.no_grad():
             runs[case] = case_dir, load_exported(case_dir / FOLDER)(images)
     probe = tmp_path_factory.mktemp("imports_the_project")  # a snippet that needs the project must fail
-    (probe / "snippet.py").write_text("from pipeline.encoders import load_exported\n")
+    (probe / "snippet.py").write_text("from pipeline.models.encoders import load_exported\n")
     runs["imports_the_project"] = probe, None
     subprocess.run([sys.executable, "-c", HARNESS.format(blocked=BLOCKED), *(str(d) for d, _ in runs.values())],
                    check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -132,4 +132,4 @@ def test_snippets_cannot_import_the_project(runs):
     """The harness really blocks the project (installed, so importable otherwise): the probe snippet,
     which imports it, failed for that reason."""
     error = (runs["imports_the_project"][0] / "error.txt").read_text()
-    assert "No module named 'pipeline.encoders'; 'pipeline' is not a package" in error  # None in sys.modules
+    assert "No module named 'pipeline.models'; 'pipeline' is not a package" in error  # None in sys.modules

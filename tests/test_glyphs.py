@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_pipeline
 from fontTools.ttLib import TTFont
 from PIL import Image
 
-from conftest import run_pipeline
 from pipeline.config import DataConfig, load_config
 from pipeline.data.converters import convert, glyphs
 from pipeline.errors import UserError

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import LossConfig, ModelConfig, TrainConfig
-from pipeline.encoders import build_encoder
 from pipeline.losses import build_loss, set_step
 from pipeline.losses.intra_batch import IntraBatchLoss
+from pipeline.losses.protocol import wants_unnormalized
+from pipeline.models.encoders import build_encoder
 
 CLASSES = [3, 5, 7, 9]
 LABELS = torch.tensor([3, 3, 5, 5, 7, 7, 9, 9])
@@ -148,7 +149,7 @@ def test_gradients_reach_the_features_and_every_trainable_parameter():
 def test_the_encoder_gives_the_mpn_unnormalised_features_in_training_only():
     model = build_encoder(ModelConfig(patch_size=8, depth=1, embed_dim=16, drop_path=0.0), seed=0)
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    model.unnormalized_in_training = IntraBatchLoss.unnormalized_inputs
+    model.unnormalized_in_training = wants_unnormalized(IntraBatchLoss(16, CLASSES, layers=0))
     raw = model.train()(images)
     assert not torch.allclose(raw.norm(dim=1), torch.ones(4))
     torch.testing.assert_close(model.eval()(images), F.normalize(raw, dim=1))   # eval and export: normalised

@@ -2,14 +2,14 @@
 import copy
 
 import torch
+from conftest import SMALL, run_pipeline
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from conftest import SMALL, run_pipeline
-from pipeline import checkpoint
 from pipeline.config import ModelConfig
-from pipeline.encoders import build_encoder
+from pipeline.dist import checkpoint
 from pipeline.losses.intra_batch import IntraBatchLoss
+from pipeline.models.encoders import build_encoder
 
 
 def test_mpn_end_to_end_and_resume(tmp_path):

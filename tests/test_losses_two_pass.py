@@ -4,10 +4,17 @@ import copy
 
 import pytest
 import torch
+from test_two_pass import (
+    CHUNK,
+    assert_close,
+    autograd_grads,
+    seeds_for,
+    setup,
+    two_pass_grads,
+)
 
 from pipeline.config import LossConfig, TrainConfig
 from pipeline.losses import NAMES, build_loss, set_step
-from test_two_pass import CHUNK, assert_close, autograd_grads, seeds_for, setup, two_pass_grads
 
 ROTH = {"miner": "distance", "p_switch": 0.5, "reduction": "mean"}   # Roth's rho miner and criteria (recipe=roth)
 CASES = [LossConfig(name=n) for n in NAMES] + [

@@ -8,8 +8,8 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from pipeline import metrics
-from pipeline.metrics import retrieval_metrics
+from pipeline.eval import metrics
+from pipeline.eval.metrics import retrieval_metrics
 
 
 def circle(*degrees: float) -> np.ndarray:
@@ -239,8 +239,8 @@ def test_memory_bounded_by_chunk_times_k(monkeypatch):
     x, labels = clustered(rng, [6, 9, 12, 7, 30, 16])
     expected = retrieval_metrics(x, labels, ks=(1, 4, 64), nmi=False)
     made = []
-    build = metrics._flat_ip_index
-    monkeypatch.setattr(metrics, "_flat_ip_index", lambda g, k: made.append(RecordingIndex(build(g, k))) or made[-1])
+    build = metrics.flat_ip_index
+    monkeypatch.setattr(metrics, "flat_ip_index", lambda g, k: made.append(RecordingIndex(build(g, k))) or made[-1])
     monkeypatch.setattr(metrics, "_MAX_CHUNK_ELEMENTS", 500)
     got = retrieval_metrics(x, labels, ks=(1, 4, 64), nmi=False)
     assert got == pytest.approx(expected, abs=1e-12)

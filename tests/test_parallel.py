@@ -9,17 +9,17 @@ from functools import lru_cache
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, SMALL, run_torchrun
 from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, VARIANTS, problem, sgd
+from safetensors.torch import load_file
+
 from pipeline.config import TrainConfig
-from pipeline.distributed import expand_nodelist, slurm_rendezvous, world_from_env
-from pipeline.engine import Engine, check_launcher, transformer_blocks
+from pipeline.dist.distributed import expand_nodelist, slurm_rendezvous, world_from_env
+from pipeline.dist.engine import Engine, check_launcher, transformer_blocks
+from pipeline.dist.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.losses import set_step
-from pipeline.two_pass import one_pass_step
-from stages.finetune import check_shares
+from pipeline.train.two_pass import one_pass_step
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
 # The loss variants (SiMix split across ranks; RS@k computed whole on every rank) run on DDP by default;

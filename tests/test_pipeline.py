@@ -4,15 +4,14 @@ import shutil
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
 from conftest import SMALL, run_pipeline, run_torchrun
+
 from pipeline.config import ModelConfig
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
-from pipeline.encoders import load_exported
-from pipeline.inference import load_embeddings
-from pipeline.metrics import retrieval_metrics
+from pipeline.eval.inference import load_embeddings
+from pipeline.eval.metrics import retrieval_metrics
+from pipeline.models.encoders import load_exported
 
 METRICS = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"}
 

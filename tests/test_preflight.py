@@ -6,8 +6,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO, SMALL, run_torchrun
+
 from pipeline import preflight
 from pipeline.config import load_config
 from pipeline.data.converters import convert

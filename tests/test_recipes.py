@@ -6,18 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, run_pipeline
 from PIL import Image
 
-from conftest import SMALL, run_pipeline
-from pipeline import checkpoint
 from pipeline.config import GROUPS, Config, load_config, presets, valid_keys
+from pipeline.config.recipe import load, names
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
-from pipeline.encoders import build_encoder
+from pipeline.dist import checkpoint
+from pipeline.dist.shares import check_shares
 from pipeline.errors import UserError
-from pipeline.optim import build_optimizer
-from pipeline.recipe import load, names
-from stages.finetune import check_shares
+from pipeline.models.encoders import build_encoder
+from pipeline.train.optim import build_optimizer
 
 # RecallatK_surrogate src/main.py, ViTB16 branches; README.md command; src/losses.py; src/datasets.py; src/netlib.py.
 RSK_ALL = {"train.samples_per_class": 4, "train.optimizer": "adamw", "train.weight_decay": 0.0004,

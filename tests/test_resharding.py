@@ -7,15 +7,15 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import SMALL, run_pipeline, run_torchrun
 from parallel_worker import CHUNK, SEED, problem
-from pipeline import checkpoint, zero_universal
-from pipeline.engine import Engine
-from pipeline.errors import UserError
-from pipeline.two_pass import one_pass_step
 from resharding_worker import WRITTEN_STEPS, adamw, batch
 from test_parallel import crash_after_step_3, exported_weights_close, torchrun_script
+
+from pipeline.dist import checkpoint, zero_universal
+from pipeline.dist.engine import Engine
+from pipeline.errors import UserError
+from pipeline.train.two_pass import one_pass_step
 
 # On 2 processes; @frozen_ckpt: the first block frozen, activation checkpointing (parallel_worker).
 WRITERS = ("ddp", "fsdp2", "zero2", "zero3@frozen_ckpt")

@@ -9,19 +9,18 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import torch
+from conftest import REPO, SMALL, run_pipeline, training_processes
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import REPO, SMALL, run_pipeline, training_processes
-from pipeline import checkpoint
+from pipeline.config import TrainConfig
 from pipeline.data.loader import train_loader
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
-from pipeline.engine import Engine
-from pipeline.optim import build_optimizer
-from pipeline.config import TrainConfig
-from pipeline.preemption import EXIT_STATUS, StopRequest
+from pipeline.dist import checkpoint
+from pipeline.dist.engine import Engine
+from pipeline.dist.preemption import EXIT_STATUS, StopRequest
+from pipeline.train.optim import build_optimizer
 
 
 def same_weights(step_a, step_b, tmp_path) -> None:

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.inference import load_embeddings
-from pipeline.retrievals import average_precision_at_r
+from pipeline.eval.inference import load_embeddings
+from pipeline.eval.retrievals import average_precision_at_r
 
 
 def brute_force_ap(e: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

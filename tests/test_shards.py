@@ -5,19 +5,17 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import torch
 import webdataset as wds
+from PIL import Image
 
-from conftest import run_pipeline
 from pipeline.config import DataConfig, ModelConfig
 from pipeline.data.converters import Record, convert
 from pipeline.data.loader import StepBatches, train_loader
-from pipeline.data.transforms import train_transform
-from pipeline.errors import UserError
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex, write_split
+from pipeline.data.transforms import train_transform
+from pipeline.errors import UserError
 
 
 def stream_split(folder):

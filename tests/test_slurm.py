@@ -16,13 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, SMALL, run_pipeline, training_processes
-from slurm_cluster import (ONE_NODE, completed, job, job_processes_on, on_node, require_cluster, same_weights,
-                           sbatch, user_env, wait_for_end, wait_until)
+from slurm_cluster import (
+    ONE_NODE,
+    completed,
+    job,
+    job_processes_on,
+    on_node,
+    require_cluster,
+    same_weights,
+    sbatch,
+    user_env,
+    wait_for_end,
+    wait_until,
+)
 from test_parallel import exported_weights_close
 
-from pipeline.checkpoint import damage
+from pipeline.dist.checkpoint import damage
 
 # recipe=none: the job scripts pass recipe=rsk, and the jobs are compared with plain runs.
 TINY = ["model=tiny", "data=digits", "recipe=none", *SMALL]

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from slurm_cluster import completed, require_cluster, user_env
 

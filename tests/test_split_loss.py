@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from pipeline.config import LossConfig, TrainConfig
 from pipeline.losses import NAMES, RecallAtK, RecallAtKSiMix, build_loss, set_step
-from pipeline.two_pass import loss_and_grad, share_loss_and_grad, splits
+from pipeline.losses.protocol import splits
+from pipeline.train.two_pass import loss_and_grad, share_loss_and_grad
 
 # Unequal classes, shuffled, one singleton (no positives): shares hold different numbers of queries.
 LABELS = torch.tensor([3, 0, 1, 0, 2, 2, 1, 0, 0, 3, 4, 2, 1, 3, 0, 2, 5, 1])

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import REPO
 from scipy.stats import ttest_ind
 
-from conftest import REPO
 from pipeline import sweep
 
 spec = importlib.util.spec_from_file_location("study_glyphs", REPO / "tools" / "study_glyphs.py")

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SMALL, training_processes
+
 from pipeline import sweep
 from pipeline.errors import UserError
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import REPO, SMALL
 from slurm_cluster import job, require_cluster, user_env, wait_for_end
 from test_sweep import assert_summary

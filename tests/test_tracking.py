@@ -9,10 +9,10 @@ import time
 import zlib
 
 import pytest
-
 from conftest import SMALL, run_pipeline
-from pipeline.accounting import flops_per_image
+
 from pipeline.config import load_config
+from pipeline.models.accounting import flops_per_image
 from pipeline.progress import StepProgress
 from pipeline.run_dir import RunDir
 from pipeline.tracking import MetricsFile, mlflow_name, open_tracker, read_metrics

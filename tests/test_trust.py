@@ -8,16 +8,17 @@ import numpy as np
 import open_clip
 import pytest
 import timm
-import transformers
 import torch
 import torch.distributed.checkpoint as dcp
-
-from pipeline import checkpoint, trust
+import transformers
 from conftest import SMALL
 from test_encoders import TINY_VIT
+
+from pipeline import trust
 from pipeline.config import ModelConfig, load_config
-from pipeline.encoders import build_encoder
+from pipeline.dist import checkpoint
 from pipeline.errors import UserError
+from pipeline.models.encoders import build_encoder
 
 TINY = dict(patch_size=8, depth=2, embed_dim=16)
 

@@ -5,12 +5,18 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.encoders import build_encoder
-from pipeline.engine import Engine
+from pipeline.dist.engine import Engine
 from pipeline.losses import RecallAtK
-from pipeline.optim import build_optimizer
-from pipeline.two_pass import (backward_in_chunks, chunk_seed, embed_without_grad, loss_and_grad,
-                               one_pass_step, two_pass_step)
+from pipeline.models.encoders import build_encoder
+from pipeline.train.optim import build_optimizer
+from pipeline.train.two_pass import (
+    backward_in_chunks,
+    chunk_seed,
+    embed_without_grad,
+    loss_and_grad,
+    one_pass_step,
+    two_pass_step,
+)
 
 SEED, STEP, CHUNK = 3, 7, 6
 

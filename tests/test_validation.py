@@ -8,21 +8,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL
 from PIL import Image
 
-from conftest import SMALL
-from pipeline import checkpoint, runner
+from pipeline import runner
 from pipeline.config import load_config
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
-from pipeline.encoders import build_encoder
+from pipeline.dist import checkpoint
+from pipeline.dist.preemption import EXIT_STATUS
 from pipeline.errors import UserError
-from pipeline.metrics import retrieval_metrics
-from pipeline.preemption import EXIT_STATUS
+from pipeline.eval import sources
+from pipeline.eval.metrics import retrieval_metrics
+from pipeline.models.encoders import build_encoder
 from pipeline.run_dir import RunDir
+from pipeline.stages import shard
 from pipeline.tracking import read_metrics
-from pipeline.validation import Validator, metric_names
-from stages import evaluate, shard
+from pipeline.train.validation import Validator, metric_names
 
 
 def image_folder(root, classes: int, per_class: int = 3):
@@ -172,11 +174,11 @@ def test_best_checkpoint_follows_the_metric_up_then_down_and_survives_keep_and_r
     # export.checkpoint=best and eval.checkpoint=best take step 4, not the latest.
     assert run_here("stage=export", f"run_dir={run}", *SCRIPTED, "train.max_steps=10", "export.checkpoint=best") == 0
     assert json.loads((run / "export" / "source.json").read_text())["step"] == 4
-    assert evaluate.checkpoint_path("best", RunDir(run)) == run / "checkpoints" / "step_4"
+    assert sources.checkpoint_path("best", RunDir(run)) == run / "checkpoints" / "step_4"
     cfg = load_config(SCRIPTED)
     by_hand = build_encoder(cfg.model, cfg.seed)
     checkpoint.load_weights(run / "checkpoints" / "step_4", by_hand)
-    from pipeline.encoders import load_exported
+    from pipeline.models.encoders import load_exported
 
     exported = load_exported(run / "export")
     for name, tensor in by_hand.state_dict().items():
@@ -245,7 +247,7 @@ def test_validation_split_errors_are_one_line(digits_run, tmp_path):
 
 
 def test_best_ignores_nan_keeps_the_earlier_of_ties_and_restores_only_the_same_metric():
-    from pipeline.validation import Best
+    from pipeline.train.validation import Best
 
     best = Best("val/recall@1", "test")
     assert best.update(2, {"val/recall@1": float("nan")}) is False and best.validated == 2

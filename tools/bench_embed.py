@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_loader import synthetic  # tools/ is on sys.path when run as a script
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data.converters import Record
 from pipeline.data.shards import ShardIndex, write_split
 from pipeline.data.transforms import eval_transform
-from pipeline.encoders import build_encoder
-from pipeline.inference import embed_split
-from bench_loader import synthetic  # tools/ is on sys.path when run as a script
+from pipeline.eval.inference import embed_split
+from pipeline.models.encoders import build_encoder
 
 
 def main() -> None:

@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from pipeline import distributed  # noqa: E402
+from pipeline.dist import distributed  # noqa: E402
 from pipeline.losses import RecallAtK, RecallAtKSiMix, set_step  # noqa: E402
-from pipeline.two_pass import share_loss_and_grad, two_pass_step  # noqa: E402
-from tools.bench_recall_at_k import KS, inputs  # noqa: E402
+from pipeline.train.two_pass import share_loss_and_grad, two_pass_step  # noqa: E402
+from bench_recall_at_k import KS, inputs  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 
 def slowest(seconds: tuple[float, float]) -> tuple[float, float]:
@@ -68,9 +67,9 @@ def loss_cases(batch: int, dim: int) -> dict:
 
 def step_case(batch: int, chunk: int):
     from pipeline.config import TrainConfig, load_config
-    from pipeline.encoders import build_encoder
-    from pipeline.engine import build_engine
-    from pipeline.optim import build_optimizer
+    from pipeline.dist.engine import build_engine
+    from pipeline.models.encoders import build_encoder
+    from pipeline.train.optim import build_optimizer
 
     cfg = load_config(["model=tiny", f"parallel={'ddp' if distributed.world_size() > 1 else 'none'}"])
     model = build_encoder(cfg.model, seed=0).train()

@@ -21,15 +21,13 @@ import argparse
 import os
 import platform
 import resource
-import sys
 import time
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pipeline import metrics  # noqa: E402
-from pipeline.metrics import retrieval_metrics  # noqa: E402
+from pipeline.eval import metrics  # noqa: E402
+from pipeline.eval.metrics import retrieval_metrics  # noqa: E402
 
 
 def class_sizes(rng, n: int, n_classes: int, smallest: int = 2) -> np.ndarray:

@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.losses import RecallAtK, RecallAtKSiMix, recall_at_k_loss, set_step  # noqa: E402
 from pipeline.losses.recall_at_k import padded_positives  # noqa: E402
 from pipeline.losses.rsk_fused import smooth_ranks  # noqa: E402

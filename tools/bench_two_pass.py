@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def rss_mb() -> float:
@@ -56,11 +55,11 @@ def setup(args, batch: int):
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.distributed import World, pick_device
-    from pipeline.encoders import build_encoder
-    from pipeline.engine import Engine
+    from pipeline.dist.distributed import World, pick_device
+    from pipeline.dist.engine import Engine
     from pipeline.losses import RecallAtK
-    from pipeline.optim import build_optimizer
+    from pipeline.models.encoders import build_encoder
+    from pipeline.train.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
     device = pick_device(args.device, World())
@@ -83,7 +82,7 @@ def memory_mb(device) -> tuple[float, float]:
 
 
 def step_fn(mode: str):
-    from pipeline.two_pass import one_pass_step, two_pass_step
+    from pipeline.train.two_pass import one_pass_step, two_pass_step
 
     return {"two_pass": two_pass_step, "one_pass": one_pass_step}[mode]
 

@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # a checkout that is not pip-installed
 
 from pipeline import sweep, sweep_plots  # noqa: E402
 from pipeline.run_dir import RunDir  # noqa: E402

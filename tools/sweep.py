@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # a checkout that is not pip-installed
 
 from pipeline import sweep  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402

@@ -22,8 +22,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from pipeline.data.converters import Record
 

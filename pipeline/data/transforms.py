@@ -8,8 +8,8 @@ model.image_size (the papers: Resize(256) then CenterCrop(224), RS@k src/dataset
 """
 from __future__ import annotations
 
-from torchvision.transforms import v2 as T
 import torch
+from torchvision.transforms import v2 as T
 
 from pipeline.config import DataConfig, ModelConfig
 
@@ -17,7 +17,9 @@ ERASE_FILL = [0.4914, 0.4822, 0.4465]  # IBC's RandomErasing mean, written into 
 
 
 def _to_tensor(model: ModelConfig) -> list:
-    from pipeline.encoders import preprocessing  # the model's own mean and std unless the config sets them
+    from pipeline.models.encoders import (
+        preprocessing,  # the model's own mean and std unless the config sets them
+    )
 
     mean, std = preprocessing(model)
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]

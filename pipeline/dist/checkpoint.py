@@ -35,7 +35,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from pipeline import distributed, trust
+from pipeline.dist import distributed
+
+from pipeline import trust
 from pipeline.errors import UserError
 from pipeline.run_dir import write_json
 

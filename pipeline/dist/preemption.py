@@ -15,7 +15,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from pipeline import distributed
+from pipeline.dist import distributed
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +85,12 @@ def requeue(env=os.environ) -> bool:
         return False
     log.info("requeued Slurm job %s", job)
     return True
+
+
+def preempted(stop: StopRequest, step: int, requeue_job: bool) -> None:
+    """After the checkpoint of `step`: requeue the Slurm job if asked, and stop this run."""
+    log.warning("preempted after step %d (%s): checkpoint saved", step, stop.reason or "another rank was signalled")
+    distributed.on_main(stop.clear_stop_file)
+    requeued = distributed.broadcast_object(requeue_job and requeue())  # rank 0 requeues; all say so
+    raise Preempted(f"preempted after step {step}; "
+                               + ("the Slurm job was requeued" if requeued else "run the same command to resume"))

@@ -28,9 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data.shards import ShardIndex
-from pipeline import distributed
-from pipeline.distributed import broadcast_object
-from pipeline.engine import autocast
+from pipeline.dist import distributed
+from pipeline.dist.distributed import broadcast_object
+from pipeline.precision import autocast
 
 
 def _by_rank(shards: list[int], rank: int, world: int) -> list[int]:

@@ -50,7 +50,7 @@ def _use_gpu() -> bool:
     return faiss.get_num_gpus() > 0
 
 
-def _flat_ip_index(gallery: np.ndarray, k: int) -> faiss.Index:
+def flat_ip_index(gallery: np.ndarray, k: int) -> faiss.Index:
     """Exact inner-product index over the gallery: on the GPU(s) when possible, else on the CPU."""
     if _use_gpu() and k <= _GPU_MAX_K:
         try:
@@ -95,7 +95,7 @@ def _labels(y, n: int, name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, loo: bool) -> np.ndarray:
+def relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, loo: bool) -> np.ndarray:
     """R per query: gallery items sharing its label (minus itself in leave-one-out)."""
     classes, counts = np.unique(gallery_labels, return_counts=True)
     pos = np.clip(np.searchsorted(classes, query_labels), 0, len(classes) - 1)
@@ -103,7 +103,7 @@ def _relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, loo: 
     return r - int(loo)
 
 
-def _self_mask(nbrs: np.ndarray, self_idx: np.ndarray | None) -> np.ndarray:
+def self_mask(nbrs: np.ndarray, self_idx: np.ndarray | None) -> np.ndarray:
     """Where each query itself sits in its neighbour list (found by index, not by rank: ties and
     duplicates mean it need not come first). If it fell outside the k searched, the last column
     is marked instead, so every row keeps k - 1 neighbours. None: nothing to drop."""
@@ -119,7 +119,7 @@ def _score_chunk(nbrs: np.ndarray, self_idx: np.ndarray | None, relevant: np.nda
     """Sums over a chunk's queries. nbrs: their neighbours, nearest first; relevant[i, j]: whether
     nbrs[i, j] has query i's label; self_idx: the queries' own indices in leave-one-out."""
     n = len(nbrs)
-    is_self = _self_mask(nbrs, self_idx)
+    is_self = self_mask(nbrs, self_idx)
     relevant &= ~is_self
     # recall@k from the rank of the first relevant neighbour (ranks counted without the query itself)
     first = relevant.argmax(axis=1)
@@ -163,14 +163,14 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
         if g.shape[1] != q.shape[1]:
             raise ValueError(f"query dim {q.shape[1]} differs from gallery dim {g.shape[1]}")
 
-    r = _relevant_counts(q_labels, g_labels, loo)
+    r = relevant_counts(q_labels, g_labels, loo)
     scored = np.flatnonzero(r > 0)
     names = [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]
     totals = dict.fromkeys(names, 0.0)
     if len(scored):
         # R is not capped, so search deep enough for the largest R (+1 for the query itself).
         k_search = min(max(max(ks), int(r[scored].max())) + int(loo), len(g))
-        index = _flat_ip_index(g, k_search)
+        index = flat_ip_index(g, k_search)
         rows = max(1, min(CHUNK_ROWS, _MAX_CHUNK_ELEMENTS // k_search))
         for start in range(0, len(scored), rows):
             idx = scored[start:start + rows]

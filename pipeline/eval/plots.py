@@ -21,7 +21,7 @@ from pipeline.tracking import series  # noqa: E402
 FRAME_COLOURS = {"green": "#2ca02c", "red": "#d62728", "query": "#1f77b4"}
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -43,7 +43,7 @@ def recall_at_k(results: dict[str, dict[str, dict]], ks: list[int], path: Path) 
         ax.set_title(evaluation)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def spectrum(spectra: dict[tuple[str, str], tuple[np.ndarray, float]], path: Path) -> None:
@@ -60,7 +60,7 @@ def spectrum(spectra: dict[tuple[str, str], tuple[np.ndarray, float]], path: Pat
     ax.set_title("embedding spectrum (flatter = lower rho)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _tile(ax, image: Image.Image, frame: str, title: str) -> None:
@@ -100,7 +100,7 @@ def retrievals(layout: dict, image, path: Path) -> None:
     fig.text(0.5, axes[0, 0].get_position().y1 + 0.6 / fig.get_figheight(),
              f"the top {k} results of {kinds.count('random')} seeded queries and of the {kinds.count('worst')} worst "
              f"(lowest average precision, {layout['ranked_by']}); green: the query's class", ha="center", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def training(records: list[dict], metric: str, path: Path, best_step: int | None = None) -> None:
@@ -124,4 +124,4 @@ def training(records: list[dict], metric: str, path: Path, best_step: int | None
     for ax in (loss, lr, val):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)

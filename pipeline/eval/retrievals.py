@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.metrics import _flat_ip_index, _relevant_counts, _self_mask
+from pipeline.eval.metrics import flat_ip_index, relevant_counts, self_mask
 from pipeline.protocols import Evaluation
 
 CHUNK = 4096  # queries searched at a time
@@ -28,13 +28,13 @@ def nearest(queries: np.ndarray, gallery: np.ndarray, k: int, own: np.ndarray | 
     out, each query's own index in the gallery, left out of its list (by index, not by rank)."""
     extra = int(own is not None)
     k = min(k, len(gallery) - extra)
-    index = _flat_ip_index(np.ascontiguousarray(gallery, dtype=np.float32), k + extra)
+    index = flat_ip_index(np.ascontiguousarray(gallery, dtype=np.float32), k + extra)
     sims, nbrs = [], []
     for start in range(0, len(queries), CHUNK):
         q = np.ascontiguousarray(queries[start:start + CHUNK], dtype=np.float32)
         s, n = index.search(q, k + extra)
         if own is not None:
-            keep = ~_self_mask(n, own[start:start + CHUNK])
+            keep = ~self_mask(n, own[start:start + CHUNK])
             s, n = s[keep].reshape(len(q), k), n[keep].reshape(len(q), k)
         sims.append(s)
         nbrs.append(n)
@@ -46,7 +46,7 @@ def average_precision_at_r(query: np.ndarray, query_labels: np.ndarray, gallery:
     """Each query's AP@R (MAP@R's per-query term); NaN for queries with no relevant gallery item."""
     loo = gallery is None
     gallery, g_labels = (query, query_labels) if loo else (gallery, gallery_labels)
-    r = _relevant_counts(query_labels, g_labels, loo)
+    r = relevant_counts(query_labels, g_labels, loo)
     ap = np.full(len(query), np.nan)
     scored = np.flatnonzero(r > 0)
     if len(scored) == 0:

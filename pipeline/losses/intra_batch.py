@@ -2,7 +2,7 @@
 for Deep Metric Learning", ICML 2021), trained end to end as a loss, as dvl-tum/intra_batch builds it.
 
 The loss receives the embedding head's output before L2 normalisation (IBC's fc7; the finetune stage
-asks the encoder for it, see `unnormalized_inputs`):
+asks the encoder for it: the loss is `TakesUnnormalized`, pipeline/losses/protocol.py):
 
 - backbone classifier: Linear(D, C) with bias on the unnormalised features (net/resnet.py:198, 285);
 - message passing on the batch as one fully connected graph with self-loops (net/graph_generator.py:
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.losses.baselines import ClassIndex
+from pipeline.losses.protocol import TakesUnnormalized
 from pipeline.losses.seeding import StepSeeded
 
 
@@ -71,10 +72,9 @@ class MessagePassing(nn.Module):
         return self.norm2(x + self.dropout2(self.feed_forward(x)))
 
 
-class IntraBatchLoss(nn.Module, StepSeeded):
+class IntraBatchLoss(nn.Module, StepSeeded, TakesUnnormalized):
     """CE(backbone classifier) + CE(message-passing classifier), both label-smoothed, logits / temperature."""
 
-    unnormalized_inputs = True  # the backbone classifier sees the head's output before L2 normalisation
 
     def __init__(self, dim: int, classes: Sequence[int], layers: int = 1, heads: int = 2, temperature: float = 0.2,
                  label_smoothing: float = 0.1, dropout: float = 0.1, concat: bool = False, seed: int = 0):

@@ -23,7 +23,6 @@ import torch
 from pipeline.losses.recall_at_k import RecallAtK, query_count, share, similarities
 from pipeline.losses.seeding import StepSeeded
 
-
 # Rows per slab of the column mixing: about this many elements of (rows x M) temporaries, kept in cache.
 _SLAB_ELEMENTS = 1 << 20
 

@@ -41,7 +41,9 @@ def flops_per_image(cfg: ModelConfig, chunk_size: int) -> float:
     no compute, no weights read. Frozen layers get no weight gradients, and their FLOPs say so;
     activation checkpointing is left out (recomputation is not model FLOPs)."""
     cfg = dataclasses.replace(cfg, pretrained=None, grad_checkpointing=False)
-    from pipeline.encoders import build_encoder  # here: encoders pulls in the model libraries
+    from pipeline.models.encoders import (
+        build_encoder,  # here: encoders pulls in the model libraries
+    )
 
     with torch.device("meta"):
         model = build_encoder(cfg, seed=0).train()

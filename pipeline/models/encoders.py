@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.backbones import Backbone, family
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.models.backbones import Backbone, family
 
 
 class Embedder(nn.Module):

@@ -11,12 +11,12 @@ import json
 import logging
 import shutil
 
-from pipeline import distributed
 from pipeline.config import Config
 from pipeline.data.transforms import eval_transform
-from pipeline.distributed import pick_device, world_from_env
-from pipeline.encoders import build_encoder
-from pipeline.inference import embed_split, save_embeddings
+from pipeline.dist import distributed
+from pipeline.dist.distributed import pick_device, world_from_env
+from pipeline.eval.inference import embed_split, save_embeddings
+from pipeline.models.encoders import build_encoder
 from pipeline.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)

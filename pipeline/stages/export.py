@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.encoders import architecture, build_encoder, export
+from pipeline.dist import checkpoint
+from pipeline.models.encoders import architecture, build_encoder, export
 from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from pipeline import accounting
-from pipeline.timing import PhaseTimer
+from pipeline.models import accounting
+from pipeline.train.timing import PhaseTimer
 
 PHASES = ("data", "pass1", "loss", "pass2", "optimizer")
 EXCLUDED = ("validation", "checkpoint")  # timed, but not part of a step

@@ -31,16 +31,13 @@ denominator known before the others are computed, or it has parameters:
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from pipeline import distributed
-from pipeline.engine import Engine
+from pipeline.dist import distributed
+from pipeline.dist.engine import Engine
+from pipeline.losses.protocol import Loss, splits
 from pipeline.rng import derive_seed, seeded_rng
-from pipeline.timing import NO_TIMER
-
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from pipeline.train.timing import NO_TIMER
 
 
 def chunk_seed(seed: int, step: int, start: int) -> int:
@@ -73,15 +70,6 @@ def loss_and_grad(embeddings: torch.Tensor, labels: torch.Tensor, loss_fn: Loss)
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
     return loss.detach(), grad
-
-
-def splits(loss_fn: Loss) -> bool:
-    """Whether each rank may compute only its share of the loss: a loss that says so and has
-    `partial(embeddings, labels, part, parts)`, and no trainable parameters (their gradients
-    would need summing across ranks too)."""
-    if not getattr(loss_fn, "split_across_ranks", False) or not hasattr(loss_fn, "partial"):
-        return False
-    return not any(p.requires_grad for p in loss_fn.parameters())
 
 
 def share_loss_and_grad(embeddings: torch.Tensor, labels: torch.Tensor,

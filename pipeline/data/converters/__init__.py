@@ -24,8 +24,19 @@ Converter = Callable[[DataConfig, int], dict[str, Iterable[Record]]]
 
 
 def _registry() -> dict[str, Converter]:
-    from pipeline.data.converters import cars, csv, cub, digits, fashion_mnist, imagefolder, inat, inshop, sop, vehicleid
-    from pipeline.data.converters import glyphs
+    from pipeline.data.converters import (
+        cars,
+        csv,
+        cub,
+        digits,
+        fashion_mnist,
+        glyphs,
+        imagefolder,
+        inat,
+        inshop,
+        sop,
+        vehicleid,
+    )
     return {"digits": digits.convert, "fashion_mnist": fashion_mnist.convert, "imagefolder": imagefolder.convert,
             "csv": csv.convert, "cub": cub.convert, "cars": cars.convert, "sop": sop.convert, "inshop": inshop.convert,
             "inat": inat.convert, "vehicleid": vehicleid.convert, "glyphs": glyphs.convert}

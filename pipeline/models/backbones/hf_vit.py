@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.backbones import Backbone, given, pretrained_path
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.models.backbones import Backbone, given, pretrained_path
 from pipeline.trust import pickle_allowed, refused
 
 # arch -> (model class, config class, blocks, layers after the blocks, default normalisation)

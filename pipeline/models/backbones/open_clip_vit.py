@@ -13,9 +13,9 @@ import pickle
 
 from torch import nn
 
-from pipeline.backbones import Backbone, given, pretrained_path
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.models.backbones import Backbone, given, pretrained_path
 from pipeline.trust import pickle_allowed, refused
 
 

@@ -8,8 +8,8 @@ read by timm's load_state_dict and handed over as `state_dict=`.
 """
 from __future__ import annotations
 
-from pipeline.backbones import Backbone, given, pretrained_path
 from pipeline.config import ModelConfig
+from pipeline.models.backbones import Backbone, given, pretrained_path
 from pipeline.trust import pickle_allowed, refused
 
 
