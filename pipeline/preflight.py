@@ -11,8 +11,10 @@ launcher reads it.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -43,7 +45,12 @@ def problems(cfg: Config, rd: RunDir, processes: int, stages: list[str]) -> list
         if cfg.parallel.name.startswith("zero"):
             checks.append(lambda: check_deepspeed_config(cfg))
     if "eval" in stages and "checkpoint" in cfg.eval.models:
+        checks.append(lambda: check_checkpoint_spec("eval.checkpoint", cfg.eval.checkpoint))
         checks.append(lambda: check_foreign_checkpoint(cfg.eval.checkpoint))
+    if "export" in stages:
+        checks.append(lambda: check_checkpoint_spec("export.checkpoint", cfg.export.checkpoint))
+    if "eval" in stages and "finetuned" in cfg.eval.models and cfg.eval.export:
+        checks.append(lambda: check_export_folder(cfg.eval.export))
     found = []
     for check in checks:
         try:
@@ -139,6 +146,22 @@ def _check_hf_folder(cfg: ModelConfig, path: Path) -> None:
     if expected and model_type not in expected:
         raise UserError(f"model.pretrained={cfg.pretrained} holds a {model_type} model, not a {cfg.arch}; "
                         f"give that model's folder or change model.arch")
+
+
+def check_checkpoint_spec(key: str, spec: str) -> None:
+    """latest, best, step_<N>, or an existing folder: a typo (`bestt`) is named before any stage runs."""
+    if spec in ("latest", "best") or re.fullmatch(r"step_\d+", spec) or Path(spec).expanduser().is_dir():
+        return
+    hint = difflib.get_close_matches(spec, ["latest", "best"], n=1)
+    raise UserError(f"{key}={spec} is neither latest, best, step_<N> nor a checkpoint folder"
+                    + (f"; did you mean '{hint[0]}'?" if hint else ""))
+
+
+def check_export_folder(folder: str) -> None:
+    path = Path(folder).expanduser()
+    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+        raise UserError(f"eval.export={folder} is not an exported model (model.safetensors + config.json); "
+                        "give a stage=export folder")
 
 
 def check_foreign_checkpoint(spec: str) -> None:

@@ -10,13 +10,17 @@ import logging
 import socket
 import sys
 import uuid
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from pipeline import log as logs
 from pipeline import preflight, trust
-from pipeline.config import Config, load_config, to_yaml
+from pipeline.config import Config
+from pipeline.config.experiment import check_unchanged, describe
 from pipeline.config.inputs import is_input
+from pipeline.config.loader import resolve
+from pipeline.config.loader import save as save_config
 from pipeline.dist import distributed
 from pipeline.dist.distributed import pick_device, world_from_env
 from pipeline.dist.preemption import EXIT_STATUS, Preempted
@@ -121,21 +125,62 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
         ensure(stage)
 
 
+def run_dir_of(args: list[str]) -> Path:
+    """The run directory a command names (the last run_dir=), or the default."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    return Path(given[-1] if given else Config.run_dir)
+
+
+def finished_stages(rd: RunDir) -> set[str]:
+    return {stage for stage in ORDER if rd.marker(stage).is_file()}
+
+
+def show_config(resolved, rd: RunDir, processes: int) -> int:
+    """stage=config: every setting with its source, then the checks' verdict; runs and writes nothing."""
+    print(describe(resolved))
+    cfg = dataclasses.replace(resolved.config, stage="all")
+    try:
+        check_unchanged(resolved, rd.root, finished_stages(rd))
+        found = preflight.problems(cfg, rd, processes, planned(cfg, rd))
+    except UserError as e:
+        found = [str(e)]
+    for problem in found:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"# checks: {'passed' if not found else f'{len(found)} problem(s)'}; stage=config ran nothing")
+    return 2 if found else 0
+
+
+def ignored_settings(resolved) -> list[str]:
+    """Settings given now that do nothing in this command, each worth a warning."""
+    cfg = resolved.config
+    if "eval.checkpoint" in resolved.given and "checkpoint" not in cfg.eval.models:
+        return [f"eval.checkpoint={cfg.eval.checkpoint} is only used with eval.models listing checkpoint "
+                f"(e.g. eval.models=[frozen,finetuned,checkpoint]); eval.models={cfg.eval.models}"]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     broken = False  # a collective failed: the process group cannot be left together
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        args = sys.argv[1:] if argv is None else argv
+        resolved = resolve(args, run_dir=run_dir_of(args))
+        cfg = resolved.config
         trust.allow_pickle(cfg.train.trust_checkpoint)
         world = world_from_env()
         rd = RunDir(cfg.run_dir)
+        if cfg.stage == "config":
+            return show_config(resolved, rd, world.size)
+        check_unchanged(resolved, rd.root, finished_stages(rd))
         distributed.init(world, pick_device(cfg.device, world), cfg.parallel.timeout)
         if not preflight_passes(cfg, rd, world.size):
             return 2  # nothing written
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
         log.info("rank %d of %d on %s", world.rank, world.size, socket.gethostname())
+        for note in resolved.notes + ignored_settings(resolved):
+            log.warning(note)
         if world.is_main:
-            (rd.root / "config.yaml").write_text(to_yaml(cfg))
+            save_config(resolved, rd.root)
         run_stages(cfg, rd)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

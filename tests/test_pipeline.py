@@ -80,9 +80,17 @@ def test_resume_with_other_non_architecture_settings(digits_run, tmp_path):
 
 
 def test_checkpoint_from_another_model_is_refused(digits_run, tmp_path):
+    """Another model on a finished run is refused before anything runs (issue 22); a checkpoint folder
+    from another model config is refused when it is loaded."""
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
     proc = run_pipeline("stage=finetune", f"run_dir={run}", *SMALL, "model.embed_dim=24", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: model.embed_dim=24 would change the finished embed stage of {run} (made with model.embed_dim=32); "
+        "to redo it and the stages after it add force=true, or use a new run_dir"]
+    proc = run_pipeline("stage=eval", f"run_dir={tmp_path / 'other'}", *SMALL, "model.embed_dim=24",
+                        "eval.models=[checkpoint]", f"eval.checkpoint={run / 'checkpoints' / 'step_6'}", check=False)
     assert proc.returncode == 2
     assert "was made by another model config (differs in model.embed_dim)" in proc.stderr.strip().splitlines()[-1]
 

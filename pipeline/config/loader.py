@@ -1,25 +1,49 @@
-"""Reading a config: dataclass defaults, then YAML presets, then a recipe, then `key=value` overrides.
+"""Reading a config: dataclass defaults, then YAML presets, then a recipe, then the run's saved
+config, then `key=value` overrides; every value's source is kept.
 
 `data=cub` (a group name with a plain value) loads `presets/data/cub.yaml` over the defaults;
 `data.root=/x` (a dotted key) sets one field. Unknown keys fail with the closest valid key, and
 every value is checked (pipeline/config/schema.py) before the config is returned.
+
+A run directory is an experiment: `resolve(args, run_dir=...)` starts from the run's saved
+`config.yaml` (what its last command resolved) and applies only what this command gives: its
+dotted keys, and the values of the presets and recipe it names. Precedence: defaults < presets <
+recipe < the run's saved config < this command's presets, recipe and keys.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import recipe as recipes
 from pipeline.config.schema import Config, closest
 from pipeline.errors import UserError
+from pipeline.run_dir import write_json
 
 PRESETS = Path(__file__).parent.parent / "presets"
 GROUPS = ("data", "model", "parallel", "loss", "track")  # groups that presets fill
+PER_COMMAND = ("stage", "run_dir", "force")  # never taken from a run's saved config
+SAVED = "config.yaml"  # in the run directory
+SOURCES = "config_sources.json"  # beside it: the presets the run was made with, each value's source
+COMMAND_LINE = "command line"
+
+
+@dataclass
+class Resolved:
+    """A config, where each value came from, and what this command itself set."""
+    config: Config
+    sources: dict[str, str]                         # leaf key -> default | preset g=x | recipe=x | run_dir | command line
+    given: set[str] = field(default_factory=set)    # leaf keys this command set (keys, or its presets and recipe)
+    saved: dict[str, Any] | None = None             # the run's saved config, flat (None: a new run directory)
+    notes: list[str] = field(default_factory=list)  # decisions worth a log line (e.g. max_steps over epochs)
+    presets: dict[str, str] = field(default_factory=dict)  # group -> the preset the values came from
 
 
 def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
@@ -35,6 +59,18 @@ def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
 
 def presets(group: str) -> list[str]:
     return sorted(p.stem for p in (PRESETS / group).glob("*.yaml"))
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted leaf key: value}."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node)
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    out = {}
+    for k, v in node.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return out
 
 
 def _parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
@@ -59,18 +95,60 @@ def _parse_args(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]
 
 
 def load_config(args: list[str]) -> Config:
-    """Defaults < presets (data=, model=, parallel=, loss=) < recipe= < dotted overrides, validated
-    against the dataclasses (see pipeline/config/recipe.py for how a recipe composes)."""
+    """The config of `args` alone (no run directory read): defaults < presets < recipe < key=value."""
+    return resolve(args).config
+
+
+def resolve(args: list[str], run_dir: Path | None = None) -> Resolved:
+    """The config of `args`, over the saved config of `run_dir` where it has one (see the module doc)."""
     chosen, overrides = _parse_args(args)
-    recipe = _recipe(chosen)
+    given_now = dict(chosen)  # the presets and recipe named on this command
+    saved, saved_presets = _saved(run_dir)
+    for group, name in saved_presets.items():
+        chosen.setdefault(group, name)  # a recipe's `when` matches the presets the run was made with
+    recipe = _recipe(chosen, given_now)
     cfg = OmegaConf.structured(Config)
+    sources = dict.fromkeys(flatten(cfg), "default")
+    given: set[str] = set()
+    later: list[tuple[str, dict]] = []  # this command's presets: applied over the saved config
     for group in GROUPS:
         chosen[group] = chosen.get(group, getattr(cfg, group).name)
         preset = OmegaConf.load(PRESETS / group / f"{chosen[group]}.yaml")
-        try:
-            cfg = OmegaConf.merge(cfg, {group: preset})
-        except OmegaConfBaseException as e:
-            raise UserError(f"preset {group}={chosen[group]}: {e.msg}") from None
+        if saved is not None and group in given_now:
+            later.append((f"preset {group}={chosen[group]}", {group: preset}))
+            continue
+        cfg = _merge(cfg, {group: preset}, f"preset {group}={chosen[group]}", sources)
+    dotlist = _dotlist(overrides)
+    probe = OmegaConf.merge(cfg, *[block for _, block in later], dotlist)
+    if recipe is not None:
+        label = f"recipe={chosen['recipe']}"
+        for block in recipes.settings(recipe, chosen, probe):
+            if saved is not None:
+                later.append((label, block))
+            else:
+                cfg = _merge(cfg, block, label, sources, error=label)
+        cfg.recipe = chosen["recipe"]
+        sources["recipe"] = COMMAND_LINE if "recipe" in given_now else sources["recipe"]
+    if saved is not None:
+        cfg = _merge(cfg, {k: v for k, v in saved.items() if k not in PER_COMMAND}, "run_dir", sources, flat=True)
+        for label, block in later:
+            given |= set(flatten(block))
+            cfg = _merge(cfg, block, label, sources, error=label)
+    cfg = OmegaConf.merge(cfg, dotlist)
+    for key, _ in overrides:
+        for leaf in [k for k in sources if k == key or k.startswith(key + ".")]:
+            sources[leaf] = COMMAND_LINE
+            given.add(leaf)
+    config: Config = OmegaConf.to_object(cfg)
+    notes = _explicit_steps_win(config, sources)
+    if config.data.seed is None:  # resolved here, so that the saved config and the fingerprints say which
+        config.data.seed = config.seed
+    config.check()
+    chosen.pop("recipe", None)
+    return Resolved(config, sources, given, saved, notes, chosen)
+
+
+def _dotlist(overrides: list[tuple[str, str]]) -> DictConfig:
     for key, value in overrides:  # a value YAML cannot read ('...', '[1,') is named, not a traceback
         try:
             OmegaConf.from_dotlist([f"{key}={value}"])
@@ -78,32 +156,75 @@ def load_config(args: list[str]) -> Config:
             raise UserError(f"bad value for '{key}': {value!r} is not a YAML value ({e.problem}); quote it") from None
     try:
         dotlist = OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides])
-        probe = OmegaConf.merge(cfg, dotlist)
+        OmegaConf.merge(OmegaConf.structured(Config), dotlist)
     except OmegaConfBaseException as e:
         raise UserError(f"bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
-    if recipe is not None:
-        for block in recipes.settings(recipe, chosen, probe):
-            try:
-                cfg = OmegaConf.merge(cfg, block)
-            except OmegaConfBaseException as e:
-                raise UserError(f"recipe={chosen['recipe']}: {e.msg}") from None
-        cfg.recipe = chosen["recipe"]
-    cfg = OmegaConf.merge(cfg, dotlist)
-    config: Config = OmegaConf.to_object(cfg)
-    if config.data.seed is None:  # resolved here, so that the saved config and the fingerprints say which
-        config.data.seed = config.seed
-    config.check()
-    return config
+    return dotlist
 
 
-def _recipe(chosen: dict[str, str]) -> dict | None:
+def _merge(cfg: DictConfig, block: dict, label: str, sources: dict[str, str], error: str | None = None,
+           flat: bool = False) -> DictConfig:
+    """cfg with `block` merged over it, each key it sets now from `label`."""
+    nested = OmegaConf.from_dotlist([]) if flat else block
+    if flat:
+        for key, value in block.items():
+            OmegaConf.update(nested, key, value, force_add=True)
+    try:
+        cfg = OmegaConf.merge(cfg, nested)
+    except OmegaConfBaseException as e:
+        raise UserError(f"{error or label}: {e.msg}") from None
+    for key in flatten(nested):
+        for leaf in [k for k in sources if k == key or k.startswith(key + ".")]:
+            sources[leaf] = label
+    return cfg
+
+
+def _saved(run_dir: Path | None) -> tuple[dict | None, dict[str, str]]:
+    """The run's saved config (flat, known keys only) and the presets it was made with."""
+    if run_dir is None or not (Path(run_dir) / SAVED).is_file():
+        return None, {}
+    path = Path(run_dir) / SAVED
+    try:
+        saved = flatten(OmegaConf.load(path))
+        made_with = json.loads((Path(run_dir) / SOURCES).read_text())["presets"] if (Path(run_dir) / SOURCES).is_file() else {}
+    except (OmegaConfBaseException, yaml.YAMLError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path} cannot be read ({e}); fix or remove it (it holds the run's settings)") from None
+    known = set(valid_keys())
+    return {k: v for k, v in saved.items() if k in known}, made_with
+
+
+def save(resolved: Resolved, run_dir: Path) -> None:
+    """config.yaml (the resolved config) and config_sources.json (the presets it was made with, and
+    where each value came from), so that the next command on the run starts from them."""
+    (Path(run_dir) / SAVED).write_text(to_yaml(resolved.config))
+    write_json(Path(run_dir) / SOURCES, {"presets": resolved.presets, "sources": resolved.sources})
+
+
+def _recipe(chosen: dict[str, str], given_now: dict[str, str]) -> dict | None:
     """The chosen recipe's rules; its default loss preset becomes the loss unless loss= was given."""
-    if chosen.get("recipe", "none") == "none":
+    if given_now.get("recipe", "none") == "none":
         return None
     recipe = recipes.load(chosen["recipe"])
-    if "loss" in recipe:
-        chosen.setdefault("loss", recipe["loss"])
+    if "loss" in recipe and "loss" not in given_now:
+        chosen["loss"] = recipe["loss"]
+        given_now["loss"] = recipe["loss"]
     return recipe
+
+
+def _explicit_steps_win(config: Config, sources: dict[str, str]) -> list[str]:
+    """train.max_steps given on the command line beats train.epochs from a recipe or the run's config
+    (the README's promise: a key given later wins); both given at once is a conflict."""
+    t = config.train
+    if sources["train.max_steps"] != COMMAND_LINE or t.epochs is None:
+        return []
+    if sources["train.epochs"] == COMMAND_LINE:
+        raise UserError(f"train.max_steps={t.max_steps} and train.epochs={t.epochs} were both given: give one "
+                        "(train.epochs sets max_steps from the epoch length)")
+    note = (f"train.max_steps={t.max_steps} from the command line wins over train.epochs={t.epochs} "
+            f"(from {sources['train.epochs']})")
+    t.epochs = None
+    sources["train.epochs"] = COMMAND_LINE
+    return [note]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pipeline import protocols
 from pipeline.errors import UserError
 
-STAGES = ("shard", "embed", "finetune", "eval", "export", "all")
+STAGES = ("shard", "embed", "finetune", "eval", "export", "all", "config")  # config: print the settings, run nothing
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_FORMATS = ("png", "jpg", "webp")
 FAMILIES = ("timm", "open_clip", "transformers")  # pipeline/models/backbones/, one module each
@@ -79,6 +79,10 @@ class DataConfig:
                             "no character can be a class")
         if not 0.0 <= self.random_erasing <= 1.0:
             raise UserError(f"data.random_erasing={self.random_erasing} must be a probability in [0, 1]")
+
+    def identity(self) -> dict:
+        """What a checkpoint records of the data it was trained on (refused on other data)."""
+        return {"name": self.name, "root": self.root}
 
 
 @dataclass

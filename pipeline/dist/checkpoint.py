@@ -174,8 +174,12 @@ def damage(path: Path) -> str | None:
     return None
 
 
-def _meta(path: Path, expect_model: dict | None) -> dict:
+def _meta(path: Path, expect_model: dict | None, expect_data: dict | None = None) -> dict:
     meta = json.loads((path / "meta.json").read_text())
+    if expect_data is not None and meta.get("data", expect_data) != expect_data:  # older checkpoints: no record
+        made = ", ".join(f"data.{k}={v}" for k, v in meta["data"].items())
+        raise UserError(f"checkpoint {path} was trained on other data ({made}); use another run_dir, or force=true "
+                        f"to start over")
     if expect_model is not None and meta.get("model") != expect_model:
         diff = sorted(k for k in expect_model if meta.get("model", {}).get(k) != expect_model[k])
         raise UserError(f"checkpoint {path} was made by another model config (differs in model.{', model.'.join(diff)}); "
@@ -184,14 +188,14 @@ def _meta(path: Path, expect_model: dict | None) -> dict:
 
 
 def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "none",
-         loss: tuple | None = None) -> dict:
+         loss: tuple | None = None, expect_data: dict | None = None) -> dict:
     """Resume: weights, optimizer and scheduler in place, through the engine (collective); returns meta.json.
     loss=(module, optimizer, scheduler) also loads the loss's state saved with them.
 
     DCP checkpoints (parallel=none, ddp, fsdp2) load under any of those backends and world sizes;
     a DeepSpeed checkpoint under the parallel setting that wrote it, at any world size: another
     one than the writer's goes through DeepSpeed's universal checkpoint (engine.load_resharded)."""
-    meta = _meta(path, expect_model)
+    meta = _meta(path, expect_model, expect_data)
     if loss is not None and (_has_state(loss) or "loss" in meta) and meta.get("loss") != expect_loss(loss[0]):
         made = (meta.get("loss") or {}).get("class", "unrecorded")
         raise UserError(f"checkpoint {path} was made with another loss ({made}, or other loss settings); "
@@ -258,10 +262,11 @@ def expect_loss(loss_fn: nn.Module) -> dict:
             "state": {k: list(v.shape) for k, v in loss_fn.state_dict().items()}}
 
 
-def load_weights(path: Path, model: nn.Module, expect_model: dict | None = None) -> dict:
+def load_weights(path: Path, model: nn.Module, expect_model: dict | None = None,
+                 expect_data: dict | None = None) -> dict:
     """The weights alone, into an unwrapped model in one process (export); any backend's checkpoint.
     A DeepSpeed checkpoint is consolidated from its ZeRO partitions with DeepSpeed's zero_to_fp32."""
-    meta = _meta(path, expect_model)
+    meta = _meta(path, expect_model, expect_data)
     if meta.get("format", "dcp") == "deepspeed":
         model.load_state_dict(_deepspeed_weights(path))
     else:

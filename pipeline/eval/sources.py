@@ -27,7 +27,8 @@ def load_model(name: str, cfg: Config, rd: RunDir) -> tuple[nn.Module, ModelConf
             f" (checkpoint `{made['checkpoint']}`, step {made['step']})" if made else "")
     path = checkpoint_path(cfg.eval.checkpoint, rd)
     model = build_encoder(cfg.model, cfg.seed)
-    meta = checkpoint.load_weights(path, model, expect_model=architecture(cfg.model))
+    meta = checkpoint.load_weights(path, model, expect_model=architecture(cfg.model),
+                                   expect_data=own_data(cfg, rd, path))
     return model.eval(), cfg.model, f"checkpoint `{path}` (step {meta['step']})"
 
 
@@ -37,3 +38,9 @@ def checkpoint_path(spec: str, rd: RunDir) -> Path:
         return distributed.on_main(lambda: checkpoint.find(spec, rd.checkpoints))  # rank 0 checks, all load the same
     except UserError as e:
         raise UserError(f"eval.checkpoint={spec}: {e}") from None
+
+
+def own_data(cfg: Config, rd: RunDir, path: Path) -> dict | None:
+    """The data a checkpoint of this run must have been trained on; None for one from elsewhere (a
+    model from another dataset may be evaluated on this one)."""
+    return cfg.data.identity() if rd.checkpoints.resolve() in path.resolve().parents else None

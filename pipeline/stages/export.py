@@ -5,6 +5,7 @@ import logging
 
 from pipeline.config import Config
 from pipeline.dist import checkpoint
+from pipeline.eval.sources import own_data
 from pipeline.models.encoders import architecture, build_encoder, export
 from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
 
@@ -14,7 +15,8 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, rd: RunDir) -> None:
     chosen = checkpoint.find(cfg.export.checkpoint, rd.checkpoints)
     model = build_encoder(cfg.model, cfg.seed)
-    meta = checkpoint.load_weights(chosen, model, expect_model=architecture(cfg.model))
+    meta = checkpoint.load_weights(chosen, model, expect_model=architecture(cfg.model),
+                                   expect_data=own_data(cfg, rd, chosen))
     tmp = fresh_dir(rd.export.with_name("export.tmp"))
     export(model, cfg.model, tmp)
     write_json(tmp / "source.json", {"checkpoint": str(chosen.resolve()), "step": meta["step"]})  # for the report

@@ -56,7 +56,8 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
     engine = build_engine(model, lambda m: build_optimizer(m, t, epochs["steps_per_epoch"]), cfg.parallel,
                           t.chunk_size, device, t.grad_clip)
     sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed, t.small_classes)
-    meta = {"model": architecture(cfg.model), "parallel": cfg.parallel.name, "sampler": sampler.settings(),
+    meta = {"model": architecture(cfg.model), "data": cfg.data.identity(), "parallel": cfg.parallel.name,
+            "sampler": sampler.settings(),
             "epochs": epochs}
     start, saved = resume(cfg, rd, engine, loss_state, meta)
     best = restore_best(saved, t.best_metric, validator.evaluation.query if validator else None, rd)

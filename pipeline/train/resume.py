@@ -20,7 +20,8 @@ def resume(cfg: Config, rd: RunDir, engine, loss_state: tuple, meta: dict) -> tu
     last = distributed.on_main(lambda: checkpoint.latest(rd.checkpoints))  # rank 0 checks, all load the same
     if last is None:
         return 0, {}
-    saved = checkpoint.load(last, engine, expect_model=meta["model"], parallel=cfg.parallel.name, loss=loss_state)
+    saved = checkpoint.load(last, engine, expect_model=meta["model"], parallel=cfg.parallel.name, loss=loss_state,
+                            expect_data=meta["data"])
     log.info("resuming from %s", last)
     if saved.get("sampler", meta["sampler"]) != meta["sampler"]:
         log.warning("the sampler settings changed since %s (%s -> %s): the batches from step %d on differ from "

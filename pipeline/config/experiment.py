@@ -1,0 +1,51 @@
+"""A run directory is an experiment: a later command may not silently change what a finished stage
+was made from, and its settings can be seen, with their sources, before anything runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pipeline.config.inputs import AFFECTS, CLASS
+from pipeline.config.loader import Resolved, flatten
+from pipeline.errors import UserError
+
+# What the run's data and model are: the keys that change the shards, and the encoder's weights
+# source and architecture (pipeline/models/encoders.py's ARCHITECTURE). A later command may not swap
+# them under a finished stage; other model keys (drop_path, mean/std) re-run what they affect.
+MODEL_IDENTITY = ("model.name", "model.family", "model.arch", "model.pretrained", "model.image_size",
+                  "model.patch_size", "model.depth", "model.width", "model.heads", "model.global_pool",
+                  "model.embed_dim", "model.head_norm")
+
+
+def guarded(key: str) -> bool:
+    return CLASS.get(key) == "shard" or key in MODEL_IDENTITY
+
+
+def check_unchanged(resolved: Resolved, run_dir: Path, finished: set[str]) -> None:
+    """Refuse, in one line, a key given now that changes an input of a finished stage of the run
+    (its data, model or shards), unless force=true; `finished`: the stages with a completion marker."""
+    if resolved.saved is None or resolved.config.force:
+        return
+    now = flatten(_as_dict(resolved.config))
+    for key in sorted(resolved.given, key=lambda k: (not k.endswith(".name"), k)):  # data.name before its details
+        if not guarded(key) or key not in resolved.saved or now[key] == resolved.saved[key]:
+            continue
+        stages = [s for s in AFFECTS[CLASS[key]] if s in finished]
+        if stages:
+            raise UserError(f"{key}={now[key]} would change the finished {stages[0]} stage of {run_dir} (made with "
+                            f"{key}={resolved.saved[key]}); to redo it and the stages after it add force=true, or "
+                            "use a new run_dir")
+
+
+def describe(resolved: Resolved) -> str:
+    """Every setting, one per line, with the source of each value that is not a default."""
+    lines = []
+    for key, value in flatten(_as_dict(resolved.config)).items():
+        source = resolved.sources.get(key, "default")
+        lines.append(f"{key}: {value}" + ("" if source == "default" else f"    # {source}"))
+    return "\n".join(lines)
+
+
+def _as_dict(config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config))

@@ -1,0 +1,101 @@
+"""A run directory is an experiment (issue 22): later commands start from its saved settings, may not
+swap its data or model under a finished stage, and every setting can be seen with its source."""
+import hashlib
+import json
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+from conftest import SMALL, run_pipeline
+from test_validation import image_folder
+
+from pipeline.config.loader import resolve
+from pipeline.errors import UserError
+from pipeline.train.optim import resolve_epochs
+
+
+def digest(folder) -> dict[str, str]:
+    """Every file under `folder` (symlinks as their targets' names) -> its sha256."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            out[str(path.relative_to(folder))] = "-> " + str(path.readlink())
+        elif path.is_file():
+            out[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def custom_run(tmp_path_factory):
+    """A finished stage=all on an image folder, with a best checkpoint."""
+    root = tmp_path_factory.mktemp("custom")
+    image_folder(root / "images", classes=12, per_class=6)
+    run = root / "run"
+    run_pipeline("stage=all", f"run_dir={run}", "data=imagefolder", f"data.root={root / 'images'}",
+                 "data.image_size=16", "data.workers=0", "data.shard_workers=0", *SMALL, "train.global_batch=16", "train.chunk_size=8", "train.val_every=3")
+    return run
+
+
+def test_a_later_command_that_omits_the_data_evaluates_the_runs_own(custom_run, tmp_path):
+    """The data-loss report: an eval on a copied custom-data run, with no data= or model= given, used
+    to reshard digits over the run's shards and drop checkpoints/best."""
+    run = tmp_path / "copy"
+    shutil.copytree(custom_run, run, symlinks=True)
+    shards, checkpoints = digest(run / "shards"), digest(run / "checkpoints")
+    run_pipeline("stage=eval", f"run_dir={run}", "eval.models=[checkpoint]", "eval.checkpoint=best")
+    assert digest(run / "shards") == shards and digest(run / "checkpoints") == checkpoints
+    assert json.loads((run / "shards" / "summary.json").read_text())["dataset"] == "imagefolder"
+    assert set(json.loads((run / "eval" / "metrics.json").read_text())) == {"checkpoint"}
+    assert OmegaConf.load(run / "config.yaml").data.name == "imagefolder"
+
+
+def test_a_changed_data_setting_on_a_finished_run_is_refused(custom_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(custom_run, run, symlinks=True)
+    before = digest(run)
+    proc = run_pipeline("stage=eval", f"run_dir={run}", "data=digits", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: data.name=digits would change the finished shard stage of {run} (made with data.name=imagefolder); "
+        "to redo it and the stages after it add force=true, or use a new run_dir"]
+    assert digest(run) == before
+
+
+def test_max_steps_on_the_command_line_beats_a_recipes_epochs():
+    """recipe=ibc sets train.epochs (70); train.max_steps=5 given with it trains 5 steps, and says so."""
+    resolved = resolve(["recipe=ibc", "train.max_steps=5"])
+    t = resolved.config.train
+    assert (t.max_steps, t.epochs) == (5, None)
+    assert resolved.notes == ["train.max_steps=5 from the command line wins over train.epochs=70 (from recipe=ibc)"]
+    assert resolve_epochs(t, 10_000)[0].max_steps == 5
+    assert resolve(["recipe=ibc"]).config.train.epochs == 70
+    with pytest.raises(UserError, match="were both given"):
+        resolve(["recipe=ibc", "train.max_steps=5", "train.epochs=3"])
+
+
+def test_stage_config_shows_each_values_source_and_runs_nothing(tmp_path):
+    run = tmp_path / "run"
+    proc = run_pipeline("stage=config", f"run_dir={run}", "recipe=rsk", "train.lr=0.5", check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "train.lr: 0.5    # command line" in lines
+    assert "train.samples_per_class: 4    # recipe=rsk" in lines and "data.name: digits    # preset data=digits" in lines
+    assert "train.max_steps: 200" in lines  # a default: no source shown
+    assert lines[-1] == "# checks: passed; stage=config ran nothing"
+    assert not run.exists()
+
+
+def test_stage_config_on_a_run_names_the_run_as_the_source(custom_run):
+    proc = run_pipeline("stage=config", f"run_dir={custom_run}", "eval.nmi=false")
+    assert "data.name: imagefolder    # run_dir" in proc.stdout.splitlines()
+    assert "eval.nmi: False    # command line" in proc.stdout.splitlines()
+
+
+def test_a_checkpoint_typo_is_found_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    proc = run_pipeline("stage=eval", f"run_dir={run}", "eval.models=[checkpoint]", "eval.checkpoint=bestt",
+                        check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: eval.checkpoint=bestt is neither latest, best, step_<N> nor a checkpoint "
+                                   "folder; did you mean 'best'?")
+    assert not run.exists()
