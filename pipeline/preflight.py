@@ -11,25 +11,37 @@ launcher reads it.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
 from pipeline.config import Config, ModelConfig
+from pipeline.dist import distributed
+from pipeline.dist.checkpoint_names import (
+    check_checkpoint_spec,
+    check_foreign_checkpoint,
+)
 from pipeline.dist.shares import check_processes, check_shares
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
 from pipeline.tracking import check_installed
-from pipeline.trust import pickle_allowed
 
 BUILDS_MODEL = ("embed", "finetune", "export", "eval")
 # A transformers from_pretrained folder: its config and one of these weight files.
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HF_MODEL_TYPES = {"Dinov2Model": ("dinov2",), "CLIPVisionModel": ("clip", "clip_vision_model")}
+
+
+def passes(cfg: Config, rd: RunDir, processes: int, planned: Callable[[], list[str]]) -> bool:
+    """Rank 0 runs the checks for the stages planned() says will run, and prints every problem, one line each."""
+    found = distributed.on_main(lambda: problems(cfg, rd, processes, planned()))
+    if distributed.rank() == 0:
+        for problem in found:
+            print(f"error: {problem}", file=sys.stderr)
+    return not found
 
 
 def problems(cfg: Config, rd: RunDir, processes: int, stages: list[str]) -> list[str]:
@@ -148,35 +160,11 @@ def _check_hf_folder(cfg: ModelConfig, path: Path) -> None:
                         f"give that model's folder or change model.arch")
 
 
-def check_checkpoint_spec(key: str, spec: str) -> None:
-    """latest, best, step_<N>, or an existing folder: a typo (`bestt`) is named before any stage runs."""
-    if spec in ("latest", "best") or re.fullmatch(r"step_\d+", spec) or Path(spec).expanduser().is_dir():
-        return
-    hint = difflib.get_close_matches(spec, ["latest", "best"], n=1)
-    raise UserError(f"{key}={spec} is neither latest, best, step_<N> nor a checkpoint folder"
-                    + (f"; did you mean '{hint[0]}'?" if hint else ""))
-
-
 def check_export_folder(folder: str) -> None:
     path = Path(folder).expanduser()
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
         raise UserError(f"eval.export={folder} is not an exported model (model.safetensors + config.json); "
                         "give a stage=export folder")
-
-
-def check_foreign_checkpoint(spec: str) -> None:
-    """eval.checkpoint=<folder>: a checkpoint from elsewhere. DeepSpeed reads its files with pickle,
-    so a ZeRO one needs train.trust_checkpoint=true (the project's own DCP format never does)."""
-    if spec == "latest" or spec.startswith("step_"):
-        return  # this run's own
-    try:
-        fmt = json.loads((Path(spec).expanduser() / "meta.json").read_text()).get("format", "dcp")
-    except (OSError, ValueError):
-        return  # not a checkpoint folder: the eval stage says so
-    if fmt == "deepspeed" and not pickle_allowed():
-        raise UserError(f"eval.checkpoint={spec} is a DeepSpeed checkpoint from outside this run, and DeepSpeed reads "
-                        f"its files with pickle, which runs any code they carry; if you trust where it came from, "
-                        f"set train.trust_checkpoint=true")
 
 
 def check_deepspeed_config(cfg: Config) -> None:

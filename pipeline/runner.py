@@ -10,15 +10,18 @@ import logging
 import socket
 import sys
 import uuid
-from pathlib import Path
-
-from omegaconf import OmegaConf
 
 from pipeline import log as logs
 from pipeline import preflight, trust
 from pipeline.config import Config
-from pipeline.config.experiment import check_unchanged, describe
-from pipeline.config.inputs import is_input
+from pipeline.config.experiment import (
+    check_unchanged,
+    describe,
+    finished_stages,
+    ignored_settings,
+    run_dir_of,
+)
+from pipeline.config.inputs import stage_settings
 from pipeline.config.loader import resolve
 from pipeline.config.loader import save as save_config
 from pipeline.dist import distributed
@@ -31,6 +34,7 @@ log = logging.getLogger("pipeline")
 
 ORDER = ("shard", "embed", "finetune", "export", "eval")
 REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": ("finetune",), "eval": ("embed", "export")}
+
 
 def requires(stage: str, cfg: Config) -> tuple[str, ...]:
     """The stages `stage` needs; eval needs only those that make the models it evaluates."""
@@ -58,19 +62,9 @@ def run_stage(stage: str, cfg: Config, rd: RunDir) -> None:
         distributed.on_main(lambda: module.run(cfg, rd))
 
 
-def _flatten(node, prefix=""):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], node
-
-
 def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
     """The values of the settings `stage` depends on (pipeline/config/inputs.py) and the runs it follows."""
-    flat = dict(_flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
-    settings = {k: v for k, v in flat.items() if is_input(k, stage)}
-    return {"settings": settings, "after": {req: rd.run_id(req) for req in requires(stage, cfg)}}
+    return {"settings": stage_settings(cfg, stage), "after": {req: rd.run_id(req) for req in requires(stage, cfg)}}
 
 
 def planned(cfg: Config, rd: RunDir) -> list[str]:
@@ -89,15 +83,6 @@ def planned(cfg: Config, rd: RunDir) -> list[str]:
     for stage in requested:
         will_run(stage)
     return [s for s in ORDER if runs.get(s)]
-
-
-def preflight_passes(cfg: Config, rd: RunDir, processes: int) -> bool:
-    """Rank 0 runs the cheap checks of pipeline/preflight.py and prints every problem, one line each."""
-    found = distributed.on_main(lambda: preflight.problems(cfg, rd, processes, planned(cfg, rd)))
-    if distributed.rank() == 0:
-        for problem in found:
-            print(f"error: {problem}", file=sys.stderr)
-    return not found
 
 
 def run_stages(cfg: Config, rd: RunDir) -> None:
@@ -125,22 +110,12 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
         ensure(stage)
 
 
-def run_dir_of(args: list[str]) -> Path:
-    """The run directory a command names (the last run_dir=), or the default."""
-    given = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
-    return Path(given[-1] if given else Config.run_dir)
-
-
-def finished_stages(rd: RunDir) -> set[str]:
-    return {stage for stage in ORDER if rd.marker(stage).is_file()}
-
-
 def show_config(resolved, rd: RunDir, processes: int) -> int:
     """stage=config: every setting with its source, then the checks' verdict; runs and writes nothing."""
     print(describe(resolved))
     cfg = dataclasses.replace(resolved.config, stage="all")
     try:
-        check_unchanged(resolved, rd.root, finished_stages(rd))
+        check_unchanged(resolved, rd.root, finished_stages(rd.root))
         found = preflight.problems(cfg, rd, processes, planned(cfg, rd))
     except UserError as e:
         found = [str(e)]
@@ -148,15 +123,6 @@ def show_config(resolved, rd: RunDir, processes: int) -> int:
         print(f"error: {problem}", file=sys.stderr)
     print(f"# checks: {'passed' if not found else f'{len(found)} problem(s)'}; stage=config ran nothing")
     return 2 if found else 0
-
-
-def ignored_settings(resolved) -> list[str]:
-    """Settings given now that do nothing in this command, each worth a warning."""
-    cfg = resolved.config
-    if "eval.checkpoint" in resolved.given and "checkpoint" not in cfg.eval.models:
-        return [f"eval.checkpoint={cfg.eval.checkpoint} is only used with eval.models listing checkpoint "
-                f"(e.g. eval.models=[frozen,finetuned,checkpoint]); eval.models={cfg.eval.models}"]
-    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         rd = RunDir(cfg.run_dir)
         if cfg.stage == "config":
             return show_config(resolved, rd, world.size)
-        check_unchanged(resolved, rd.root, finished_stages(rd))
+        check_unchanged(resolved, rd.root, finished_stages(rd.root))
         distributed.init(world, pick_device(cfg.device, world), cfg.parallel.timeout)
-        if not preflight_passes(cfg, rd, world.size):
+        if not preflight.passes(cfg, rd, world.size, lambda: planned(cfg, rd)):
             return 2  # nothing written
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)

@@ -5,8 +5,8 @@ import json
 import shutil
 
 import pytest
-from omegaconf import OmegaConf
 from conftest import SMALL, run_pipeline
+from omegaconf import OmegaConf
 from test_validation import image_folder
 
 from pipeline.config.loader import resolve

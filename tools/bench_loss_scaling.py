@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+from bench_recall_at_k import KS, inputs  # noqa: E402  (tools/ is on sys.path when run as a script)
+
 from pipeline.dist import distributed  # noqa: E402
 from pipeline.losses import RecallAtK, RecallAtKSiMix, set_step  # noqa: E402
 from pipeline.train.two_pass import share_loss_and_grad, two_pass_step  # noqa: E402
-from bench_recall_at_k import KS, inputs  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 
 def slowest(seconds: tuple[float, float]) -> tuple[float, float]:

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config.inputs import AFFECTS, CLASS
 from pipeline.config.loader import Resolved, flatten
+from pipeline.config.schema import Config
 from pipeline.errors import UserError
 
 # What the run's data and model are: the keys that change the shards, and the encoder's weights
@@ -49,3 +50,23 @@ def describe(resolved: Resolved) -> str:
 
 def _as_dict(config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(config))
+
+
+def run_dir_of(args: list[str]) -> Path:
+    """The run directory a command names (the last run_dir=), or the default."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    return Path(given[-1] if given else Config.run_dir)
+
+
+def finished_stages(run_dir: Path) -> set[str]:
+    """The stages of the run with a completion marker."""
+    return {p.stem for p in (Path(run_dir) / "stages").glob("*.json")}
+
+
+def ignored_settings(resolved) -> list[str]:
+    """Settings given now that do nothing in this command, each worth a warning."""
+    cfg = resolved.config
+    if "eval.checkpoint" in resolved.given and "checkpoint" not in cfg.eval.models:
+        return [f"eval.checkpoint={cfg.eval.checkpoint} is only used with eval.models listing checkpoint "
+                f"(e.g. eval.models=[frozen,finetuned,checkpoint]); eval.models={cfg.eval.models}"]
+    return []

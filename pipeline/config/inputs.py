@@ -7,6 +7,10 @@ new key is silently left out and a finished stage never reused with stale output
 """
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
+from pipeline.config.loader import flatten
+
 # class -> the stages whose output a key of that class changes
 AFFECTS = {
     "shard": ("shard", "embed", "finetune", "export", "eval"),  # what the shards hold
@@ -66,6 +70,11 @@ CLASS = {
     "track.name": "none", "track.project": "none", "track.run_name": "none", "track.wandb_mode": "none",
     "track.mlflow_uri": "none",
 }
+
+
+def stage_settings(config, stage: str) -> dict:
+    """{leaf key: value} of the settings `stage`'s output depends on."""
+    return {k: v for k, v in flatten(OmegaConf.structured(config)).items() if is_input(k, stage)}
 
 
 def is_input(key: str, stage: str) -> bool:
