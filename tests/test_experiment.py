@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 from test_validation import image_folder
 
 from pipeline.config.loader import resolve
-from pipeline.errors import UserError
 from pipeline.train.optim import resolve_epochs
 
 
@@ -69,8 +68,9 @@ def test_max_steps_on_the_command_line_beats_a_recipes_epochs():
     assert resolved.notes == ["train.max_steps=5 from the command line wins over train.epochs=70 (from recipe=ibc)"]
     assert resolve_epochs(t, 10_000)[0].max_steps == 5
     assert resolve(["recipe=ibc"]).config.train.epochs == 70
-    with pytest.raises(UserError, match="were both given"):
-        resolve(["recipe=ibc", "train.max_steps=5", "train.epochs=3"])
+    both = resolve(["recipe=ibc", "train.max_steps=5", "train.epochs=3"])  # the later one wins
+    assert (both.config.train.epochs, both.notes) == (3, ["train.epochs=3 given after train.max_steps=5 decides the steps"])
+    assert resolve(["recipe=ibc", "train.epochs=3", "train.max_steps=5"]).config.train.epochs is None
 
 
 def test_stage_config_shows_each_values_source_and_runs_nothing(tmp_path):

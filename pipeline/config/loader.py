@@ -140,7 +140,7 @@ def resolve(args: list[str], run_dir: Path | None = None) -> Resolved:
             sources[leaf] = COMMAND_LINE
             given.add(leaf)
     config: Config = OmegaConf.to_object(cfg)
-    notes = _explicit_steps_win(config, sources)
+    notes = _explicit_steps_win(config, sources, overrides)
     if config.data.seed is None:  # resolved here, so that the saved config and the fingerprints say which
         config.data.seed = config.seed
     config.check()
@@ -211,15 +211,15 @@ def _recipe(chosen: dict[str, str], given_now: dict[str, str]) -> dict | None:
     return recipe
 
 
-def _explicit_steps_win(config: Config, sources: dict[str, str]) -> list[str]:
+def _explicit_steps_win(config: Config, sources: dict[str, str], overrides: list[tuple[str, str]]) -> list[str]:
     """train.max_steps given on the command line beats train.epochs from a recipe or the run's config
-    (the README's promise: a key given later wins); both given at once is a conflict."""
+    (the README's promise: a key given later wins); given both, the later of the two wins."""
     t = config.train
     if sources["train.max_steps"] != COMMAND_LINE or t.epochs is None:
         return []
-    if sources["train.epochs"] == COMMAND_LINE:
-        raise UserError(f"train.max_steps={t.max_steps} and train.epochs={t.epochs} were both given: give one "
-                        "(train.epochs sets max_steps from the epoch length)")
+    order = [k for k, _ in overrides if k in ("train.max_steps", "train.epochs")]
+    if order[-1] == "train.epochs":
+        return [f"train.epochs={t.epochs} given after train.max_steps={t.max_steps} decides the steps"]
     note = (f"train.max_steps={t.max_steps} from the command line wins over train.epochs={t.epochs} "
             f"(from {sources['train.epochs']})")
     t.epochs = None
