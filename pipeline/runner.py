@@ -121,7 +121,7 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
         forced = cfg.force and stage in requested
         fp = fingerprint(cfg, rd, stage)
         if distributed.broadcast_object(rd.is_complete(stage, fp) and not forced):
-            log.info("[%s] complete, skipped (force=true reruns it)", stage)
+            log.info("[%s] complete, skipped (%s reruns it)", stage, f"stage={stage} force=true" if cfg.force else "force=true")
         else:
             log.info("[%s] running", stage)
             distributed.on_main(lambda: rd.clear_marker(stage))
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2  # nothing written
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
-        log.info("rank %d of %d on %s", world.rank, world.size, socket.gethostname())
+        log.info("rank %d of %d on %s, %d torch threads", world.rank, world.size, socket.gethostname(),
+                 distributed.cpu_threads())
         if world.is_main:
             (rd.root / "config.yaml").write_text(to_yaml(cfg))
         run_stages(cfg, rd)
