@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import re
 import sys
 from pathlib import Path
 
@@ -10,16 +10,16 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class ToLogFile(logging.Filter):
-    """A library's chatter that a user cannot act on (DeepSpeed's accelerator lines, "Setting accelerator
-    to CPU...", printed through its own stdout handler): into this process's log file at debug level,
-    not onto the console. Its other lines, and anything at ERROR, still print."""
+    """A library's chatter that a user cannot act on: into this process's log file at debug level, not
+    onto the console (libraries print through handlers of their own). Records whose "source file:
+    message" matches `pattern`; the library's other lines, and anything at ERROR, still print."""
 
-    def __init__(self, *paths: str):
+    def __init__(self, pattern: str):
         super().__init__()
-        self.paths = paths  # parts of the source file paths whose records are diverted
+        self.pattern = re.compile(pattern)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR or not any(p in record.pathname for p in self.paths):
+        if record.levelno >= logging.ERROR or not self.pattern.search(f"{record.pathname}: {record.getMessage()}"):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         for handler in logging.getLogger().handlers:
@@ -28,8 +28,11 @@ class ToLogFile(logging.Filter):
         return False
 
 
-# Set before the library is imported: it adds its handler then, and keeps the filter.
-CHATTY = {"DeepSpeed": ToLogFile(os.path.join("deepspeed", "accelerator", ""))}
+# Set before the libraries are imported (they add their handlers then, and keep the filters):
+# DeepSpeed's accelerator lines ("Setting accelerator to CPU..."), and torch's note, when DeepSpeed
+# imports its extension builder on a machine without CUDA, that it found no CUDA runtime.
+CHATTY = {"DeepSpeed": ToLogFile(r"deepspeed[/\\]accelerator[/\\]"),
+          "torch.utils.cpp_extension": ToLogFile(r": No CUDA runtime is found")}
 
 
 def setup(log_dir: Path, rank: int = 0) -> None:

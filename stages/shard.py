@@ -16,9 +16,9 @@ from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
 log = logging.getLogger(__name__)
 
 NAMED = 100  # names kept in summary.json per kind of thing left out (the count is always exact)
-LEFT_OUT = {"empty_classes": "class folders (or labels) with no image (not counted as classes)",
-            "unreadable": "folders that could not be read", "ignored_files": "files that are not images",
-            "missing_files": "listed files that do not exist"}
+LEFT_OUT = {"empty_classes": "class folder(s) or label(s) with no image (not counted as classes)",
+            "unreadable": "folder(s) that could not be read", "ignored_files": "file(s) that are not images",
+            "missing_files": "listed file(s) that do not exist"}
 
 
 def report_left_out(left_out: LeftOut | None) -> dict:

@@ -64,13 +64,14 @@ def test_faiss_clustering_advice_is_not_printed(capfd, caplog):
     assert "k-means: 180 points for 30 centroids" in caplog.text
 
 
-def test_deepspeed_accelerator_line_goes_to_the_log_file(tmp_path):
+def test_deepspeed_accelerator_lines_go_to_the_log_file(tmp_path):
     code = ("import logging, sys; from pathlib import Path; from pipeline import log; log.setup(Path(sys.argv[1]));"
-            "from deepspeed.accelerator import get_accelerator; get_accelerator();"
+            "from deepspeed.accelerator import get_accelerator; get_accelerator(); import torch.utils.cpp_extension;"
             "logging.getLogger('DeepSpeed').warning('a DeepSpeed line elsewhere')")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": REPO}, check=True)
     assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
+    assert "No CUDA runtime is found" not in proc.stdout + proc.stderr
     assert "a DeepSpeed line elsewhere" in proc.stdout  # its other lines still print, through its own handler
     [line] = [l for l in (tmp_path / "rank0.log").read_text().splitlines() if "Setting accelerator" in l]
     assert " DEBUG DeepSpeed: " in line

@@ -47,8 +47,8 @@ def test_empty_class_folder_and_text_files_are_named_in_the_log_and_summary(tmp_
     assert left_out["empty_classes"] == {"count": 1, "names": ["empty_class"]}
     assert left_out["ignored_files"] == {"count": 2, "names": ["README.txt", "animal0/notes.txt"]}
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("left out 1 class folders (or labels) with no image" in line and "empty_class" in line for line in lines)
-    assert any("2 files that are not images" in line and "animal0/notes.txt" in line for line in lines)
+    assert any("left out 1 class folder(s) or label(s) with no image" in line and "empty_class" in line for line in lines)
+    assert any("2 file(s) that are not images" in line and "animal0/notes.txt" in line for line in lines)
     # the empty folder is not a class: 6 classes, split 3 + 3 (test_fraction 0.5), none of them empty
     assert summary["splits"]["train"]["classes"] + summary["splits"]["test"]["classes"] == 6
     assert all(s["images_per_class"]["min"] == 3 for s in summary["splits"].values())
