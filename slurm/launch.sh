@@ -79,8 +79,10 @@ launch() {
     export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job: jobs may share a node
     # run_dir is made by pipeline/run.py once its checks pass (a failed check leaves nothing behind).
     export PIPELINE_STOP_FILE="$(realpath -m "$run_dir")/stop.$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
-    trap 'echo "launch: signal received, asking the ranks to stop"; mkdir -p "${PIPELINE_STOP_FILE%/*}"
-          touch "$PIPELINE_STOP_FILE"' USR1 TERM
+    # Once: the requeue that follows a stop sends TERM too.
+    stop_asked=""
+    trap '[[ -n $stop_asked ]] || { stop_asked=1; echo "launch: signal received, asking the ranks to stop"
+          mkdir -p "${PIPELINE_STOP_FILE%/*}"; touch "$PIPELINE_STOP_FILE"; }' USR1 TERM
     srun_pid=""
     trap end_step USR2
     echo "launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s) x" \
@@ -95,7 +97,10 @@ launch() {
     # A trapped signal interrupts `wait`; wait again until srun itself has ended, then take its status.
     while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid" || true; done
     wait "$srun_pid" || status=$?
-    rm -f "$PIPELINE_STOP_FILE"
+    # Rank 0 marks a requeue after the checkpoint (pipeline/preemption.py); Slurm's requeue then ends
+    # the step with TERM (143): the ranks' own status, 75, is the truth.
+    [[ -e $PIPELINE_STOP_FILE.requeued ]] && status=75
+    rm -f "$PIPELINE_STOP_FILE" "$PIPELINE_STOP_FILE.requeued"
     echo "launch: pipeline/run.py exited with status $status"
     exit "$status"
 }

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 
-START = "start a local cluster with: sudo NODES=2 bash tools/local_slurm.sh"
+START = "start a local cluster with: NODES=2 bash tools/local_slurm.sh (as root)"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Pending reasons that never clear by themselves (the job asks for more than the cluster has).
 NEVER = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit"}
