@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if distributed.rank() == 0:  # every rank stops at the same step, with the same line
+            print(f"stopped: {e}", file=sys.stderr)
         return EXIT_STATUS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
