@@ -97,7 +97,7 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
         forced = cfg.force and stage in requested
         fp = fingerprint(cfg, rd, stage)
         if distributed.broadcast_object(rd.is_complete(stage, fp) and not forced):
-            log.info("[%s] complete, skipped (force=true reruns it)", stage)
+            log.info("[%s] complete, skipped (%s reruns it)", stage, f"stage={stage} force=true" if cfg.force else "force=true")
         else:
             log.info("[%s] running", stage)
             distributed.on_main(lambda: rd.clear_marker(stage))
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2  # nothing written
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
-        log.info("rank %d of %d on %s", world.rank, world.size, socket.gethostname())
+        log.info("rank %d of %d on %s, %d torch threads", world.rank, world.size, socket.gethostname(),
+                 distributed.cpu_threads())
         for note in resolved.notes + ignored_settings(resolved):
             log.warning(note)
         if world.is_main:
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if distributed.rank() == 0:  # every rank stops at the same step, with the same line
+            print(f"stopped: {e}", file=sys.stderr)
         return EXIT_STATUS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,6 +8,6 @@
 #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --cpus-per-task=64
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@120 --requeue --open-mode=append
-#SBATCH --output=slurm-%x-%j.out
+#SBATCH --output=logs/slurm-%x-%j.out
 source "${PIPELINE_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh"  # submit from the repository root
 launch stage=export model=vitg14_clip parallel=zero3 recipe=rsk "$@"

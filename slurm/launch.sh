@@ -59,13 +59,28 @@ end_step() {
     kill -TERM "$srun_pid" 2>/dev/null || true
 }
 
+# In the batch shell, on USR1 or TERM: ask the ranks to stop (once). The TERM of the requeue that rank 0
+# runs after its checkpoint (it marks it first, pipeline/dist/preemption.py) ends this start: say so with the
+# ranks' status, 75, before Slurm kills this shell (KillWait), rather than the step's 143 or nothing.
+on_stop_signal() {
+    if [[ -e $PIPELINE_STOP_FILE.requeued ]]; then
+        rm -f "$PIPELINE_STOP_FILE" "$PIPELINE_STOP_FILE.requeued"
+        echo "launch: pipeline/run.py stopped after a checkpoint and requeued the job: exit status 75"
+        exit 75
+    fi
+    [[ -z $stop_asked ]] || return 0
+    stop_asked=1
+    echo "launch: signal received, asking the ranks to stop"
+    mkdir -p "${PIPELINE_STOP_FILE%/*}"
+    touch "$PIPELINE_STOP_FILE"
+}
 launch() {
     [[ -n ${SLURM_JOB_ID:-} ]] || { echo "not in a Slurm job: submit it with sbatch (see slurm/README.md)" >&2; exit 2; }
     export LAUNCHER=${LAUNCHER:-torchrun}
     export NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
     local parallel run_dir
     parallel=$(arg_value parallel none "$@")
-    run_dir=$(arg_value run_dir runs/default "$@")  # pipeline/config.py's defaults
+    run_dir=$(arg_value run_dir runs/default "$@")  # pipeline/config/schema.py's defaults
     case $parallel in  # accelerate's YAML for the backend (ACCELERATE_CONFIG= for none)
         fsdp2) export ACCELERATE_CONFIG=${ACCELERATE_CONFIG-ds_configs/accelerate_fsdp2.yaml} ;;
         zero*) export ACCELERATE_CONFIG=${ACCELERATE_CONFIG-ds_configs/accelerate_deepspeed.yaml} ;;
@@ -79,8 +94,8 @@ launch() {
     export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # a port per job: jobs may share a node
     # run_dir is made by pipeline/run.py once its checks pass (a failed check leaves nothing behind).
     export PIPELINE_STOP_FILE="$(realpath -m "$run_dir")/stop.$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
-    trap 'echo "launch: signal received, asking the ranks to stop"; mkdir -p "${PIPELINE_STOP_FILE%/*}"
-          touch "$PIPELINE_STOP_FILE"' USR1 TERM
+    stop_asked=""
+    trap on_stop_signal USR1 TERM
     srun_pid=""
     trap end_step USR2
     echo "launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s) x" \
@@ -95,7 +110,8 @@ launch() {
     # A trapped signal interrupts `wait`; wait again until srun itself has ended, then take its status.
     while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid" || true; done
     wait "$srun_pid" || status=$?
-    rm -f "$PIPELINE_STOP_FILE"
+    [[ -e $PIPELINE_STOP_FILE.requeued ]] && status=75  # the step ended before the requeue's TERM came
+    rm -f "$PIPELINE_STOP_FILE" "$PIPELINE_STOP_FILE.requeued"
     echo "launch: pipeline/run.py exited with status $status"
     exit "$status"
 }

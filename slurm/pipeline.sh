@@ -5,7 +5,8 @@
 # with '-' to every sbatch:
 #   bash slurm/pipeline.sh run_dir=runs/vitl-cub data=cub data.root=/data/CUB_200_2011 model.pretrained=/weights/vitl.bin
 #   FINETUNE=vitg bash slurm/pipeline.sh --partition=gpu --account=me run_dir=runs/vitg-sop data=sop ...
-# A relative run_dir is relative to the repository (the jobs run there).
+# A relative run_dir is relative to the repository (the jobs run there); the jobs' output goes to
+# logs/slurm-<job name>-<job id>.out in the repository.
 set -euo pipefail
 export PIPELINE_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${FINETUNE:=vitl}" in
@@ -20,7 +21,8 @@ done
 
 submit() {  # submit SCRIPT [sbatch options...] -> its job id; a failed dependency cancels the job
     local script=$1; shift
-    sbatch --parsable --kill-on-invalid-dep=yes "${sbatch_args[@]}" "$@" "$PIPELINE_REPO/slurm/$script" \
+    sbatch --parsable --kill-on-invalid-dep=yes --output="$PIPELINE_REPO/logs/slurm-%x-%j.out" "${sbatch_args[@]}" "$@" \
+        "$PIPELINE_REPO/slurm/$script" \
         "${stage_args[@]}" | cut -d';' -f1
 }
 embed=$(submit embed.sh)

@@ -11,7 +11,8 @@
 # running at once with --throttle N; each is slurm/sweep_task.sh: launch.sh's launcher on one node
 # (NPROC_PER_NODE processes; preemption: checkpoint and requeue). The summary job depends on the
 # array with afterany, so it runs however the tasks ended and lists the runs that did not finish.
-# Options starting with - (write them as --option=value) go to every sbatch call. Prints the job ids.
+# Options starting with - (write them as --option=value) go to every sbatch call (a --time= given there
+# overrides the shard job's 4 h, the tasks' (sweep_task.sh) and the summary's 30 min). Prints the job ids.
 # Task output: SWEEP/slurm/<array id>_<task>.out; the others': SWEEP/slurm/{shards,summary}-<id>.out.
 set -euo pipefail
 export PIPELINE_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +38,8 @@ todo=$(python "$PIPELINE_REPO/tools/sweep.py" --out "$out" --plan "${grid[@]}" -
 mkdir -p "$out/slurm"
 after=()
 if [[ -n $todo ]]; then
-    shards=$(sbatch --parsable --job-name=sweep-shards --output="$out/slurm/shards-%j.out" "${sbatch_args[@]}" \
+    shards=$(sbatch --parsable --job-name=sweep-shards --output="$out/slurm/shards-%j.out" --time=04:00:00 \
+        "${sbatch_args[@]}" \
         --ntasks=1 --wrap="python $(printf %q "$PIPELINE_REPO/tools/sweep.py") --out $(printf %q "$out") --share-shards" \
         | cut -d';' -f1)
     echo "shards $shards"
@@ -49,6 +51,6 @@ else
     echo "array none (every run is finished)"
 fi
 summary=$(sbatch --parsable --job-name=sweep-summary "${after[@]}" --output="$out/slurm/summary-%j.out" \
-    "${sbatch_args[@]}" --ntasks=1 \
+    --time=00:30:00 "${sbatch_args[@]}" --ntasks=1 \
     --wrap="python $(printf %q "$PIPELINE_REPO/tools/sweep.py") --out $(printf %q "$out") --aggregate" | cut -d';' -f1)
 echo "summary $summary"

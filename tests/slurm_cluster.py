@@ -16,7 +16,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
-START = "start a local cluster with: sudo NODES=2 bash tools/local_slurm.sh"
+START = "start a local cluster with: NODES=2 bash tools/local_slurm.sh (as root)"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Pending reasons that never clear by themselves (the job asks for more than the cluster has).
 NEVER = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit"}

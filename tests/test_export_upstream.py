@@ -1,5 +1,5 @@
-"""The exported model loads with the upstream libraries alone: README's "Using the exported model"
-snippets, extracted from README.md and run as they stand in a subprocess where this project's
+"""The exported model loads with the upstream libraries alone: the "Using the exported model"
+snippets, extracted from docs/exported-model.md and run as they stand in a subprocess where this project's
 modules (and DeepSpeed, accelerate) cannot be imported, give the embeddings of `load_exported`."""
 import json
 import os
@@ -39,8 +39,7 @@ CASES = {
 
 def readme_snippets() -> dict[str, str]:
     """The section's Python blocks: the common one first, then one per family (named by its import)."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("\n## Using the exported model\n", 1)[1].split("\n## ", 1)[0]
+    section = (REPO / "docs" / "exported-model.md").read_text()
     common, *families = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     return {"common": common, **{re.match(r"import (\w+)", block).group(1): block for block in families}}
 

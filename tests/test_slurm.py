@@ -7,6 +7,7 @@ bounded time and the same sbatch line resumes; a hung rank times out after paral
 Slow: checkpoints resumed on another number of nodes, pipeline.sh chained on two nodes.
 
 Without a reachable two-node controller these tests skip, saying why; with REQUIRE_SLURM=1 (CI) they fail."""
+import collections
 import json
 import re
 import shutil
@@ -114,6 +115,10 @@ def test_preempted_two_node_job_stops_both_nodes_at_one_step_and_resumes(straigh
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log[-4000:]
     first, second = log.split(f"launch: job {job_id} (restart 1)")
     assert "preempted after step" in first and f"requeued Slurm job {job_id}" in first
+    assert "requeued the job: exit status 75" in first, first[-3000:]  # not the requeue's 143, nor nothing
+    ours = [line for line in first.splitlines() if re.match(r"(launch:|stopped:|\d\d:\d\d:\d\d )", line)]
+    repeated = [line for line, n in collections.Counter(ours).items() if n > 1]  # torchrun's own lines aside
+    assert not repeated, repeated
     assert "SLURM_RESTART_COUNT=1" in second and "resuming from" in second
     stopped = {log.name: re.findall(r"preempted after step (\d+)", log.read_text()) for log in (run / "logs").glob("rank*")}
     assert stopped["rank0.log"] == stopped["rank1.log"] and len(stopped["rank0.log"]) == 1, stopped

@@ -1,5 +1,5 @@
-"""Every example command in the slurm/ scripts' headers, in slurm/README.md and in the README's
-"On a cluster" section, so that a documented command cannot rot: the small ones (model=tiny on the
+"""Every example command in the slurm/ scripts' headers, in slurm/README.md, in README.md and in the
+docs/ pages, so that a documented command cannot rot: the small ones (model=tiny on the
 demo data) run as written on the local cluster, with only the job's output and run_dir sent to a
 temporary folder; the others (real data and weights, absent here) at least pass the config check,
 with the defaults the script puts before them."""
@@ -17,6 +17,7 @@ from pipeline import sweep
 from pipeline.config import load_config
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
+DOCS = sorted((REPO / "docs").glob("*.md"))
 PIPELINE_STAGES = ("embed.sh", "finetune_{}.sh", "eval.sh")  # what slurm/pipeline.sh submits
 PIPELINE_MODEL = {"vitl": "model=vitl14_clip", "vitg": "model=vitg14_clip"}
 
@@ -35,8 +36,8 @@ def header(script: Path) -> list[str]:
 def documented() -> list[str]:
     """Every command line that submits a slurm/ script, as documented (continuation lines joined, a
     trailing comment cut); a synopsis with [optional] parts is not an example."""
-    readme = (REPO / "README.md").read_text().split("\n## On a cluster")[1].split("\n## ")[0]
-    candidates = code_lines(readme) + code_lines((REPO / "slurm" / "README.md").read_text())
+    pages = [REPO / "README.md", *DOCS, REPO / "slurm" / "README.md"]
+    candidates = [line for page in pages for line in code_lines(page.read_text())]
     for script in SCRIPTS:
         candidates += header(script)
     joined = re.sub(r"\\\n\s*", " ", "\n".join(candidates)).splitlines()

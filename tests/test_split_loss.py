@@ -70,7 +70,7 @@ def built(name: str, **train):
 
 def test_which_losses_split():
     """RS@k and RS@k + SiMix split (train.split_loss, on by default); every other loss is computed
-    whole on every rank (pipeline/two_pass.py says why for each)."""
+    whole on every rank (pipeline/train/two_pass.py says why for each)."""
     assert {n for n in NAMES if splits(built(n))} == {"rsk", "rsk_simix"}
     assert not splits(built("rsk", split_loss=False)) and not splits(built("rsk_simix", split_loss=False))
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A Slurm cluster of NODES nodes (default 1) on this machine, for tests/test_slurm*.py and CI (as root):
-#   sudo bash tools/local_slurm.sh              # one node
-#   sudo NODES=2 bash tools/local_slurm.sh      # two nodes: multi-node jobs (.ci/run starts this one)
+# A Slurm cluster of NODES nodes (default 1) on this machine, for tests/test_slurm*.py and CI (as root;
+# prefix `sudo` where you are not root):
+#   bash tools/local_slurm.sh                   # one node
+#   NODES=2 bash tools/local_slurm.sh           # two nodes: multi-node jobs (.ci/run starts this one)
+#   STOP=1 bash tools/local_slurm.sh            # stop it: the node daemons and the controller (not munged)
 # Installs Debian's slurm-wlm and munge if missing, writes the munge key and /etc/slurm/slurm.conf, starts
 # munged, slurmctld and one slurmd per node, and waits until every node is idle. Idempotent: when the
 # cluster answers with this configuration it only starts a node daemon that is not running; a changed
@@ -21,6 +23,27 @@ fail() { echo "local_slurm: $*" >&2; exit 1; }
 NODES=${NODES:-1}
 [[ $NODES =~ ^[1-9]$ ]] || fail "NODES=$NODES: give a number of nodes from 1 to 9"
 [[ $EUID -eq 0 ]] || fail "must run as root (it installs packages and starts the daemons); try: sudo NODES=$NODES bash $0"
+
+# The daemons of a pid file: stopped, waiting up to 10 s for each to end.
+stop_daemon() {
+    local pid_file=$1 pid
+    if [[ -s $pid_file ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+        pid="$(cat "$pid_file")"; kill "$pid"
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    fi
+    rm -f "$pid_file"
+}
+if [[ ${STOP:-0} == 1 ]]; then
+    jobs="$(timeout 20 squeue --noheader --format=%i 2>/dev/null | wc -l || true)"
+    [[ ${jobs:-0} -eq 0 ]] || fail "$jobs job(s) are on the cluster (squeue): wait for them, or scancel them, then stop it"
+    stopped=0
+    for pid_file in /run/slurmd*.pid /run/slurmctld.pid; do
+        [[ -s $pid_file ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null && stopped=$((stopped + 1))
+        stop_daemon "$pid_file"
+    done
+    echo "local_slurm: stopped $stopped Slurm daemon(s); NODES=N bash $0 starts the cluster again"
+    exit 0
+fi
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
@@ -94,18 +117,15 @@ nodes_up() { sinfo --noheader --Node --format=%T 2>/dev/null | grep -cxE 'idle|m
 
 clear_state=()
 if [[ -f /etc/slurm/slurm.conf && "$(cat /etc/slurm/slurm.conf)" == "$conf" ]]; then
-    running && [[ $(nodes_up) -eq $NODES ]] && exit 0
+    if running && [[ $(nodes_up) -eq $NODES ]]; then
+        echo "local_slurm: already up: $NODES node(s) ${nodes[*]} (sinfo shows them; STOP=1 bash $0 stops them)"
+        exit 0
+    fi
 else
     # Another configuration: stop its daemons (jobs on them would be lost, so not while there are any).
     jobs="$(timeout 20 squeue --noheader --format=%i 2>/dev/null | wc -l || true)"
     [[ ${jobs:-0} -eq 0 ]] || fail "$jobs job(s) are on the running cluster (squeue): wait for them, or scancel them, then run this again"
-    for pid_file in /run/slurmctld.pid /run/slurmd*.pid; do
-        if alive "$pid_file"; then
-            pid="$(cat "$pid_file")"; kill "$pid"
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        fi
-        rm -f "$pid_file"
-    done
+    for pid_file in /run/slurmctld.pid /run/slurmd*.pid; do stop_daemon "$pid_file"; done
     mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/log/slurm
     echo "$conf" > /etc/slurm/slurm.conf
     clear_state=(-c)  # the saved jobs and nodes were the old configuration's

@@ -50,7 +50,7 @@ def val_metric_names(ks) -> list[str]:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"            # converter: see pipeline/data/converters.py
+    name: str = "digits"            # converter: see pipeline/data/converters/
     root: str | None = None         # dataset folder on disk (not needed by digits)
     image_size: int = 32            # side of the images stored in the shards
     image_format: str = "png"       # png | jpg | webp
@@ -88,7 +88,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    family: str = "timm"            # timm | open_clip | transformers (see pipeline/backbones/)
+    family: str = "timm"            # timm | open_clip | transformers (see pipeline/models/backbones/)
     arch: str = "vit_tiny_patch16_224"  # timm name | open_clip name (ViT-L-14) | Dinov2Model | CLIPVisionModel
     pretrained: str | None = None   # local weights in the upstream format (file; transformers: folder); None = random init
     image_size: int = 32
@@ -111,7 +111,7 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    name: str = "none"              # none | ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp2 (pipeline/engine.py)
+    name: str = "none"              # none | ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp2 (pipeline/dist/engine.py)
     deepspeed_config: str | None = None  # zero*: DeepSpeed JSON; None = ds_configs/<name>.json
     fsdp_reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward
     timeout: float | None = None    # seconds a collective waits for the other ranks before failing; None = the backend's (gloo 30 min, NCCL 10 min)

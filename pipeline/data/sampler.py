@@ -8,9 +8,13 @@ global batch, with no communication.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class PKSampler:
@@ -31,6 +35,12 @@ class PKSampler:
         if len(self.classes) < 2:
             raise UserError(f"train.small_classes=skip leaves {len(self.classes)} of {len(classes)} classes with at least "
                             f"train.samples_per_class={samples_per_class} images; lower samples_per_class or use repeat")
+        groups = batch_size // samples_per_class
+        if groups > len(self.classes):
+            log.warning("train.global_batch=%d / train.samples_per_class=%d needs %d classes per batch but the training "
+                        "split has %d: some classes appear in several groups of one batch; lower train.global_batch "
+                        "to %d or raise train.samples_per_class", batch_size, samples_per_class, groups,
+                        len(self.classes), len(self.classes) * samples_per_class)
 
     def settings(self) -> dict:
         """What decides the batches: with the step, the data position saved in a checkpoint."""

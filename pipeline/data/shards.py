@@ -3,7 +3,8 @@
 Layout of a split folder: `<split>-000000.tar ...` (each sample: `__key__`, the image under
 png/jpg/webp, the label under `cls`, metadata under `json`) and `index.json`, the per-shard sample
 index: the shard names in order, and for every sample its shard number, key, label and the byte
-range of its image inside that shard. Samples are listed shard by shard, in the order they were
+range of its image inside that shard, and `class_names` (label -> name) where the dataset names its
+classes (imagefolder's folders, a CSV's labels), for pictures and reports. Samples are listed shard by shard, in the order they were
 written. A P x K sampler draws classes from the labels alone, and reading one sample is one
 `pread` of one byte range of one shard (each process keeps its shards open), never a scan.
 """
@@ -82,7 +83,7 @@ def write_split(records: Iterable[Record], out: Path, split: str, image_size: in
     if image_format not in SAVE_FORMAT:
         raise ValueError(f"image format {image_format} not in {list(SAVE_FORMAT)}")
     out.mkdir(parents=True, exist_ok=True)
-    labels, skipped = [], []
+    labels, skipped, names = [], [], {}
     with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0,
                          mtime=0) as sink:
         prepared = _prepared(records, image_size, image_format, workers)
@@ -95,7 +96,11 @@ def write_split(records: Iterable[Record], out: Path, split: str, image_size: in
                 continue
             sink.write({"__key__": key, image_format: data, "cls": label, "json": meta})
             labels.append(label)
+            if "class" in meta:
+                names[str(label)] = str(meta["class"])
     index = build_index(out)
+    if names:
+        index["class_names"] = names
     (out / "index.json").write_text(json.dumps(index))
     per_class = np.unique(labels, return_counts=True)[1] if labels else np.zeros(1, dtype=int)
     return {"images": len(labels), "classes": len(set(labels)), "shards": len(index["shards"]),
@@ -148,7 +153,12 @@ class ShardIndex:
     keys: list[str]
     labels: np.ndarray
     locations: np.ndarray  # (n, 3): shard number, byte offset, byte size
+    class_names: dict = None  # label (int) -> the dataset's name for it, where it has names
     _files: dict = None     # shard number -> open file descriptor, per process
+
+    def class_name(self, label: int) -> str:
+        """The dataset's name for a class, else `class <label>`."""
+        return (self.class_names or {}).get(int(label), f"class {label}")
 
     def __getstate__(self) -> dict:  # DataLoader workers open their own descriptors
         return {**self.__dict__, "_files": None}
@@ -159,7 +169,8 @@ class ShardIndex:
         rows = index["samples"]
         return cls(Path(folder), index["shards"], [r[1] for r in rows],
                    np.array([r[2] for r in rows], dtype=np.int64),
-                   np.array([[r[0], r[3], r[4]] for r in rows], dtype=np.int64).reshape(-1, 3))
+                   np.array([[r[0], r[3], r[4]] for r in rows], dtype=np.int64).reshape(-1, 3),
+                   {int(k): v for k, v in index.get("class_names", {}).items()})
 
     def __len__(self) -> int:
         return len(self.labels)

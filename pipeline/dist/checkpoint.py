@@ -8,7 +8,7 @@ Under parallel=none, ddp and fsdp2 the payload is a DCP checkpoint, which any of
 resumes at any number of processes (DCP reshards on load). Under DeepSpeed ZeRO it is DeepSpeed's
 own (`save_checkpoint`, one partition per rank), which the same parallel= resumes; at another
 number of processes (meta.json's "world_size") it is first converted once to a DeepSpeed universal
-checkpoint (pipeline/zero_universal.py). The export consolidates it with DeepSpeed's
+checkpoint (pipeline/dist/zero_universal.py). The export consolidates it with DeepSpeed's
 zero_to_fp32. A loss with its own state (proxies, MPN layers:
 replicated on every rank, never wrapped by the backend) is saved beside it, in `loss/`, through DCP.
 
@@ -17,7 +17,7 @@ batch at step t is a function of (seed, t) alone. `meta.json` is written last an
 with its size, so a checkpoint truncated by a crash or a full disk is recognised, and resuming falls
 back to the newest intact one with a warning.
 
-`best` names the checkpoint with the best validation value (pipeline/validation.py), as `latest`
+`best` names the checkpoint with the best validation value (pipeline/train/validation.py), as `latest`
 names the newest; `keep` never removes the one it names.
 """
 from __future__ import annotations

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,6 +36,8 @@ from pipeline.precision import autocast
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
+DEPRECATED_COLLECTIVES = (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|"
+                          r"_reduce_scatter_base)` is")
 
 Optimizer = torch.optim.Optimizer
 Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -181,6 +184,8 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the training log
+        # DeepSpeed's own collectives call the names torch 2.13 deprecated (ours use the current ones).
+        warnings.filterwarnings("ignore", category=FutureWarning, message=DEPRECATED_COLLECTIVES)
         super().__init__(model, optimizer, scheduler, device)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                 lr_scheduler=scheduler, config=config)

@@ -79,9 +79,16 @@ def requeue(env=os.environ) -> bool:
     if shutil.which("scontrol") is None:
         log.warning("SLURM_JOB_ID is set but scontrol is not on PATH: job %s not requeued", job)
         return False
+    # For slurm/launch.sh: the requeue ends the job step with TERM, and the launcher then reports the
+    # ranks' status, EXIT_STATUS, rather than the step's 143. Written first: the requeue may kill us.
+    marker = Path(f"{env['PIPELINE_STOP_FILE']}.requeued") if env.get("PIPELINE_STOP_FILE") else None
+    if marker is not None:
+        marker.touch()
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode != 0:
         log.warning("scontrol requeue %s failed: %s", job, (done.stderr or done.stdout).strip())
+        if marker is not None:
+            marker.unlink(missing_ok=True)
         return False
     log.info("requeued Slurm job %s", job)
     return True

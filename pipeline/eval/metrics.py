@@ -189,7 +189,12 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
 
 
 def _kmeans_assign(x: np.ndarray, n_clusters: int, gpu: bool) -> np.ndarray:
-    options = dict(niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=gpu, verbose=False)
+    # faiss prints "WARNING clustering N points to K centroids" to stderr below 39 points per centroid
+    # (its min_points_per_centroid, read for that warning only): here the classes are the centroids, so
+    # that is the data, not a mistake; the log file says it at debug level instead.
+    options = dict(niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=gpu, verbose=False, min_points_per_centroid=1)
+    if len(x) < 39 * n_clusters:
+        log.debug("k-means: %d points for %d centroids (faiss advises 39 per centroid)", len(x), n_clusters)
     # Random init often puts two seeds in one class and merges two others, even when classes are
     # perfectly separated; k-means++ (recent faiss; costs a few iterations) avoids most of that.
     if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):

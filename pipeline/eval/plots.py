@@ -91,7 +91,8 @@ def retrievals(layout: dict, image, path: Path) -> None:
         for r, (row, results) in enumerate(zip(rows, layout["models"][model])):
             query = axes[r, first]
             query.set_axis_on()
-            _tile(query, image(layout["query_split"], row["index"]), "query", f"{row['kind']}: class {row['label']}")
+            name = row.get("class", f"class {row['label']}")  # the dataset's class name, where it has one
+            _tile(query, image(layout["query_split"], row["index"]), "query", f"{row['kind']}: {name}")
             for c, hit in enumerate(results, start=1):
                 ax = axes[r, first + c]
                 ax.set_axis_on()

@@ -84,6 +84,8 @@ def draw_retrievals(cfg: Config, rd: RunDir, evaluation: Evaluation, shown: dict
             raise UserError(f"the embeddings of {split} do not match {rd.shards / split} (sharded again since?); "
                             f"rerun stage=eval force=true")
     layout = retrieval_layout(evaluation, shown, cfg.eval.show_queries, cfg.eval.show_k, cfg.seed)
+    for row in layout["rows"]:  # the dataset's class names (imagefolder's folders), where it has them
+        row["class"] = indexes[evaluation.query].class_name(row["label"])
     plots.retrievals(layout, lambda split, i: indexes[split].image(i), out / "retrievals.png")
     write_json(out / "retrievals.json", layout)
 

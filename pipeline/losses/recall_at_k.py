@@ -12,7 +12,7 @@ Other positives count in the rank of p: the loss wants every positive ranked wit
 
 The loss is a sum over query rows, each against the whole batch (`rsk_rows`), so it splits across
 ranks exactly: `RecallAtK.partial` computes the rows of one part of the queries, divided by the
-number of queries of the whole batch (pipeline/two_pass.py sums the parts). The smooth ranks, the
+number of queries of the whole batch (pipeline/train/two_pass.py sums the parts). The smooth ranks, the
 (pairs x B) part of the cost, come from one of the kernels (`train.rsk_kernel`):
 
     reference  the first vectorised implementation (`_pair_ranks`: autograd over chunked, checkpointed

@@ -1,4 +1,4 @@
-"""Encoders: a backbone (timm, open_clip or transformers; see pipeline/backbones/) plus an
+"""Encoders: a backbone (timm, open_clip or transformers; see pipeline/models/backbones/) plus an
 embedding head, L2-normalised output, with the freezing policy and activation checkpointing.
 
 `build_encoder(cfg, seed)` gives the same weights for the same seed and config, so the frozen

@@ -37,6 +37,7 @@ from pipeline.run_dir import RunDir
 log = logging.getLogger(__name__)
 
 VAL_SPLIT = "val"
+MIN_CLASSES = 5  # a validation split with fewer classes ranks checkpoints poorly (recall@1 saturates)
 
 
 def evaluation(cfg: Config, available: list[str]) -> Evaluation:
@@ -71,6 +72,12 @@ class Validator:
         self.every, self.last = cfg.train.val_every, cfg.train.max_steps
         self.shards, self.device = rd.shards, device
         self.transform, self.batch_size, self.workers = eval_transform(cfg.model), cfg.eval.batch_size, cfg.data.workers
+        self.hint = _too_small_hint(cfg)
+        self.classes = json.loads((rd.shards / "summary.json").read_text())["splits"][self.evaluation.query]["classes"]
+        self.saturated = False
+        if self.classes < MIN_CLASSES:
+            log.warning("validation on %s has %d classes (fewer than %d): it ranks checkpoints poorly and `best` may "
+                        "be an early step; %s", self.evaluation.query, self.classes, MIN_CLASSES, self.hint)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.last)
@@ -88,8 +95,26 @@ class Validator:
             q = data[e.query]
             gallery = (data[e.gallery]["embeddings"], data[e.gallery]["labels"]) if e.gallery else (None, None)
             m = retrieval_metrics(q["embeddings"], q["labels"], *gallery, ks=self.ks, nmi=False)
+            self.warn_saturated(m[f"recall@{self.ks[0]}"])
             return {name: m[name[len("val/"):]] for name in metric_names(self.ks)}
         return distributed.on_main(score)
+
+    def warn_saturated(self, recall: float) -> None:
+        """Once per run: a recall@1 of 1.0 cannot tell later checkpoints from this one."""
+        if recall >= 1.0 and not self.saturated:
+            self.saturated = True
+            log.warning("val/recall@%d is 1.0 on %s (%d classes): validation can no longer tell checkpoints apart and "
+                        "`best` stays at the first step that reached it; %s", self.ks[0], self.evaluation.query,
+                        self.classes, self.hint)
+
+
+def _too_small_hint(cfg: Config) -> str:
+    """How to get a validation split that ranks: more held-out classes (a new shard), or the test split."""
+    if cfg.train.val_split in ("auto", VAL_SPLIT):
+        return (f"hold out more training classes (data.val_classes={cfg.data.val_classes:g} now; a count such as "
+                f"data.val_classes={MIN_CLASSES} in a new run_dir or with stage=shard force=true), or set "
+                f"train.val_split=test, or train.best_metric=val/map@r")
+    return "choose a larger split with train.val_split, or set train.best_metric=val/map@r"
 
 
 @dataclass

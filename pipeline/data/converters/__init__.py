@@ -20,6 +20,24 @@ class Record:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass
+class LeftOut:
+    """What a user's own data held that the converter did not use; the shard stage names it in its log
+    and in shards/summary.json, so a class never vanishes without a line."""
+    empty_classes: list[str] = field(default_factory=list)   # class folders (or CSV labels) with no image
+    unreadable: list[str] = field(default_factory=list)      # folders that could not be listed: "path (reason)"
+    ignored_files: list[str] = field(default_factory=list)   # files that are not images (by extension)
+    missing_files: list[str] = field(default_factory=list)   # CSV rows whose file does not exist
+
+
+class Splits(dict):
+    """A converter's {split: records}, with what it left out (converters of fixed datasets return a plain dict)."""
+
+    def __init__(self, splits: dict, left_out: LeftOut):
+        super().__init__(splits)
+        self.left_out = left_out
+
+
 Converter = Callable[[DataConfig, int], dict[str, Iterable[Record]]]
 
 
