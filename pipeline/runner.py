@@ -13,7 +13,7 @@ import uuid
 
 from omegaconf import OmegaConf
 
-from pipeline import distributed, preflight, trust
+from pipeline import distributed, preflight, run_lock, trust
 from pipeline import log as logs
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.distributed import pick_device, world_from_env
@@ -134,8 +134,24 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
         ensure(stage)
 
 
+def take_lock(cfg: Config, rd: RunDir) -> run_lock.RunLock | None:
+    """Rank 0 takes run_dir/.lock for a command that writes the run directory; every rank raises
+    the same UserError if it cannot be had (another writer, or a filesystem without flock)."""
+    held, problem = None, None
+    if distributed.rank() == 0 and cfg.lock and run_lock.needs_lock(cfg.stage):
+        try:
+            held = run_lock.acquire(rd.root)
+        except UserError as e:
+            problem = str(e)
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise UserError(problem)
+    return held
+
+
 def main(argv: list[str] | None = None) -> int:
     broken = False  # a collective failed: the process group cannot be left together
+    lock = None
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         trust.allow_pickle(cfg.train.trust_checkpoint)
@@ -144,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init(world, pick_device(cfg.device, world), cfg.parallel.timeout)
         if not preflight_passes(cfg, rd, world.size):
             return 2  # nothing written
+        lock = take_lock(cfg, rd)
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
         log.info("rank %d of %d on %s", world.rank, world.size, socket.gethostname())
@@ -168,4 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         distributed.shutdown(together=not broken)
+        if lock is not None:
+            lock.release()
     return 0
