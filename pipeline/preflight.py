@@ -4,7 +4,8 @@ path or a batch that does not divide is reported at once and not after an hour o
 Each check raises a UserError; `problems` runs those the planned stages need and returns every
 message, one line each. The runner prints them and exits with status 2 before it writes anything.
 Checked: the dataset folder and its list files (the converter's own reading), free disk for the
-shards (from a few images encoded as the shard stage does), `model.pretrained` (exists, and is in
+shards (from a few images encoded as the shard stage does) and for train.keep_checkpoints + 1
+checkpoints, `model.pretrained` (exists, and is in
 the family's format), the DeepSpeed JSON, the global batch / chunk / process arithmetic, and that
 the run directory can be written. The accelerate YAML is checked by slurm/launch.sh, before the
 launcher reads it.
@@ -38,6 +39,7 @@ def problems(cfg: Config, rd: RunDir, processes: int, stages: list[str]) -> list
     if "finetune" in stages:
         checks.append(lambda: check_processes(cfg.parallel.name, processes))
         checks.append(lambda: check_shares(cfg.train, processes))
+        checks.append(lambda: check_checkpoint_space(cfg, rd))
         if cfg.parallel.name.startswith("zero"):
             checks.append(lambda: check_deepspeed_config(cfg))
     if "eval" in stages and "checkpoint" in cfg.eval.models:
@@ -152,6 +154,50 @@ def check_foreign_checkpoint(spec: str) -> None:
         raise UserError(f"eval.checkpoint={spec} is a DeepSpeed checkpoint from outside this run, and DeepSpeed reads "
                         f"its files with pickle, which runs any code they carry; if you trust where it came from, "
                         f"set train.trust_checkpoint=true")
+
+
+def checkpoint_bytes(cfg: Config, rd: RunDir) -> int:
+    """About one checkpoint's size: fp32 weights, the optimizer's state of the trainable ones (Adam's
+    two moments, SGD's momentum) and the loss's own state with its optimizer's (proxies, MPN layers;
+    counted once the shards give the classes). Built on the meta device: no memory, no weights read."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.encoders import build_encoder
+    from pipeline.losses import build_loss
+
+    moments = 1 if cfg.train.optimizer == "sgd" else 2
+    with torch.device("meta"):
+        model = build_encoder(dataclasses.replace(cfg.model, pretrained=None), cfg.seed)
+        modules = [model]
+        if (rd.shards / "train").is_dir():
+            from pipeline.data.shards import ShardIndex
+
+            labels = ShardIndex.load(rd.shards / "train").labels.tolist()
+            modules.append(build_loss(cfg.loss, cfg.train, labels, model.dim, cfg.seed))
+    total = 0
+    for module in modules:
+        for p in module.parameters():
+            total += 4 * p.numel() * (1 + moments * p.requires_grad)
+        total += sum(b.numel() * b.element_size() for b in module.buffers())
+    return total
+
+
+def check_checkpoint_space(cfg: Config, rd: RunDir) -> None:
+    """Room for train.keep_checkpoints + 1 checkpoints (a new one is written before the oldest goes),
+    less what the run's checkpoints already take."""
+    from pipeline.disk import free_bytes, gb, nearest_existing
+
+    each = checkpoint_bytes(cfg, rd)
+    have = 0 if cfg.force or not rd.checkpoints.is_dir() else \
+        sum(f.stat().st_size for f in rd.checkpoints.rglob("*") if f.is_file())
+    need, free = each * (cfg.train.keep_checkpoints + 1) - have, free_bytes(rd.checkpoints)
+    if 0 <= free < need:
+        raise UserError(f"the checkpoints need about {gb(need)} ({cfg.train.keep_checkpoints + 1} of about {gb(each)}: "
+                        f"train.keep_checkpoints={cfg.train.keep_checkpoints}, plus the one being written) but "
+                        f"{nearest_existing(rd.checkpoints)} has {gb(free)} free; free some space, put run_dir on a "
+                        f"larger disk or lower train.keep_checkpoints")
 
 
 def check_processes(parallel: str, processes: int) -> None:

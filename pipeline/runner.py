@@ -13,7 +13,7 @@ import uuid
 
 from omegaconf import OmegaConf
 
-from pipeline import distributed, preflight, run_lock, trust
+from pipeline import disk, distributed, preflight, run_lock, trust
 from pipeline import log as logs
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.distributed import pick_device, world_from_env
@@ -60,11 +60,17 @@ def run_stage(stage: str, cfg: Config, rd: RunDir) -> None:
     """Under several processes, a stage module with DISTRIBUTED = True runs on every rank;
     any other runs on rank 0 while the others wait."""
     module = _stage_module(stage)
-    if getattr(module, "DISTRIBUTED", False):
-        module.run(cfg, rd)
-        distributed.barrier()
-    else:
-        distributed.on_main(lambda: module.run(cfg, rd))
+    with disk.writing(f"the {stage} stage's output", rd.root, partial=lambda: partial_outputs(rd)):
+        if getattr(module, "DISTRIBUTED", False):
+            module.run(cfg, rd)
+            distributed.barrier()
+        else:
+            distributed.on_main(lambda: module.run(cfg, rd))
+
+
+def partial_outputs(rd: RunDir) -> list:
+    """The .tmp files and folders the stages write before renaming them into place."""
+    return [*rd.root.glob("*.tmp"), *rd.root.glob("embeddings/*/*.tmp.npz"), *rd.checkpoints.glob("*.tmp")]
 
 
 def _flatten(node, prefix=""):
@@ -165,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(rd.logs, world.rank)
         log.info("rank %d of %d on %s", world.rank, world.size, socket.gethostname())
         if world.is_main:
-            (rd.root / "config.yaml").write_text(to_yaml(cfg))
+            with disk.writing("the config", rd.root):
+                (rd.root / "config.yaml").write_text(to_yaml(cfg))
         run_stages(cfg, rd)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
