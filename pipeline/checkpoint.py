@@ -111,6 +111,13 @@ def _save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | 
     return final
 
 
+def remove_partial(folder: Path) -> None:
+    """What a killed writer left half-written (step_<N>.tmp, latest.tmp, best.tmp); safe because the run
+    directory's lock (pipeline/run_lock.py) makes this command its only writer. Rank 0 only."""
+    for tmp in folder.glob("*.tmp") if folder.is_dir() else []:
+        disk.remove(tmp)
+
+
 def point_best(folder: Path, name: str | None) -> None:
     """`best` names checkpoint `name` (None: no best yet); replaced atomically. Rank 0 only."""
     pointer = folder / BEST

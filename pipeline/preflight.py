@@ -185,19 +185,24 @@ def checkpoint_bytes(cfg: Config, rd: RunDir) -> int:
 
 
 def check_checkpoint_space(cfg: Config, rd: RunDir) -> None:
-    """Room for train.keep_checkpoints + 1 checkpoints (a new one is written before the oldest goes),
-    less what the run's checkpoints already take."""
+    """Room for train.keep_checkpoints checkpoints, the one being written before the oldest goes, and
+    `best` (kept beside them) when validation runs; less what the run's checkpoints already take."""
     from pipeline.disk import free_bytes, gb, nearest_existing
 
-    each = checkpoint_bytes(cfg, rd)
+    t = cfg.train
+    try:
+        each = checkpoint_bytes(cfg, rd)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: the write reports a full disk
+        return
+    count = t.keep_checkpoints + 1 + bool(t.val_every)
     have = 0 if cfg.force or not rd.checkpoints.is_dir() else \
         sum(f.stat().st_size for f in rd.checkpoints.rglob("*") if f.is_file())
-    need, free = each * (cfg.train.keep_checkpoints + 1) - have, free_bytes(rd.checkpoints)
+    need, free = each * count - have, free_bytes(rd.checkpoints)
     if 0 <= free < need:
-        raise UserError(f"the checkpoints need about {gb(need)} ({cfg.train.keep_checkpoints + 1} of about {gb(each)}: "
-                        f"train.keep_checkpoints={cfg.train.keep_checkpoints}, plus the one being written) but "
-                        f"{nearest_existing(rd.checkpoints)} has {gb(free)} free; free some space, put run_dir on a "
-                        f"larger disk or lower train.keep_checkpoints")
+        raise UserError(f"the checkpoints need about {gb(need)} ({count} of about {gb(each)}: "
+                        f"train.keep_checkpoints={t.keep_checkpoints}, the one being written"
+                        f"{', the best' if t.val_every else ''}) but {nearest_existing(rd.checkpoints)} has "
+                        f"{gb(free)} free; free some space, put run_dir on a larger disk or lower train.keep_checkpoints")
 
 
 def check_processes(parallel: str, processes: int) -> None:

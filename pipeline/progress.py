@@ -16,7 +16,6 @@ from typing import Iterable, Iterator, TextIO, TypeVar
 
 from tqdm import tqdm
 
-
 T = TypeVar("T")
 EVERY = 30.0  # seconds between two progress lines in a file
 log = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ def run_stage(stage: str, cfg: Config, rd: RunDir) -> None:
 
 def partial_outputs(rd: RunDir) -> list:
     """The .tmp files and folders the stages write before renaming them into place."""
-    return [*rd.root.glob("*.tmp"), *rd.root.glob("embeddings/*/*.tmp.npz"), *rd.checkpoints.glob("*.tmp")]
+    return [*rd.root.glob("*.tmp"), *rd.root.glob("embeddings/**/*.tmp.npz"), *rd.checkpoints.glob("*.tmp")]
 
 
 def _flatten(node, prefix=""):

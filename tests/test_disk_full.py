@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SMALL, run_pipeline
+from test_resume import same_weights
+
 from pipeline import checkpoint, disk
 from pipeline.errors import UserError
-from test_resume import same_weights
 
 TRAIN = [*SMALL, "train.max_steps=40", "train.checkpoint_every=20", "train.keep_checkpoints=1", "train.log_every=1",
          "train.val_every=0", "stage=finetune"]
@@ -55,7 +55,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_resumes_bit_exactly(small
     assert proc.returncode == 2, stderr
     lines = [line for line in stderr.strip().splitlines() if not re.match(r"\d\d:\d\d:\d\d ", line)]  # not log lines
     assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"error: writing checkpoint step_20 ") and "failed: no space left on the device; " in lines[0]
+    assert lines[0].startswith("error: writing checkpoint step_20 ") and "failed: no space left on the device; " in lines[0]
     assert lines[0].endswith("then the same command resumes from step_3, the last complete checkpoint"), lines[0]
     assert "MB free on" in lines[0]
     assert not list(run.rglob("*.tmp")) and (run / "checkpoints" / "latest").read_text() == "step_3"
@@ -110,3 +110,14 @@ def test_read_only_and_torch_save_failures_are_recognised(tmp_path):
 
 def test_resumes_from_names_the_last_intact_checkpoint(tmp_path):
     assert "starts training over" in checkpoint.resumes_from(tmp_path)
+
+
+def test_checkpoint_estimate_is_close_to_a_checkpoint(digits_run):
+    from pipeline.config import load_config
+    from pipeline.preflight import checkpoint_bytes
+    from pipeline.run_dir import RunDir
+
+    step = (digits_run / "checkpoints" / "latest").read_text()
+    real = sum(f.stat().st_size for f in (digits_run / "checkpoints" / step).rglob("*") if f.is_file())
+    estimate = checkpoint_bytes(load_config([*SMALL, f"run_dir={digits_run}"]), RunDir(digits_run))
+    assert 0.9 < estimate / real < 1.1, (estimate, real)

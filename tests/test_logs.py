@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from conftest import REPO, SMALL
+
 from pipeline import progress
 
 

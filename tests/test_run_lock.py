@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SMALL, run_pipeline, run_torchrun
+
 from pipeline import run_lock, sweep
 from pipeline.errors import UserError
 
