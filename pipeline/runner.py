@@ -164,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         world = world_from_env()
         rd = RunDir(cfg.run_dir)
         distributed.init(world, pick_device(cfg.device, world), cfg.parallel.timeout)
+        existing = distributed.broadcast_object(rd.root.is_dir())
+        if existing:  # a run directory in use: said at once, before the checks
+            lock = take_lock(cfg, rd)
         if not preflight_passes(cfg, rd, world.size):
             return 2  # nothing written
-        lock = take_lock(cfg, rd)
+        if not existing:  # a new one is made only once the checks pass
+            lock = take_lock(cfg, rd)
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
         log.info("rank %d of %d on %s", world.rank, world.size, socket.gethostname())
