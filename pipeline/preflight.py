@@ -4,7 +4,8 @@ path or a batch that does not divide is reported at once and not after an hour o
 Each check raises a UserError; `problems` runs those the planned stages need and returns every
 message, one line each. The runner prints them and exits with status 2 before it writes anything.
 Checked: the dataset folder and its list files (the converter's own reading), free disk for the
-shards (from a few images encoded as the shard stage does), `model.pretrained` (exists, and is in
+shards (from a few images encoded as the shard stage does) and for train.keep_checkpoints + 1
+checkpoints, `model.pretrained` (exists, and is in
 the family's format), the DeepSpeed JSON, the global batch / chunk / process arithmetic, and that
 the run directory can be written. The accelerate YAML is checked by slurm/launch.sh, before the
 launcher reads it.
@@ -20,10 +21,7 @@ from typing import Callable
 
 from pipeline.config import Config, ModelConfig
 from pipeline.dist import distributed
-from pipeline.dist.checkpoint_names import (
-    check_checkpoint_spec,
-    check_foreign_checkpoint,
-)
+from pipeline.dist.checkpoint_names import check_checkpoint_spec, check_foreign_checkpoint
 from pipeline.dist.shares import check_processes, check_shares
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
@@ -54,6 +52,7 @@ def problems(cfg: Config, rd: RunDir, processes: int, stages: list[str]) -> list
     if "finetune" in stages:
         checks.append(lambda: check_processes(cfg.parallel.name, processes))
         checks.append(lambda: check_shares(cfg.train, processes))
+        checks.append(lambda: check_checkpoint_space(cfg, rd))
         if cfg.parallel.name.startswith("zero"):
             checks.append(lambda: check_deepspeed_config(cfg))
     if "eval" in stages and "checkpoint" in cfg.eval.models:
@@ -165,6 +164,55 @@ def check_export_folder(folder: str) -> None:
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
         raise UserError(f"eval.export={folder} is not an exported model (model.safetensors + config.json); "
                         "give a stage=export folder")
+
+
+def checkpoint_bytes(cfg: Config, rd: RunDir) -> int:
+    """About one checkpoint's size: fp32 weights, the optimizer's state of the trainable ones (Adam's
+    two moments, SGD's momentum) and the loss's own state with its optimizer's (proxies, MPN layers;
+    counted once the shards give the classes). Built on the meta device: no memory, no weights read."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.losses import build_loss
+    from pipeline.models.encoders import build_encoder
+
+    moments = 1 if cfg.train.optimizer == "sgd" else 2
+    with torch.device("meta"):
+        model = build_encoder(dataclasses.replace(cfg.model, pretrained=None), cfg.seed)
+        modules = [model]
+        if (rd.shards / "train").is_dir():
+            from pipeline.data.shards import ShardIndex
+
+            labels = ShardIndex.load(rd.shards / "train").labels.tolist()
+            modules.append(build_loss(cfg.loss, cfg.train, labels, model.dim, cfg.seed))
+    total = 0
+    for module in modules:
+        for p in module.parameters():
+            total += 4 * p.numel() * (1 + moments * p.requires_grad)
+        total += sum(b.numel() * b.element_size() for b in module.buffers())
+    return total
+
+
+def check_checkpoint_space(cfg: Config, rd: RunDir) -> None:
+    """Room for train.keep_checkpoints checkpoints, the one being written before the oldest goes, and
+    `best` (kept beside them) when validation runs; less what the run's checkpoints already take."""
+    from pipeline.disk import free_bytes, gb, nearest_existing
+
+    t = cfg.train
+    try:
+        each = checkpoint_bytes(cfg, rd)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: the write reports a full disk
+        return
+    count = t.keep_checkpoints + 1 + bool(t.val_every)
+    have = 0 if cfg.force or not rd.checkpoints.is_dir() else \
+        sum(f.stat().st_size for f in rd.checkpoints.rglob("*") if f.is_file())
+    need, free = each * count - have, free_bytes(rd.checkpoints)
+    if 0 <= free < need:
+        raise UserError(f"the checkpoints need about {gb(need)} ({count} of about {gb(each)}: "
+                        f"train.keep_checkpoints={t.keep_checkpoints}, the one being written"
+                        f"{', the best' if t.val_every else ''}) but {nearest_existing(rd.checkpoints)} has "
+                        f"{gb(free)} free; free some space, put run_dir on a larger disk or lower train.keep_checkpoints")
 
 
 def check_deepspeed_config(cfg: Config) -> None:

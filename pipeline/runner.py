@@ -11,16 +11,10 @@ import socket
 import sys
 import uuid
 
+from pipeline import disk, preflight, run_lock, trust
 from pipeline import log as logs
-from pipeline import preflight, trust
 from pipeline.config import Config
-from pipeline.config.experiment import (
-    check_unchanged,
-    describe,
-    finished_stages,
-    ignored_settings,
-    run_dir_of,
-)
+from pipeline.config.experiment import check_unchanged, describe, finished_stages, ignored_settings, run_dir_of
 from pipeline.config.inputs import stage_settings
 from pipeline.config.loader import resolve
 from pipeline.config.loader import save as save_config
@@ -55,11 +49,17 @@ def run_stage(stage: str, cfg: Config, rd: RunDir) -> None:
     """Under several processes, a stage module with DISTRIBUTED = True runs on every rank;
     any other runs on rank 0 while the others wait."""
     module = _stage_module(stage)
-    if getattr(module, "DISTRIBUTED", False):
-        module.run(cfg, rd)
-        distributed.barrier()
-    else:
-        distributed.on_main(lambda: module.run(cfg, rd))
+    with disk.writing(f"the {stage} stage's output", rd.root, partial=lambda: partial_outputs(rd)):
+        if getattr(module, "DISTRIBUTED", False):
+            module.run(cfg, rd)
+            distributed.barrier()
+        else:
+            distributed.on_main(lambda: module.run(cfg, rd))
+
+
+def partial_outputs(rd: RunDir) -> list:
+    """The .tmp files and folders the stages write before renaming them into place."""
+    return [*rd.root.glob("*.tmp"), *rd.root.glob("embeddings/**/*.tmp.npz"), *rd.checkpoints.glob("*.tmp")]
 
 
 def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
@@ -125,8 +125,24 @@ def show_config(resolved, rd: RunDir, processes: int) -> int:
     return 2 if found else 0
 
 
+def take_lock(cfg: Config, rd: RunDir) -> run_lock.RunLock | None:
+    """Rank 0 takes run_dir/.lock for a command that writes the run directory; every rank raises
+    the same UserError if it cannot be had (another writer, or a filesystem without flock)."""
+    held, problem = None, None
+    if distributed.rank() == 0 and cfg.lock and run_lock.needs_lock(cfg.stage):
+        try:
+            held = run_lock.acquire(rd.root)
+        except UserError as e:
+            problem = str(e)
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise UserError(problem)
+    return held
+
+
 def main(argv: list[str] | None = None) -> int:
     broken = False  # a collective failed: the process group cannot be left together
+    lock = None
     try:
         args = sys.argv[1:] if argv is None else argv
         resolved = resolve(args, run_dir=run_dir_of(args))
@@ -138,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             return show_config(resolved, rd, world.size)
         check_unchanged(resolved, rd.root, finished_stages(rd.root))
         distributed.init(world, pick_device(cfg.device, world), cfg.parallel.timeout)
+        existing = distributed.broadcast_object(rd.root.is_dir())
+        if existing:  # a run directory in use: said at once, before the checks
+            lock = take_lock(cfg, rd)
         if not preflight.passes(cfg, rd, world.size, lambda: planned(cfg, rd)):
             return 2  # nothing written
+        if not existing:  # a new one is made only once the checks pass
+            lock = take_lock(cfg, rd)
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
         log.info("rank %d of %d on %s, %d torch threads", world.rank, world.size, socket.gethostname(),
@@ -147,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         for note in resolved.notes + ignored_settings(resolved):
             log.warning(note)
         if world.is_main:
-            save_config(resolved, rd.root)
+            with disk.writing("the config", rd.root):
+                save_config(resolved, rd.root)
         run_stages(cfg, rd)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -168,4 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         distributed.shutdown(together=not broken)
+        if lock is not None:
+            lock.release()
     return 0

@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline import run_lock
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, replace_dir, write_json
@@ -151,6 +152,19 @@ def finished(run: Run, fixed: list[str], out: Path) -> bool:
     return all(rd.is_complete(s, runner.fingerprint(cfg, rd, s)) for s in stages)
 
 
+def idle(runs: list[Run], out: Path, say: Callable[[str], None]) -> list[Run]:
+    """The runs no process is writing now (pipeline/run_lock.py); `say` gets a line for each one skipped
+    (a sweep resubmitted while its earlier array or command still runs it)."""
+    free = []
+    for run in runs:
+        held = run_lock.holder(Path(out) / run.name)
+        if held is None:
+            free.append(run)
+        else:
+            say(f"sweep: skipped {run.name}: already running, by {run_lock.describe(held)}")
+    return free
+
+
 def _stage_state(run: Run, fixed: list[str], out: Path, stage: str) -> tuple[str, bool]:
     """(the stage's settings as a key, whether the run has that stage complete with them)."""
     from pipeline import runner
@@ -184,6 +198,18 @@ def share_shards(runs: list[Run], todo: list[Run], fixed: list[str], out: Path, 
 
 
 def _copy_shards(donor: Path, run_dir: Path) -> None:
+    try:
+        lock = run_lock.acquire(run_dir)  # a writer of the run directory like any other
+    except UserError as e:
+        print(f"sweep: shards not copied: {e}", flush=True)
+        return
+    try:
+        _copy_shards_locked(donor, run_dir)
+    finally:
+        lock.release()
+
+
+def _copy_shards_locked(donor: Path, run_dir: Path) -> None:
     source, target = RunDir(donor), RunDir(run_dir)
     tmp = target.root / "shards.tmp"
     if tmp.exists():

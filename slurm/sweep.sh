@@ -11,6 +11,8 @@
 # running at once with --throttle N; each is slurm/sweep_task.sh: launch.sh's launcher on one node
 # (NPROC_PER_NODE processes; preemption: checkpoint and requeue). The summary job depends on the
 # array with afterany, so it runs however the tasks ended and lists the runs that did not finish.
+# A run that is running already (its run_dir/.lock held: this sweep resubmitted while its earlier array
+# runs) is skipped with a line, here and again when its task starts (docs/faults.md).
 # Options starting with - (write them as --option=value) go to every sbatch call (a --time= given there
 # overrides the shard job's 4 h, the tasks' (sweep_task.sh) and the summary's 30 min). Prints the job ids.
 # Task output: SWEEP/slurm/<array id>_<task>.out; the others': SWEEP/slurm/{shards,summary}-<id>.out.

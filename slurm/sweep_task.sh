@@ -9,7 +9,11 @@
 source "${PIPELINE_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh"
 [[ -n ${SLURM_ARRAY_TASK_ID:-} && -n ${1:-} ]] || { echo "submit it with: bash slurm/sweep.sh --out SWEEP GRID..." >&2; exit 2; }
 args_file="$1/slurm/args.${SLURM_JOB_ID}"
-python tools/sweep.py --out "$1" --args "$SLURM_ARRAY_TASK_ID" > "$args_file"
+status=0
+python tools/sweep.py --out "$1" --args "$SLURM_ARRAY_TASK_ID" > "$args_file" || status=$?
+# 3: the run is being written by another job (a sweep resubmitted while this run still runs): skipped.
+((status == 3)) && { rm -f "$args_file"; exit 0; }
+((status == 0)) || { rm -f "$args_file"; exit "$status"; }
 mapfile -d '' args < "$args_file"
 rm -f "$args_file"
 launch "${args[@]}"

@@ -77,22 +77,38 @@ def test_a_typo_in_a_choice_key_fails_before_any_work(tmp_path):
     assert not run.exists()
 
 
+# Keys the issues filed with the redesign added since the fixture was stored (each with its issue).
+NEW_KEYS = {"lock": 25}
+
+
+def without_new(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if k not in NEW_KEYS and not any(k.startswith(n + ".") for n in NEW_KEYS)}
+
+
 def test_the_redesign_changed_no_key_default_or_fingerprint():
     """The valid keys, the resolved default config (and three recipes') and the stage fingerprints of a
-    default run, against a fixture stored before the packages were reorganised (issue 21)."""
+    default run, against a fixture stored before the packages were reorganised (issue 21); keys added
+    since by other issues (NEW_KEYS) are left out of the comparison."""
+    from omegaconf import OmegaConf
+
     from pipeline import runner
-    from pipeline.config import to_yaml
+    from pipeline.config.loader import flatten
     from pipeline.run_dir import RunDir
 
+    def same_yaml(text: str, config) -> bool:
+        return without_new(flatten(OmegaConf.create(text))) == without_new(flatten(OmegaConf.structured(config)))
+
     before = json.loads((Path(__file__).parent / "fixtures" / "before_redesign.json").read_text())
-    assert valid_keys() == before["valid_keys"]
+    assert list(without_new(dict.fromkeys(valid_keys()))) == before["valid_keys"]
     cfg = load_config(["stage=all", "run_dir=runs/x"])
-    assert to_yaml(cfg) == before["default_config"]
+    assert same_yaml(before["default_config"], cfg)
     rd = RunDir("/nonexistent/run")
-    assert {s: runner.fingerprint(cfg, rd, s) for s in runner.ORDER} == before["fingerprints"]
+    for stage in runner.ORDER:
+        fp = runner.fingerprint(cfg, rd, stage)
+        assert {**fp, "settings": without_new(fp["settings"])} == before["fingerprints"][stage], stage
     for recipe in ("rsk", "roth", "ibc"):
         args = ["stage=all", "run_dir=runs/x", f"recipe={recipe}", "data=cub", "data.root=/x", "model=vitl14_clip"]
-        assert to_yaml(load_config(args)) == before[f"config_recipe_{recipe}_cub"], recipe
+        assert same_yaml(before[f"config_recipe_{recipe}_cub"], load_config(args)), recipe
 
 
 def test_every_key_is_classified_once():

@@ -5,11 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.eval import diagnostics
-from pipeline.eval.diagnostics import (
-    embedding_diagnostics,
-    singular_values,
-    spectral_decay,
-)
+from pipeline.eval.diagnostics import embedding_diagnostics, singular_values, spectral_decay
 
 
 def data(rng, sizes, dim=12):

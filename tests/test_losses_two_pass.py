@@ -4,14 +4,7 @@ import copy
 
 import pytest
 import torch
-from test_two_pass import (
-    CHUNK,
-    assert_close,
-    autograd_grads,
-    seeds_for,
-    setup,
-    two_pass_grads,
-)
+from test_two_pass import CHUNK, assert_close, autograd_grads, seeds_for, setup, two_pass_grads
 
 from pipeline.config import LossConfig, TrainConfig
 from pipeline.losses import NAMES, build_loss, set_step

@@ -11,13 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.losses import (
-    RecallAtKSiMix,
-    recall_at_k_loss,
-    set_step,
-    simix,
-    simix_pairs,
-)
+from pipeline.losses import RecallAtKSiMix, recall_at_k_loss, set_step, simix, simix_pairs
 from pipeline.losses.recall_at_k import padded_positives, pick_kernel, rsk_rows
 
 KS = (1, 2, 4, 8, 16, 64)  # 64 > B - 1 everywhere below: clipped to B - 1

@@ -3,13 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
-    RecallAtKSiMix,
-    recall_at_k_loss,
-    set_step,
-    simix,
-    simix_pairs,
-)
+from pipeline.losses import RecallAtKSiMix, recall_at_k_loss, set_step, simix, simix_pairs
 
 LABELS = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0, 3])   # unequal classes, unsorted; class 3 has no pair
 

@@ -9,10 +9,12 @@ finished runs are skipped, so after a crash or a kill the same command runs what
 killed run resumes from its last checkpoint). Runs with the same shard settings (e.g. seeds with
 data.seed fixed) shard once and copy. Each run's output goes to SWEEP/<run>/sweep.log.
 Exit status 1 when a run failed (the summary still covers the others), 2 for a bad command line.
+A run that another command or Slurm job is running (its run_dir/.lock is held) is skipped with a line.
 
 For slurm/sweep.sh:  --plan GRID... -- ...  writes the plan and prints the numbers of the runs not yet
 finished (comma-separated); --share-shards shards once for each group of the planned runs that shard
-the same data (the job before the array); --args I prints run I's pipeline/run.py arguments, NUL-separated.
+the same data (the job before the array); --args I prints run I's pipeline/run.py arguments, NUL-separated
+(exit status 3 and a line if the run is running elsewhere).
 """
 from __future__ import annotations
 
@@ -27,6 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 from pipeline import sweep  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+
+RUNNING = 3  # --args: the run is being written by another process (its line on stderr)
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
@@ -103,18 +111,21 @@ def main(argv: list[str]) -> int:
                 raise UserError("--aggregate, --share-shards and --args read the planned sweep: give no grid words")
             fixed, runs = sweep.load_plan(out)
             if options.share_shards:
-                share_shards(runs, [r for r in runs if not sweep.finished(r, fixed, out)], fixed, out)
+                todo = sweep.idle([r for r in runs if not sweep.finished(r, fixed, out)], out, say)
+                share_shards(runs, todo, fixed, out)
                 return 0
             if options.args is not None:
                 if not 0 <= options.args < len(runs):
                     raise UserError(f"--args {options.args}: the sweep in {out} has runs 0 to {len(runs) - 1}")
+                if not sweep.idle([runs[options.args]], out, say):
+                    return RUNNING  # slurm/sweep_task.sh ends the task: the run is another job's
                 sys.stdout.write("\0".join(sweep.args(runs[options.args], fixed, out)))
                 return 0
         else:
             runs = sweep.plan(grid, fixed)
             out.mkdir(parents=True, exist_ok=True)
             sweep.save_plan(out, grid, fixed, runs)
-            todo = [r for r in runs if not sweep.finished(r, fixed, out)]
+            todo = sweep.idle([r for r in runs if not sweep.finished(r, fixed, out)], out, say)
             if options.plan:
                 print(",".join(str(runs.index(r)) for r in todo))
                 return 0

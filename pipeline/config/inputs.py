@@ -28,6 +28,7 @@ AFFECTS = {
 CLASS = {
     # top level
     "stage": "none", "run_dir": "none", "seed": "model", "device": "none", "force": "none", "recipe": "none",
+    "lock": "none",
     # data
     "data.name": "shard", "data.root": "shard", "data.image_size": "shard", "data.image_format": "shard",
     "data.test_fraction": "shard", "data.shard_max_count": "shard", "data.shard_max_size": "shard",

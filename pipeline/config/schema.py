@@ -271,6 +271,7 @@ class Config:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     force: bool = False             # rerun stages that are already complete
+    lock: bool = True               # one writer per run_dir (run_dir/.lock, pipeline/run_lock.py); false where flock does not work
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -24,9 +24,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import webdataset as wds
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 from pipeline.data.converters import Record
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("png", "jpg", "webp")
@@ -88,8 +88,7 @@ def write_split(records: Iterable[Record], out: Path, split: str, image_size: in
                          mtime=0) as sink:
         prepared = _prepared(records, image_size, image_format, workers)
         total = len(records) if hasattr(records, "__len__") else None
-        for key, label, meta, data, error in tqdm(prepared, desc=f"shard {split}", total=total, leave=False,
-                                                  mininterval=2):
+        for key, label, meta, data, error in progress(prepared, f"shard {split}", total=total, unit="image"):
             if error is not None:
                 log.warning("skipping %s (%s): %s", key, meta.get("path", ""), error)
                 skipped.append(meta.get("path", key))

@@ -35,9 +35,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from pipeline import disk, trust
 from pipeline.dist import distributed
-
-from pipeline import trust
 from pipeline.errors import UserError
 from pipeline.run_dir import write_json
 
@@ -69,7 +68,20 @@ def load_dcp(folder: Path, model: nn.Module, optimizer=None, scheduler=None, no_
 def save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | None = None, best: bool = False) -> Path:
     """Collective under several processes: every rank writes its part; rank 0 publishes the folder.
     loss=(module, optimizer or None, scheduler or None) saves the loss's own state too; best=True
-    points `best` at it."""
+    points `best` at it. A full disk (or a read-only one) ends in a WriteFailed naming the checkpoint
+    a rerun resumes from, with the partial step_<N>.tmp removed."""
+    with disk.writing(f"checkpoint step_{step}", folder, partial=folder / f"step_{step}.tmp",
+                      then=lambda: resumes_from(folder)):
+        return _save(folder, step, engine, meta, keep, loss, best)
+
+
+def resumes_from(folder: Path) -> str:
+    last = latest(folder)
+    return (f"the same command resumes from {last.name}, the last complete checkpoint" if last is not None
+            else "the same command starts training over (no complete checkpoint yet)")
+
+
+def _save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | None, best: bool) -> Path:
     final = folder / f"step_{step}"
     tmp = folder / f"step_{step}.tmp"
     distributed.on_main(lambda: shutil.rmtree(tmp, ignore_errors=True))
@@ -98,6 +110,13 @@ def save(folder: Path, step: int, engine, meta: dict, keep: int, loss: tuple | N
 
     distributed.on_main(publish)
     return final
+
+
+def remove_partial(folder: Path) -> None:
+    """What a killed writer left half-written (step_<N>.tmp, latest.tmp, best.tmp); safe because the run
+    directory's lock (pipeline/run_lock.py) makes this command its only writer. Rank 0 only."""
+    for tmp in folder.glob("*.tmp") if folder.is_dir() else []:
+        disk.remove(tmp)
 
 
 def point_best(folder: Path, name: str | None) -> None:

@@ -25,12 +25,12 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.data.shards import ShardIndex
 from pipeline.dist import distributed
 from pipeline.dist.distributed import broadcast_object
 from pipeline.precision import autocast
+from pipeline.progress import progress
 
 
 def _by_rank(shards: list[int], rank: int, world: int) -> list[int]:
@@ -88,7 +88,7 @@ def embed_split(model: nn.Module, folder: Path, transform, batch_size: int, devi
     finished: dict[int, dict] = {}
     batches = _exact_batches(_stream(index, mine, transform, batch_size, workers), batch_size) if mine else iter(())
     blank = None
-    for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=2, disable=rank != 0):
+    for _ in progress(range(steps), desc, total=steps, rank=rank, unit="batch"):
         batch = next(batches, None)
         if batch is None:  # this rank's shards are done: a blank batch keeps the forward passes in step
             blank = blank if blank is not None else torch.stack([transform(Image.new("RGB", (64, 64)))] * batch_size)

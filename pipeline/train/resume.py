@@ -17,6 +17,7 @@ def resume(cfg: Config, rd: RunDir, engine, loss_state: tuple, meta: dict) -> tu
     if cfg.force:
         distributed.on_main(lambda: fresh_dir(rd.checkpoints))
         return 0, {}
+    distributed.on_main(lambda: checkpoint.remove_partial(rd.checkpoints))
     last = distributed.on_main(lambda: checkpoint.latest(rd.checkpoints))  # rank 0 checks, all load the same
     if last is None:
         return 0, {}

@@ -8,13 +8,7 @@ import os
 from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.data.converters import (
-    LeftOut,
-    Record,
-    Splits,
-    require_root,
-    split_classes,
-)
+from pipeline.data.converters import LeftOut, Record, Splits, require_root, split_classes
 from pipeline.errors import UserError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

@@ -14,13 +14,7 @@ from collections import defaultdict
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data.converters import (
-    Record,
-    find_file,
-    image_record,
-    read_rows,
-    require_root,
-)
+from pipeline.data.converters import Record, find_file, image_record, read_rows, require_root
 
 TEST_SIZES = (800, 1600, 2400)
 
