@@ -106,6 +106,10 @@ class TrainConfig:
     decay_norms_biases: bool = False  # weight decay on every parameter (the papers' code), not on weight matrices only
     rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
     split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
+    sampler: str = "pk"             # pk | rsk | ibc | roth: the batches and the epoch's length (pipeline/data/epoch_rules.py)
+    redraw_pk: bool = False         # sampler=ibc: each epoch draws (P, K) anew among global_batch's divisors (IBC on CUB)
+    val_every_epochs: int = 0       # validate at the end of every N-th epoch (the papers' cadence) instead of val_every; 0 = off
+    reload_best_at: list[float] = field(default_factory=list)  # epochs at whose start the best checkpoint's weights are loaded back (IBC)
 
 
 @dataclass
@@ -294,6 +298,8 @@ def validate(cfg: Config) -> None:
     from pipeline.validation import check_validation_config
     check_tracking(cfg.track)
     check_validation_config(cfg)
+    from pipeline.selection import check_selection_config
+    check_selection_config(cfg.train, cfg.parallel.name)
     from pipeline.optim import check_train_config
     check_train_config(cfg.train)
     d = cfg.data

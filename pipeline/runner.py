@@ -37,7 +37,7 @@ INPUTS = {"shard": _SHARD, "embed": _SHARD + ("seed", "model", "eval.batch_size"
 # Validation and tracking settings change what a run reports and which checkpoint is `best`, not the
 # weights it trains: changing them reruns nothing (a finished finetune would resume to do nothing).
 IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.requeue",
-           "model.grad_checkpointing", "train.trust_checkpoint", "train.val_every", "train.val_split",
+           "model.grad_checkpointing", "train.trust_checkpoint", "train.val_every", "train.val_split", "train.val_every_epochs",
            "train.best_metric", "train.peak_tflops", "track")
 
 

@@ -182,7 +182,7 @@ def test_a_recipe_trains_by_epochs_with_its_optimizer_schedule_and_loss(tmp_path
     per_epoch = images // 64
     last = tmp_path / "checkpoints" / f"step_{2 * per_epoch}"
     meta = json.loads((last / "meta.json").read_text())
-    assert meta["epochs"] == {"train_images": images, "steps_per_epoch": per_epoch, "epochs": 2,
+    assert meta["epochs"] == {"sampler": "pk", "train_images": images, "steps_per_epoch": per_epoch, "epochs": 2,
                               "max_steps": 2 * per_epoch}
     assert meta["sampler"]["small_classes"] == "repeat" and meta["loss"]
     cfg = load_config(args)
