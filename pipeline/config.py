@@ -26,7 +26,7 @@ STAGES = ("shard", "embed", "finetune", "eval", "export", "all")
 class DataConfig:
     name: str = "digits"            # converter: see pipeline/data/converters.py
     root: str | None = None         # dataset folder on disk (not needed by digits)
-    image_size: int = 32            # side of the images stored in the shards
+    image_size: int = 32            # side of the images stored in the shards; 0 = the original files' size (datasets read from files)
     image_format: str = "png"       # png | jpg | webp
     test_fraction: float = 0.5      # imagefolder: share of classes held out for test (class-disjoint)
     shard_max_count: int = 10_000   # samples per tar shard
@@ -306,6 +306,9 @@ def validate(cfg: Config) -> None:
     if d.eval_resize is not None and d.eval_resize < cfg.model.image_size:
         raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={cfg.model.image_size} "
                         "(the eval view is a centre crop of the resized image)")
+    if d.image_size < 0 or (d.image_size == 0 and d.name in ("digits", "fashion_mnist", "glyphs")):
+        raise UserError(f"data.image_size={d.image_size}: give a side in pixels (0, keep the originals, is for "
+                        "datasets read from image files)")
     if d.max_fonts is not None and d.max_fonts < d.min_fonts:
         raise UserError(f"data.max_fonts={d.max_fonts} is below data.min_fonts={d.min_fonts}: no character can be a class")
     if not 0.0 <= d.random_erasing <= 1.0:
