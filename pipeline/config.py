@@ -129,7 +129,7 @@ class LossConfig:
     weight_decay: float | None = None  # the loss's own parameters; None = train.weight_decay
     miner: str = "default"          # tuple losses: default (each loss's pml miner) | distance (Roth's distance-weighted)
     distance_power: int = 1         # tuple losses: 1 = Euclidean distance, 2 = squared (Roth's triplet loss)
-    reduction: str = "pml"          # tuple losses: pml (the loss's own reducer) | mean (over all tuples, Roth's criteria)
+    reduction: str = "pml"          # tuple losses: pml (the loss's own reducer) | mean (over all tuples, Roth's criteria); multi_similarity: over the anchors with mined pairs
     mpn_dropout: float = 0.1        # mpn: attention, residual and feed-forward dropout (IBC: 0.1)
     mpn_concat: bool = False        # mpn: classify the concatenation of every layer's output (IBC on Cars)
 

@@ -4,6 +4,7 @@ labelled as selected on test; IBC's reload of the best weights at an lr drop."""
 import json
 
 import numpy as np
+import pytest
 
 from conftest import SMALL, run_pipeline
 from pipeline.data.epoch_rules import build_sampler
@@ -33,6 +34,7 @@ def test_roth_recipe_exports_the_best_epoch_and_reports_both(tmp_path):
     assert set(metrics) == {"frozen", "finetuned", "checkpoint"}
 
 
+@pytest.mark.slow
 def test_ibc_reloads_the_best_weights_at_the_lr_drop(tmp_path):
     """recipe=ibc's rule on a small run: validation every epoch, the best weights back at epoch 2's start."""
     args = ["recipe=ibc", "data=digits", *ARGS, "train.epochs=2", "train.milestones=[1]", "train.reload_best_at=[1]",

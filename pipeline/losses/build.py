@@ -32,8 +32,10 @@ def check_loss_config(cfg: LossConfig) -> None:
     if cfg.distance_power not in (1, 2) or cfg.reduction not in ("pml", "mean"):
         raise UserError(f"loss.distance_power={cfg.distance_power}, loss.reduction={cfg.reduction}: "
                         "use 1 or 2, and pml or mean")
-    if (cfg.distance_power != 1 or cfg.reduction != "pml") and cfg.name not in DISTANCE_LOSSES:
-        raise UserError(f"loss.distance_power and loss.reduction are for {roth}, not loss={cfg.name}")
+    if ((cfg.distance_power != 1 and cfg.name not in DISTANCE_LOSSES)
+            or (cfg.reduction != "pml" and cfg.name not in (*DISTANCE_LOSSES, "multi_similarity"))):
+        raise UserError(f"loss.distance_power and loss.reduction are for {roth} (reduction also multi_similarity), "
+                        f"not loss={cfg.name}")
     if cfg.weight_decay is not None and cfg.weight_decay < 0:
         raise UserError(f"loss.weight_decay={cfg.weight_decay} must be >= 0 (or null: train.weight_decay)")
     if cfg.mpn_layers < 0 or cfg.mpn_heads < 1 or not 0.0 <= cfg.mpn_dropout < 1.0:
