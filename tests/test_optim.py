@@ -24,7 +24,7 @@ def lrs(cfg: TrainConfig, per_epoch: int, steps: int) -> list[float]:
 
 def test_epochs_decide_max_steps_and_are_recorded():
     cfg, facts = resolve_epochs(TrainConfig(global_batch=128, epochs=3, max_steps=5), train_images=1000)
-    assert cfg.max_steps == 21 and facts == {"train_images": 1000, "steps_per_epoch": 7, "epochs": 3, "max_steps": 21}
+    assert cfg.max_steps == 21 and facts == {"sampler": "pk", "train_images": 1000, "steps_per_epoch": 7, "epochs": 3, "max_steps": 21}
     cfg, facts = resolve_epochs(TrainConfig(global_batch=4000, max_steps=5), train_images=900)
     assert cfg.max_steps == 5 and facts["steps_per_epoch"] == 1 and facts["epochs"] is None
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.config import GROUPS, Config, load_config, presets, valid_keys
 from pipeline.config.recipe import load, names
-from pipeline.data.sampler import PKSampler
+from pipeline.data.epoch_rules import build_sampler
 from pipeline.data.shards import ShardIndex
 from pipeline.dist import checkpoint
 from pipeline.dist.shares import check_shares
@@ -178,16 +178,18 @@ def test_a_recipe_trains_by_epochs_with_its_optimizer_schedule_and_loss(tmp_path
     args = ["recipe=ibc", "data=digits", *SMALL, "train.global_batch=64", "train.chunk_size=32", "train.epochs=2",
             "train.milestones=[1]", "train.checkpoint_every=1000"]
     run_pipeline("stage=finetune", f"run_dir={tmp_path}", *args)
-    images = len(ShardIndex.load(tmp_path / "shards" / "train").labels)
-    per_epoch = images // 64
+    labels = ShardIndex.load(tmp_path / "shards" / "train").labels
+    _, clock = build_sampler("ibc", labels, 64, 4, 0)  # IBC's epoch (combine_sampler.py), not images // 64
+    per_epoch = clock.epoch_length(0)
+    assert per_epoch > len(labels) // 64
     last = tmp_path / "checkpoints" / f"step_{2 * per_epoch}"
     meta = json.loads((last / "meta.json").read_text())
-    assert meta["epochs"] == {"train_images": images, "steps_per_epoch": per_epoch, "epochs": 2,
+    assert meta["epochs"] == {"sampler": "ibc", "train_images": len(labels), "steps_per_epoch": per_epoch, "epochs": 2,
                               "max_steps": 2 * per_epoch}
     assert meta["sampler"]["small_classes"] == "repeat" and meta["loss"]
     cfg = load_config(args)
     model = build_encoder(cfg.model, cfg.seed)
-    optimizer, scheduler = build_optimizer(model, cfg.train, per_epoch)
+    optimizer, scheduler = build_optimizer(model, cfg.train, clock)
     checkpoint.load_dcp(last, model, optimizer, scheduler, no_dist=True)
     assert type(optimizer).__name__ == "RAdam" and len(optimizer.param_groups) == 1   # decay on every parameter
     assert scheduler.get_last_lr() == pytest.approx([cfg.train.lr * 0.1])
@@ -227,10 +229,11 @@ def test_rsk_on_sop_trains_with_the_authors_batch_of_4000(tmp_path):
     run_pipeline("stage=all", *args)
     run = tmp_path / "run"
     meta = json.loads((run / "checkpoints" / "step_1" / "meta.json").read_text())
-    assert meta["sampler"] == {"seed": 0, "global_batch": 4000, "samples_per_class": 4, "small_classes": "skip"}
-    assert meta["epochs"] == {"train_images": 4006, "steps_per_epoch": 1, "epochs": 1, "max_steps": 1}
+    assert meta["sampler"] == {"seed": 0, "global_batch": 4000, "samples_per_class": 4, "small_classes": "skip",
+                               "sampler": "rsk"}
+    assert meta["epochs"] == {"sampler": "rsk", "train_images": 4006, "steps_per_epoch": 1, "epochs": 1, "max_steps": 1}
     labels = ShardIndex.load(run / "shards" / "train").labels
-    batch = PKSampler(labels, 4000, 4, 0, "skip").batch(0)
+    batch = build_sampler("rsk", labels, 4000, 4, 0, "skip")[0].batch(0)
     assert len(batch) == 4000 and set(labels[batch].tolist()) == set(range(1, 1001))
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {"frozen", "finetuned"} and "recall@1000" in metrics["finetuned"]
+    assert set(metrics) == {"frozen", "finetuned", "checkpoint"} and "recall@1000" in metrics["finetuned"]

@@ -90,3 +90,12 @@ def test_the_report_states_the_runs_statistics_and_welch_p(tmp_path):
     assert _row(report, "include_query_in_rank=true (the authors' code)")[1] == "n/a"
     assert re.search(r"true - false: recall@1 n/a", report)
     assert (tmp_path / "losses.png").stat().st_size > 0
+
+
+def test_the_convergence_sweeps_are_valid_pipeline_commands(tmp_path):
+    """--convergence (issue 23): its sweeps pass the config check; equal images seen in both batch arms."""
+    for name, (grid, fixed) in study.CONVERGENCE.items():
+        runs = sweep.plan([*grid, "seed=0,1,2"], [*study.CONVERGENCE_PROTOCOL, f"model.pretrained={tmp_path}", *fixed])
+        assert len(runs) == 6, name
+    assert "train.val_every_epochs=1" in study.CONVERGENCE_PROTOCOL
+    assert study.plateaued([0.1, 0.3, 0.401, 0.405, 0.402, 0.404, 0.403]) and not study.plateaued([0.3, 0.32, 0.34, 0.36, 0.38])

@@ -2,6 +2,7 @@
 
     python tools/study_glyphs.py --out runs/study [--jobs 2] [--seeds 3]
     python tools/study_glyphs.py --out runs/study --report     only (re)write the report
+    python tools/study_glyphs.py --out runs/study --convergence   the two findings at convergence (below)
 
 1. pretrain  the tiny ViT on the characters that 4 to 7 fonts draw (multi-similarity loss), classes
              disjoint from the benchmark's (8 fonts or more): the stand-in for the ImageNet
@@ -19,6 +20,14 @@
                               rho-regularisation at his CUB/Cars p = 0.35
 4. report    OUT/report.md and OUT/losses.png: mean ± sample std over the seeds, and for each
              comparison the difference of the means with Welch's t-test p-value (n = seeds).
+
+--convergence (issue 23) runs, after steps 1-2, only the two comparisons that did not reproduce at
+3 epochs, now for CONVERGENCE_EPOCHS epochs with validation after every epoch, so that each arm's
+validation recall@1 can plateau: RS@k at global batch 128 against 1,024 at equal images seen, and
+the margin loss on Roth's distance-weighted triplets with p = 0 against p = 0.35; it writes
+OUT/convergence.md and OUT/convergence.png (mean validation recall@1 against the epoch, per arm).
+Sized for about 2.5 hours on 2 cores (12 runs of about 30 x 40 s, 2 at a time; an estimate from the
+3-epoch runs, not measured).
 
 Every step skips what is finished (the runner's markers, the sweeps' own skipping), so after a crash
 or a kill the same command carries on. Runs go --jobs at a time, one thread each.
@@ -55,6 +64,14 @@ SWEEPS = {  # name: (grid words before the seeds, fixed words after the protocol
     "query_in_rank": (["train.include_query_in_rank=true"], ["loss=rsk"]),
     "rho": (["loss.p_switch=0,0.35"], ["loss=margin", "loss.miner=distance"]),
 }
+CONVERGENCE_EPOCHS = 30
+CONVERGENCE_PROTOCOL = [*BENCHMARK, "stage=eval", "eval.models=[finetuned]", f"train.epochs={CONVERGENCE_EPOCHS}",
+                        "train.warmup_steps=0", "train.val_every=0", "train.val_every_epochs=1"]
+CONVERGENCE = {
+    "convergence_batch": (["train.global_batch=128,1024"], ["loss=rsk"]),
+    "convergence_rho": (["loss.p_switch=0,0.35"], ["loss=margin", "loss.miner=distance"]),
+}
+PLATEAU = 0.01  # an arm has plateaued when its last 5 validations' recall@1 span less than this
 METRICS = ["recall@1", "recall@4", "map@r", "nmi", "best val/recall@1", "test/rho", "train/rho", "test/pi_ratio"]
 
 
@@ -69,11 +86,11 @@ def pipeline(run_dir: Path, *args: str) -> None:
         sys.exit(f"study: {run_dir.name} failed (exit {status}); see {run_dir / 'study.log'}")
 
 
-def run_sweeps(out: Path, start: Path, jobs: int, seeds: int) -> None:
+def run_sweeps(out: Path, start: Path, jobs: int, seeds: int, sweeps: dict = SWEEPS, protocol: list = PROTOCOL) -> None:
     seed_word = "seed=" + ",".join(str(s) for s in range(seeds))
-    for name, (grid, fixed) in SWEEPS.items():
+    for name, (grid, fixed) in sweeps.items():
         command = [sys.executable, str(REPO / "tools" / "sweep.py"), "--out", str(out / name), "--jobs", str(jobs),
-                   *grid, seed_word, "--", *PROTOCOL, f"model.pretrained={start}", *fixed]
+                   *grid, seed_word, "--", *protocol, f"model.pretrained={start}", *fixed]
         print(f"study: sweep {name}", flush=True)
         if subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode:
             print(f"study: sweep {name} had failed runs (see {out / name / 'summary.md'}); carrying on", flush=True)
@@ -168,14 +185,73 @@ def report(out: Path) -> str:
     return "\n".join(lines)
 
 
+def curves(out: Path, name: str) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """setting -> each finished run's (validations' epochs, val/recall@1), from its logs/metrics.jsonl."""
+    from pipeline.tracking import read_metrics, series
+
+    found: dict[str, list] = {}
+    if not (out / name / sweep.PLAN).is_file():
+        return found
+    for run in sweep.load_plan(out / name)[1]:
+        path = RunDir(out / name / run.name).logs / "metrics.jsonl"
+        if path.is_file():
+            _, values = series(read_metrics(path), "val/recall@1")
+            found.setdefault(run.setting, []).append((list(range(1, len(values) + 1)), values))
+    return found
+
+
+def plateaued(values: list[float]) -> bool:
+    return len(values) >= 5 and max(values[-5:]) - min(values[-5:]) < PLATEAU
+
+
+def convergence_report(out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    every = {f"{name}: {s}": stats for name in CONVERGENCE if (out / name / sweep.SUMMARY_JSON).is_file()
+             for s, stats in json.loads((out / name / sweep.SUMMARY_JSON).read_text()).items()}
+    fig, axes = plt.subplots(1, len(CONVERGENCE), figsize=(10, 3.6))
+    lines = ["# The two findings at convergence (issue 23)", "",
+             f"Made by `python tools/study_glyphs.py --out {out} --convergence`: {CONVERGENCE_EPOCHS} epochs, validation "
+             f"after each; plateaued = the last 5 validations' recall@1 span < {PLATEAU}.", "",
+             "| arm | test recall@1 | test map@r | best val/recall@1 | runs plateaued |", "|---|---|---|---|---|"]
+    for ax, name in zip(axes, CONVERGENCE):
+        for setting, runs in curves(out, name).items():
+            stats = every.get(f"{name}: {setting}", {})
+            lines.append(f"| {name}: {setting} | {cell(stats.get('recall@1'))} | {cell(stats.get('map@r'))} | "
+                         f"{cell(stats.get('best val/recall@1'))} | {sum(plateaued(v) for _, v in runs)} of {len(runs)} |")
+            length = min(len(v) for _, v in runs)
+            ax.plot(range(1, length + 1), [sum(v[i] for _, v in runs) / len(runs) for i in range(length)], label=setting)
+        ax.set(title=name, xlabel="epoch (equal images seen)", ylabel="val recall@1 (mean over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "convergence.png", dpi=120)
+    plt.close(fig)
+    pairs = [("convergence_batch", "train.global_batch=128", "train.global_batch=1024"),
+             ("convergence_rho", "loss.p_switch=0", "loss.p_switch=0.35")]
+    lines += [""] + [f"{name}: {b} - {a}, test recall@1 {welch(every.get(f'{name}: {a}', {}).get('recall@1'), every.get(f'{name}: {b}', {}).get('recall@1'))}."
+                     for name, a, b in pairs]
+    return "\n".join(lines + ["", "![convergence](convergence.png)", ""])
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="the study's folder")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2, one thread each)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
     parser.add_argument("--report", action="store_true", help="only write the report of what has run")
+    parser.add_argument("--convergence", action="store_true", help="the batch-size and rho findings at convergence")
     options = parser.parse_args(argv)
     out = options.out.resolve()
+    if options.convergence:
+        if not options.report:
+            pipeline(out / "pretrain", "stage=all", *PRETRAIN)
+            run_sweeps(out, out / "pretrain" / "export", options.jobs, options.seeds, CONVERGENCE, CONVERGENCE_PROTOCOL)
+        (out / "convergence.md").write_text(convergence_report(out))
+        print(f"study: report in {out / 'convergence.md'}")
+        return 0
     if not options.report:
         pipeline(out / "pretrain", "stage=all", *PRETRAIN)
         start = out / "pretrain" / "export"

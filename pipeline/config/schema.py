@@ -21,6 +21,8 @@ BACKENDS = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2") 
 OPTIMIZERS = ("adamw", "adam", "sgd", "radam")
 SCHEDULES = ("cosine", "step")
 SMALL_CLASSES = ("repeat", "skip")
+SAMPLERS = ("pk", "rsk", "ibc", "roth")  # pipeline/data/epoch_rules.py
+GENERATED = ("digits", "fashion_mnist", "glyphs")  # datasets drawn in memory, with no original files
 KERNELS = ("auto", "torch", "triton", "reference")  # RS@k smooth ranks (pipeline/losses/recall_at_k.py)
 TUPLE_LOSSES = ("contrastive", "triplet", "margin", "multi_similarity", "lifted")
 DISTANCE_LOSSES = ("contrastive", "triplet", "margin")  # the losses Roth's distance-weighted triplets feed
@@ -52,7 +54,7 @@ def val_metric_names(ks) -> list[str]:
 class DataConfig:
     name: str = "digits"            # converter: see pipeline/data/converters/
     root: str | None = None         # dataset folder on disk (not needed by digits)
-    image_size: int = 32            # side of the images stored in the shards
+    image_size: int = 32            # side of the images stored in the shards; 0 = the original files' size (datasets read from files)
     image_format: str = "png"       # png | jpg | webp
     test_fraction: float = 0.5      # imagefolder: share of classes held out for test (class-disjoint)
     shard_max_count: int = 10_000   # samples per tar shard
@@ -79,6 +81,9 @@ class DataConfig:
                             "no character can be a class")
         if not 0.0 <= self.random_erasing <= 1.0:
             raise UserError(f"data.random_erasing={self.random_erasing} must be a probability in [0, 1]")
+        if self.image_size < 0 or (self.image_size == 0 and self.name in GENERATED):
+            raise UserError(f"data.image_size={self.image_size}: give a side in pixels (0, keep the originals, is for "
+                            "datasets read from image files)")
 
     def identity(self) -> dict:
         """What a checkpoint records of the data it was trained on (refused on other data)."""
@@ -155,6 +160,10 @@ class TrainConfig:
     decay_norms_biases: bool = False  # weight decay on every parameter (the papers' code), not on weight matrices only
     rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
     split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
+    sampler: str = "pk"             # pk | rsk | ibc | roth: the batches and the epoch's length (pipeline/data/epoch_rules.py)
+    redraw_pk: bool = False         # sampler=ibc: each epoch draws (P, K) anew among global_batch's divisors (IBC on CUB)
+    val_every_epochs: int = 0       # validate at the end of every N-th epoch (the papers' cadence) instead of val_every; 0 = off
+    reload_best_at: list[float] = field(default_factory=list)  # epochs at whose start the best checkpoint's weights are loaded back (IBC)
 
     def check(self) -> None:
         """The batch arithmetic, the optimizer and schedule, the kernel: each refused in one line."""
@@ -175,6 +184,14 @@ class TrainConfig:
         one_of(self.rsk_kernel, KERNELS, f"train.rsk_kernel={self.rsk_kernel} is unknown; use one of {', '.join(KERNELS)}")
         if self.val_every < 0:
             raise UserError(f"train.val_every={self.val_every}: give a number of steps, or 0 to not validate")
+        one_of(self.sampler, SAMPLERS, f"train.sampler={self.sampler}: use one of {', '.join(SAMPLERS)}")
+        if self.redraw_pk and self.sampler != "ibc":
+            raise UserError("train.redraw_pk=true is IBC's per-epoch (P, K) draw: set train.sampler=ibc, or redraw_pk=false")
+        if self.val_every_epochs < 0:
+            raise UserError(f"train.val_every_epochs={self.val_every_epochs}: give a number of epochs, or 0 to use "
+                            "train.val_every")
+        if self.reload_best_at and not (self.val_every or self.val_every_epochs):
+            raise UserError("train.reload_best_at needs a best checkpoint: set train.val_every_epochs or train.val_every")
 
 
 @dataclass
@@ -194,7 +211,7 @@ class LossConfig:
     weight_decay: float | None = None  # the loss's own parameters; None = train.weight_decay
     miner: str = "default"          # tuple losses: default (each loss's pml miner) | distance (Roth's distance-weighted)
     distance_power: int = 1         # tuple losses: 1 = Euclidean distance, 2 = squared (Roth's triplet loss)
-    reduction: str = "pml"          # tuple losses: pml (the loss's own reducer) | mean (over all tuples, Roth's criteria)
+    reduction: str = "pml"          # tuple losses: pml (the loss's own reducer) | mean (over all tuples, Roth's criteria); multi_similarity: over the anchors with mined pairs
     mpn_dropout: float = 0.1        # mpn: attention, residual and feed-forward dropout (IBC: 0.1)
     mpn_concat: bool = False        # mpn: classify the concatenation of every layer's output (IBC on Cars)
 
@@ -213,8 +230,10 @@ class LossConfig:
         if self.distance_power not in (1, 2) or self.reduction not in ("pml", "mean"):
             raise UserError(f"loss.distance_power={self.distance_power}, loss.reduction={self.reduction}: "
                             "use 1 or 2, and pml or mean")
-        if (self.distance_power != 1 or self.reduction != "pml") and self.name not in DISTANCE_LOSSES:
-            raise UserError(f"loss.distance_power and loss.reduction are for {roth}, not loss={self.name}")
+        if ((self.distance_power != 1 and self.name not in DISTANCE_LOSSES)
+                or (self.reduction != "pml" and self.name not in (*DISTANCE_LOSSES, "multi_similarity"))):
+            raise UserError(f"loss.distance_power and loss.reduction are for {roth} (reduction also multi_similarity), "
+                            f"not loss={self.name}")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise UserError(f"loss.weight_decay={self.weight_decay} must be >= 0 (or null: train.weight_decay)")
         if self.mpn_layers < 0 or self.mpn_heads < 1 or not 0.0 <= self.mpn_dropout < 1.0:
@@ -292,6 +311,9 @@ class Config:
         ks = protocols.resolve(self.data.name, self.eval.ks, self.eval.split, self.eval.gallery).ks
         if self.train.best_metric not in val_metric_names(ks):
             raise UserError(f"train.best_metric={self.train.best_metric}: use one of {', '.join(val_metric_names(ks))}")
+        if self.train.reload_best_at and self.parallel.name.startswith("zero"):
+            raise UserError(f"train.reload_best_at loads weights through torch.distributed.checkpoint: use parallel=none, "
+                            f"ddp or fsdp2, not {self.parallel.name}")
         d = self.data
         if d.eval_resize is not None and d.eval_resize < self.model.image_size:
             raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={self.model.image_size} "

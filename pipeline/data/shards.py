@@ -34,14 +34,14 @@ SAVE_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
 def _load(record: Record, size: int) -> Image.Image:
-    """Open (and fully decode, to catch truncation) an image; shrink its shorter side to `size`."""
+    """Open (and fully decode, to catch truncation) an image; shrink its shorter side to `size` (0: keep it)."""
     image = record.image
     if not isinstance(image, Image.Image):
         with Image.open(image) as f:
             f.load()
             image = ImageOps.exif_transpose(f)
     image = image.convert("L" if image.mode in ("L", "1") else "RGB")
-    if min(image.size) > size:
+    if 0 < size < min(image.size):
         scale = size / min(image.size)
         image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
                              Image.BICUBIC)

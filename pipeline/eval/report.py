@@ -44,6 +44,10 @@ def markdown(title: str, proto: Protocol, results: dict[str, dict[str, dict]], s
     if best:
         lines += [f"Best validation: {best['metric']} {best['value']:.4f} on `{best['split']}` at step {best['step']} "
                   f"(`checkpoints/step_{best['step']}`, named by `checkpoints/best`).", ""]
+        if best["split"] in proto.splits:  # the recipes select on test, as the papers' code did
+            lines += [f"Selected on `{best['split']}`, a split this report scores: the selected checkpoint's figures "
+                      "are optimistic (as the papers' are); a `checkpoint` row at the last step, where evaluated, "
+                      "is the unselected figure.", ""]
     lines += ["![recall@k](recall_at_k.png)", ""]
     if retrievals_png:
         lines += ["## What the models retrieve", "",

@@ -53,6 +53,22 @@ class MetricLoss(nn.Module, StepSeeded):
             return self.loss(embeddings, y, tuples)
 
 
+class AnchorsWithPairs(nn.Module):
+    """Roth's multi-similarity reduction (criteria/multisimilarity.py:43-53): the mean of the anchors'
+    losses over the anchors with both a mined positive and a mined negative; pml's averages over all."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss  # with pml's DoNothingReducer: one loss per anchor
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, tuples) -> torch.Tensor:
+        out = self.loss(embeddings, labels, tuples)["loss"]  # DoNothingReducer: the loss dict, one element per anchor
+        n = len(embeddings)
+        both = (torch.bincount(tuples[0], minlength=n) > 0) & (torch.bincount(tuples[2], minlength=n) > 0)
+        kept = out["losses"][both[out["indices"]]]
+        return kept.mean() if len(kept) else embeddings.sum() * 0.0  # Roth's would fail on none
+
+
 def _tuple_loss(cfg: LossConfig, n_classes: int) -> tuple[nn.Module, nn.Module | None]:
     roth = cfg.miner == "distance"
     kwargs = {}
@@ -69,8 +85,11 @@ def _tuple_loss(cfg: LossConfig, n_classes: int) -> tuple[nn.Module, nn.Module |
         return (losses.MarginLoss(margin=cfg.margin, beta=cfg.beta, learn_beta=True, num_classes=n_classes, **kwargs),
                 None if roth else miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4))
     if cfg.name == "multi_similarity":  # alpha 2, base 0.5; beta and the miner's epsilon from the config
-        return (losses.MultiSimilarityLoss(alpha=2, beta=cfg.beta, base=0.5),
-                miners.MultiSimilarityMiner(epsilon=cfg.margin))
+        miner = miners.MultiSimilarityMiner(epsilon=cfg.margin)
+        if cfg.reduction == "mean":
+            return AnchorsWithPairs(losses.MultiSimilarityLoss(alpha=2, beta=cfg.beta, base=0.5,
+                                                               reducer=reducers.DoNothingReducer())), miner
+        return losses.MultiSimilarityLoss(alpha=2, beta=cfg.beta, base=0.5), miner
     return losses.LiftedStructureLoss(neg_margin=cfg.margin, pos_margin=0.0), None
 
 

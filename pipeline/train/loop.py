@@ -15,8 +15,8 @@ import time
 
 from pipeline import tracking
 from pipeline.config import Config
+from pipeline.data.epoch_rules import build_sampler
 from pipeline.data.loader import train_loader
-from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import train_transform
 from pipeline.dist import checkpoint, distributed, preemption
@@ -31,6 +31,7 @@ from pipeline.progress import StepProgress
 from pipeline.run_dir import RunDir
 from pipeline.train.optim import build_optimizer, resolve_epochs
 from pipeline.train.resume import restore_best, resume
+from pipeline.train.selection import ReloadBest, validate_on_epochs
 from pipeline.train.step_metrics import StepMetrics
 from pipeline.train.two_pass import two_pass_step
 from pipeline.train.validation import Best, Validator
@@ -46,16 +47,21 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
     preemption.log_slurm_restart()
     device = pick_device(cfg.device, world)
     index = ShardIndex.load(rd.shards / "train")
-    t, epochs = resolve_epochs(t, len(index.labels))  # train.epochs -> max_steps
+    sampler, clock = build_sampler(t.sampler, index.labels, t.global_batch, t.samples_per_class, cfg.seed,
+                                   t.small_classes, t.redraw_pk)
+    t, epochs = resolve_epochs(t, len(index.labels), clock)  # train.epochs -> max_steps
+    log.info("train.sampler=%s: %s steps per epoch, %d steps", t.sampler, epochs["steps_per_epoch"], t.max_steps)
     cfg = dataclasses.replace(cfg, train=t)
-    validator = Validator(cfg, rd, device) if t.val_every else None  # checks the split before building anything
+    validator = Validator(cfg, rd, device) if t.val_every or t.val_every_epochs else None  # checks the split first
+    if validator:
+        validate_on_epochs(validator, clock, t.val_every_epochs, t.max_steps)
+    reload = ReloadBest(clock, t.reload_best_at, rd.checkpoints)
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
     loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), model.dim, cfg.seed).to(device)
     model.unnormalized_in_training = wants_unnormalized(loss_fn)
-    loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg, epochs["steps_per_epoch"]))
-    engine = build_engine(model, lambda m: build_optimizer(m, t, epochs["steps_per_epoch"]), cfg.parallel,
+    loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg, clock))
+    engine = build_engine(model, lambda m: build_optimizer(m, t, clock), cfg.parallel,
                           t.chunk_size, device, t.grad_clip)
-    sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed, t.small_classes)
     meta = {"model": architecture(cfg.model), "data": cfg.data.identity(), "parallel": cfg.parallel.name,
             "sampler": sampler.settings(),
             "epochs": epochs}
@@ -73,6 +79,7 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
             for step, (images, labels) in enumerate(monitor.timer.iterate(batches, "data"), start=start):
                 with monitor.timer.phase("data"):
                     images, labels = images.to(device), labels.to(device)
+                reload.before(step, engine, loss_fn, best)
                 set_step(loss_fn, step)
                 loss = two_pass_step(engine, images, labels, loss_fn, t.chunk_size, cfg.seed, step, monitor.timer)
                 step_loss_parameters(*loss_state[1:])

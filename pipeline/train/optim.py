@@ -12,7 +12,9 @@ Parameter groups: the embedding head at train.head_lr (None: train.lr, the paper
 weight decay on weight matrices only, or on every parameter with train.decay_norms_biases (the papers).
 
 An epoch is the training split's images // train.global_batch steps (at least 1), as Roth et al.'s
-sampler (datasampler/class_random_sampler.py:29); train.epochs, when set, decides max_steps.
+sampler (datasampler/class_random_sampler.py:29), or the epoch of the authors' sampler that
+train.sampler names (pipeline/data/epoch_rules.py); train.epochs, when set, decides max_steps, and the
+milestones fall on the first step of their epoch.
 """
 from __future__ import annotations
 
@@ -24,24 +26,28 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.data.epoch_rules import FixedEpochs
 
 
 def steps_per_epoch(cfg: TrainConfig, train_images: int) -> int:
     return max(1, train_images // cfg.global_batch)
 
 
-def resolve_epochs(cfg: TrainConfig, train_images: int) -> tuple[TrainConfig, dict]:
-    """(the config with max_steps decided by train.epochs where set, the epoch facts for the checkpoint's meta)."""
-    per_epoch = steps_per_epoch(cfg, train_images)
+def resolve_epochs(cfg: TrainConfig, train_images: int, clock=None) -> tuple[TrainConfig, dict]:
+    """(the config with max_steps decided by train.epochs where set, the epoch facts for the checkpoint's meta).
+    clock: the sampler's epochs (pipeline.data.epoch_rules); None: images // global_batch steps each."""
+    clock = clock or FixedEpochs(steps_per_epoch(cfg, train_images))
     if cfg.epochs is not None:
-        cfg = dataclasses.replace(cfg, max_steps=cfg.epochs * per_epoch)
-    return cfg, {"train_images": train_images, "steps_per_epoch": per_epoch, "epochs": cfg.epochs,
-                 "max_steps": cfg.max_steps}
+        cfg = dataclasses.replace(cfg, max_steps=clock.epoch_start(cfg.epochs))
+    return cfg, {"sampler": cfg.sampler, "train_images": train_images, "steps_per_epoch": clock.describe(cfg.epochs),
+                 "epochs": cfg.epochs, "max_steps": cfg.max_steps}
 
 
-def lr_factor(cfg: TrainConfig, per_epoch: int = 1):
-    """step -> multiplier of the base learning rates (torch LambdaLR)."""
-    milestones = [round(m * per_epoch) for m in cfg.milestones]
+def lr_factor(cfg: TrainConfig, per_epoch=1):
+    """step -> multiplier of the base learning rates (torch LambdaLR). per_epoch: steps per epoch, or the
+    sampler's epochs (epoch_rules: an epoch's length may vary)."""
+    clock = FixedEpochs(per_epoch) if isinstance(per_epoch, int) else per_epoch
+    milestones = [clock.step_of(m) for m in cfg.milestones]
 
     def factor(step: int) -> float:
         warm = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
@@ -65,9 +71,9 @@ def _optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, per_epoch: int = 1
+def build_optimizer(model: nn.Module, cfg: TrainConfig, per_epoch=1
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """per_epoch: optimizer steps per epoch (steps_per_epoch), for the step schedule's milestones."""
+    """per_epoch: optimizer steps per epoch (steps_per_epoch) or the sampler's epochs, for the milestones."""
     head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():

@@ -71,7 +71,7 @@ class Validator:
         self.ks = protocols.resolve(cfg.data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery).ks
         self.every, self.last = cfg.train.val_every, cfg.train.max_steps
         self.shards, self.device = rd.shards, device
-        self.transform, self.batch_size, self.workers = eval_transform(cfg.model), cfg.eval.batch_size, cfg.data.workers
+        self.transform, self.batch_size, self.workers = eval_transform(cfg.model, cfg.data.eval_resize), cfg.eval.batch_size, cfg.data.workers
         self.hint = _too_small_hint(cfg)
         self.classes = json.loads((rd.shards / "summary.json").read_text())["splits"][self.evaluation.query]["classes"]
         self.saturated = False
