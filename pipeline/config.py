@@ -71,6 +71,7 @@ class ParallelConfig:
     deepspeed_config: str | None = None  # zero*: DeepSpeed JSON; None = ds_configs/<name>.json
     fsdp_reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward
     timeout: float | None = None    # seconds a collective waits for the other ranks before failing; None = the backend's (gloo 30 min, NCCL 10 min)
+    param_dtype: str = "auto"       # fsdp2, zero*: weights gathered/held in auto (bf16 when the forward is bf16 on CUDA) | bf16 | fp32 (pipeline/precision.py)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class TrainConfig:
     decay_norms_biases: bool = False  # weight decay on every parameter (the papers' code), not on weight matrices only
     rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
     split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
+    precision: str = "auto"         # the forward: auto (bf16 on CUDA, fp32 on the CPU) | bf16 (autocast, fp32 weights) | fp32 (pipeline/precision.py)
 
 
 @dataclass
@@ -306,6 +308,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.random_erasing={d.random_erasing} must be a probability in [0, 1]")
     from pipeline.losses.recall_at_k import check_kernel
     check_kernel(t.rsk_kernel)
+    from pipeline.precision import check as check_precision
+    check_precision(t.precision, cfg.parallel.param_dtype, cfg.parallel.name)
 
 
 def to_yaml(cfg: Config) -> str:

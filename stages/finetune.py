@@ -58,7 +58,7 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
     model.unnormalized_in_training = getattr(loss_fn, "unnormalized_inputs", False)
     loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg, epochs["steps_per_epoch"]))
     engine = build_engine(model, lambda m: build_optimizer(m, t, epochs["steps_per_epoch"]), cfg.parallel,
-                          t.chunk_size, device, t.grad_clip)
+                          t.chunk_size, device, t.grad_clip, t.precision)
     sampler = PKSampler(index.labels, t.global_batch, t.samples_per_class, cfg.seed, t.small_classes)
     meta = {"model": architecture(cfg.model), "parallel": cfg.parallel.name, "sampler": sampler.settings(),
             "epochs": epochs}
@@ -70,7 +70,8 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
         if validator and start and validator.due(start) and best.validated != start:  # stopped before validating
             validate_resumed(start, validator, engine, best, tracker, rd)
         batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps, world.rank,
-                               world.size, workers=cfg.data.workers, worker_init_fn=preemption.leave_to_main_process)
+                               world.size, workers=cfg.data.workers, worker_init_fn=preemption.leave_to_main_process,
+                               device=device)
         monitor = StepMetrics(engine, t.global_batch, world.size, loss_state[2], *mfu_inputs(cfg, device))
         with progress.above():
             for step, (images, labels) in enumerate(monitor.timer.iterate(batches, "data"), start=start):
