@@ -7,19 +7,24 @@ import json
 import pytest
 import torch
 
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from conftest import SMALL, run_pipeline
 from parallel_worker import CHUNK, PRECISION_VARIANTS, SEED, problem, sgd
 from test_parallel import one_process, torchrun_script
+from test_resume import fresh_finetune
 from pipeline import precision
 from pipeline.config import ParallelConfig, load_config
 from pipeline.engine import Engine, deepspeed_config
 from pipeline.errors import UserError
 from pipeline.losses import set_step
+from pipeline.preemption import EXIT_STATUS
 from pipeline.two_pass import one_pass_step
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
 SHARDED = ("zero1", "zero2", "zero3", "fsdp2")
 COMBOS = ([f"{b}:bf16" for b in BACKENDS] + [f"{b}:bf16_comm" for b in SHARDED] + ["zero3:cuda_autocast"])
-TOLERANCE = 2e-2  # of the update: bf16 keeps 8 bits of mantissa (relative rounding 2^-9), summed over layers
+TOLERANCE = 1e-2  # of the update; measured: 2 processes two-pass vs 1 process one-pass, both bf16, 3.5e-3
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +65,25 @@ def test_bf16_two_pass_equals_bf16_one_pass(worker_out, bf16_reference, backend)
     assert set(got) == set(ref) and all(v.dtype == torch.float32 for v in got.values() if v.is_floating_point())
     assert relative_error(got, ref, start) <= TOLERANCE
     _, fp32, _ = one_process("plain")
-    assert relative_error(fp32, ref, start) > 1e-3  # fp32 != bf16: the comparison above is about bf16
+    assert relative_error(fp32, ref, start) > 2 * TOLERANCE  # bf16 really ran (measured: 2.4e-2 from fp32)
     assert json.loads((worker_out / f"{backend}-bf16.dtypes.json").read_text()) == ["torch.float32"]
 
 
 @pytest.mark.parametrize("backend", SHARDED)
 def test_bf16_communication_equals_fp32_communication(worker_out, bf16_reference, backend):
     """parallel.param_dtype=bf16: the weights reach the forward as bf16 (FSDP2's gathered copies,
-    DeepSpeed's bf16 module), and the update is the fp32-communication one within bf16 rounding."""
+    DeepSpeed's bf16 module), and the update is the fp32-communication one within bf16 rounding: no
+    farther from it than the bf16 forward is from the fp32 one (measured: 2.9e-2 and 2.4e-2; the
+    class token, position embedding and LayerNorm weights then enter the forward rounded to bf16,
+    which autocast alone leaves fp32). A lost or doubled gradient would be off by the whole update."""
     start, ref = bf16_reference
     lowered = torch.load(worker_out / f"{backend}-bf16_comm.pt")
     fp32_comm = torch.load(worker_out / f"{backend}-bf16.pt")
+    _, fp32, _ = one_process("plain")
+    bf16_rounding = relative_error(fp32, ref, start)
     assert json.loads((worker_out / f"{backend}-bf16_comm.dtypes.json").read_text()) == ["torch.bfloat16"]
-    assert relative_error(lowered, fp32_comm, start) <= TOLERANCE
-    assert relative_error(lowered, ref, start) <= TOLERANCE
+    assert relative_error(lowered, fp32_comm, start) <= 1.5 * bf16_rounding
+    assert relative_error(lowered, ref, start) <= 1.5 * bf16_rounding
 
 
 @pytest.mark.parametrize("variant", PRECISION_VARIANTS)
@@ -145,3 +155,34 @@ def test_config_checks():
         load_config(["parallel=ddp", "parallel.param_dtype=bf16"])
     with pytest.raises(UserError, match="which train.precision=fp32 forbids"):
         load_config(["parallel=zero3", "parallel.param_dtype=bf16", "train.precision=fp32"])
+
+
+def checkpoint_weights(folder, tmp_path) -> dict:
+    dcp_to_torch_save(folder, tmp_path / f"{folder.parent.parent.name}.pt")
+    return torch.load(tmp_path / f"{folder.parent.parent.name}.pt")["model"]
+
+
+def test_bf16_run_stopped_midway_resumes_bit_exactly(digits_run, tmp_path, monkeypatch):
+    """train.precision=bf16 on the CPU: a run stopped after its first step (stop file) and run again
+    ends with the same fp32 weights, bit for bit, as one that never stopped, and not with the fp32
+    run's weights."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for run in (straight, stopped):
+        fresh_finetune(digits_run, run)
+    args = [*SMALL, "train.precision=bf16"]
+    run_pipeline("stage=finetune", f"run_dir={straight}", *args)
+    stop_file = tmp_path / "stop"
+    stop_file.touch()
+    monkeypatch.setenv("PIPELINE_STOP_FILE", str(stop_file))
+    proc = run_pipeline("stage=finetune", f"run_dir={stopped}", *args, check=False)
+    assert proc.returncode == EXIT_STATUS and "preempted after step 1" in proc.stderr, proc.stderr[-3000:]
+    monkeypatch.delenv("PIPELINE_STOP_FILE")
+    proc = run_pipeline("stage=finetune", f"run_dir={stopped}", *args)
+    assert "resuming from" in proc.stderr and "step 6/6" in proc.stderr
+    a = checkpoint_weights(straight / "checkpoints" / "step_6", tmp_path)
+    b = checkpoint_weights(stopped / "checkpoints" / "step_6", tmp_path)
+    fp32 = checkpoint_weights(digits_run / "checkpoints" / "step_6", tmp_path)
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert tensor.dtype == torch.float32 and torch.equal(b[name], tensor), name
+    assert not all(torch.equal(fp32[name], tensor) for name, tensor in a.items())
