@@ -2,11 +2,14 @@
 weights after them, for tests/test_parallel.py to compare with one process doing one-pass steps,
 the weights of a fresh engine that loaded the engine's checkpoint, and those the export stage
 consolidates from it. Variant `clip`: the plain problem with train.grad_clip=CLIP, whose global
-gradient norms (before clipping) it saves too. The loss variants (LOSS_VARIANTS) save their weights
+gradient norms (before clipping) it saves too. Variants `bf16` and `bf16_comm`: the plain problem
+with train.precision=bf16, and fp32 or bf16 weights gathered (parallel.param_dtype), whose weights,
+checkpoint and the dtype of a weight inside the forward it saves (PRECISION_VARIANTS). The loss variants (LOSS_VARIANTS) save their weights
 and losses only.
 
     torchrun --nproc_per_node 2 tests/parallel_worker.py OUT_DIR ddp,zero1,... plain,frozen_ckpt,clip [ddp:simix,...]
 """
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -15,12 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import ModelConfig, ParallelConfig  # noqa: E402
-from pipeline.dist import (
-    checkpoint,
-    distributed,  # noqa: E402
-)
+from pipeline.dist import checkpoint, distributed  # noqa: E402
 from pipeline.dist.distributed import world_from_env  # noqa: E402
-from pipeline.dist.engine import build_engine  # noqa: E402
+from pipeline.dist.engine import DeepSpeedEngine, build_engine, deepspeed_config  # noqa: E402
 from pipeline.losses import RecallAtK, RecallAtKSiMix, set_step  # noqa: E402
 from pipeline.models.encoders import build_encoder  # noqa: E402
 from pipeline.train.two_pass import two_pass_step  # noqa: E402
@@ -31,6 +31,7 @@ CLIP = 1.0  # below both steps' gradient norms (about 8.8 and 1.6): every step i
 # The plain model with another loss: RS@k + SiMix split across the ranks (virtual queries shared out
 # too), and RS@k computed whole on every rank (the path of every loss that does not split).
 LOSS_VARIANTS = ("simix", "whole_loss")
+PRECISION_VARIANTS = {"bf16": "fp32", "bf16_comm": "bf16"}  # variant -> parallel.param_dtype, under train.precision=bf16
 
 
 def make_loss(variant: str):
@@ -122,6 +123,12 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
         if variant == "clip":
             clipped(out, backend, share)
             continue
+        if variant in PRECISION_VARIANTS:
+            in_bf16(out, backend, variant, share)
+            continue
+        if variant == "cuda_autocast":
+            cuda_autocast_inside_deepspeed(out, backend)
+            continue
         model, batches, loss_fn = problem(variant)
         full = sum(p.numel() for p in model.parameters())
         engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
@@ -180,6 +187,71 @@ def clipped(out: Path, backend: str, share: slice) -> None:
     if distributed.rank() == 0:
         torch.save(state, out / f"{backend}-clip.pt")
         (out / f"{backend}-clip-norms.json").write_text(json.dumps(norms))
+    distributed.barrier()
+
+
+def in_bf16(out: Path, backend: str, variant: str, share: slice) -> None:
+    """The plain problem's steps under a bf16 forward: the weights after them, the dtype the first
+    block's qkv weight has inside its forward (what the backend gathered), and a checkpoint."""
+    model, batches, loss_fn = problem("plain")
+    parallel = ParallelConfig(name=backend, param_dtype=PRECISION_VARIANTS[variant])
+    engine = build_engine(model, sgd, parallel, CHUNK, torch.device("cpu"), precision="bf16")
+    seen = []
+    model.backbone.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, _: seen.append(str(m.weight.dtype)))
+    for step, (images, labels) in enumerate(batches):
+        two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, step)
+    state = engine.full_state_dict()
+    folder = out / f"checkpoint-{backend}-{variant}"
+    engine.save(folder)
+    distributed.barrier()
+    if distributed.rank() == 0:
+        torch.save(state, out / f"{backend}-{variant}.pt")
+        (out / f"{backend}-{variant}.dtypes.json").write_text(json.dumps(sorted(set(seen))))
+        (folder / "meta.json").write_text(json.dumps({"format": engine.checkpoint_format}))
+        exported, _, _ = problem("plain")
+        checkpoint.load_weights(folder, exported)
+        torch.save(exported.state_dict(), out / f"{backend}-{variant}-exported.pt")
+    distributed.barrier()
+
+
+@contextlib.contextmanager
+def pretend_cuda(torch_autocast):
+    """CUDA autocast switchable without a GPU (torch otherwise disables it with a warning), and
+    DeepSpeed's accelerator saying cuda."""
+    saved = [(torch_autocast, "get_accelerator"), (torch.cuda.amp.common, "amp_definitely_not_available"),
+             (torch.cuda, "is_bf16_supported")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
+    torch_autocast.get_accelerator = lambda: type("Cuda", (), {"device_name": lambda self: "cuda"})()
+    torch.cuda.amp.common.amp_definitely_not_available = lambda: False
+    torch.cuda.is_bf16_supported = lambda *a, **k: True
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def cuda_autocast_inside_deepspeed(out: Path, backend: str) -> None:
+    """Whether CUDA bf16 autocast, on outside, is still on inside the DeepSpeed engine's forward, with
+    DeepSpeed's accelerator stubbed to say cuda (its `autocast_if_enabled` asks it for the device
+    type): under the config the engine builds for a CUDA device (fp32 weights: CPU tensors in bf16 mode
+    would need a CPU autocast), and under the same config without its `torch_autocast` section (the
+    repository's JSON as it was)."""
+    from deepspeed.runtime import torch_autocast
+
+    config = deepspeed_config(ParallelConfig(name=backend, param_dtype="fp32"), CHUNK, torch.device("cuda", 0))
+    plain = {k: v for k, v in config.items() if k != "torch_autocast"}
+    inside = {}
+    for name, cfg in (("generated", config), ("without_sections", plain)):
+        model, batches, _ = problem("plain")
+        engine = DeepSpeedEngine(model, *sgd(model), torch.device("cpu"), cfg, precision="bf16")
+        seen = []
+        model.register_forward_pre_hook(lambda m, _: seen.append(torch.is_autocast_enabled("cuda")))
+        with pretend_cuda(torch_autocast), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            engine.model(batches[0][0][:CHUNK])  # CUDA autocast on: the CPU tensors are unaffected by it
+        inside[name] = seen
+    if distributed.rank() == 0:
+        (out / f"{backend}-cuda_autocast.json").write_text(json.dumps({"config": config, "inside": inside}))
     distributed.barrier()
 
 

@@ -76,7 +76,8 @@ def assert_loaded(backbone_state: dict, upstream: dict, prefix: str = "") -> Non
 def test_open_clip_local_checkpoint(tmp_path, suffix):
     """A full CLIP checkpoint as open_clip saves it (image + text towers), read by model.pretrained."""
     upstream = open_clip.CLIP(embed_dim=768, vision_cfg=dict(image_size=32, layers=2, width=64, head_width=32, patch_size=8),
-                              text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
+                              text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+                              quick_gelu=True)  # vitl14_clip is OpenAI's ViT-L/14: QuickGELU
     path = tmp_path / f"open_clip_model.{suffix}"
     state = upstream.state_dict()
     torch.save(state, path) if suffix == "bin" else save_file(state, str(path))

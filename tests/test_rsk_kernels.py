@@ -142,7 +142,10 @@ def test_unknown_kernel_refused_when_the_config_loads():
         load_config(["train.rsk_kernel=fused"])
 
 
-def test_auto_picks_triton_on_cuda_and_torch_on_cpu():
+def test_auto_picks_triton_on_cuda_and_torch_on_cpu(monkeypatch):
+    from pipeline.losses import recall_at_k
+
+    monkeypatch.setattr(recall_at_k, "_launches", {"cuda": True})  # as if the tiny launch had worked
     assert pick_kernel("auto", torch.device("cpu")) == "torch"
     assert pick_kernel("auto", torch.device("cuda")) == "triton"  # triton ships with CUDA builds of torch
     assert pick_kernel("reference", torch.device("cuda")) == "reference"
@@ -152,7 +155,15 @@ def test_auto_picks_triton_on_cuda_and_torch_on_cpu():
 
 def triton_differences() -> dict:
     """Every case through the Triton kernel against the reference: (loss, gradient) relative differences."""
-    out = {}
+    from pipeline.losses import rsk_triton
+
+    sim, labels, _ = case("clustered")
+    cols, _ = padded_positives(labels, torch.arange(len(labels)))
+    low = sim.bfloat16().requires_grad_(True)
+    rank = rsk_triton.smooth_ranks(low, cols, None, 0.01)
+    rank.sum().backward()
+    exact = rsk_triton.smooth_ranks(low.detach().float(), cols, None, 0.01)
+    out = {"bf16_input": [str(rank.dtype), str(low.grad.dtype), bool(torch.equal(rank, exact))]}
     for name in CASES:
         for include_query in (False, True):
             sim, labels, mask = case(name)
@@ -171,6 +182,8 @@ def test_triton_kernel_in_interpreter_matches_reference():
                           env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     differences = json.loads(proc.stdout.strip().splitlines()[-1])
+    # bf16 similarities: computed in fp32 (the result equals the fp32 kernel's on the same values)
+    assert differences.pop("bf16_input") == ["torch.float32", "torch.bfloat16", True]
     assert len(differences) == 2 * len(CASES)
     for key, (loss_err, grad_err) in differences.items():
         assert loss_err <= 1e-5 and grad_err <= 1e-5, (key, loss_err, grad_err)

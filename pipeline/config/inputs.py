@@ -43,7 +43,7 @@ CLASS = {
     "model.mean": "model", "model.std": "model",
     # parallel
     "parallel.name": "none", "parallel.deepspeed_config": "none", "parallel.fsdp_reshard_after_forward": "none",
-    "parallel.timeout": "none",
+    "parallel.timeout": "none", "parallel.param_dtype": "none",
     # train
     "train.max_steps": "train", "train.global_batch": "train", "train.chunk_size": "train",
     "train.samples_per_class": "train", "train.lr": "train", "train.head_lr": "train", "train.weight_decay": "train",
@@ -54,7 +54,7 @@ CLASS = {
     "train.best_metric": "none", "train.grad_clip": "train", "train.peak_tflops": "none", "train.optimizer": "train",
     "train.schedule": "train", "train.milestones": "train", "train.gamma": "train", "train.epochs": "train",
     "train.small_classes": "train", "train.decay_norms_biases": "train", "train.rsk_kernel": "train",
-    "train.split_loss": "train", "train.sampler": "train", "train.redraw_pk": "train",
+    "train.split_loss": "train", "train.sampler": "train", "train.precision": "model", "train.redraw_pk": "train",
     "train.val_every_epochs": "none", "train.reload_best_at": "train",
     # loss
     "loss.name": "train", "loss.lr": "train", "loss.simix_per_class": "train", "loss.margin": "train",

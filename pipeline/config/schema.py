@@ -21,6 +21,8 @@ BACKENDS = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2") 
 OPTIMIZERS = ("adamw", "adam", "sgd", "radam")
 SCHEDULES = ("cosine", "step")
 SMALL_CLASSES = ("repeat", "skip")
+PRECISIONS = ("auto", "bf16", "fp32")  # train.precision, parallel.param_dtype (pipeline/dist/precision.py)
+SHARDED = ("zero1", "zero2", "zero3", "zero3_offload", "fsdp2")  # the backends that hold or gather weights
 SAMPLERS = ("pk", "rsk", "ibc", "roth")  # pipeline/data/epoch_rules.py
 GENERATED = ("digits", "fashion_mnist", "glyphs")  # datasets drawn in memory, with no original files
 KERNELS = ("auto", "torch", "triton", "reference")  # RS@k smooth ranks (pipeline/losses/recall_at_k.py)
@@ -119,6 +121,7 @@ class ParallelConfig:
     name: str = "none"              # none | ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp2 (pipeline/dist/engine.py)
     deepspeed_config: str | None = None  # zero*: DeepSpeed JSON; None = ds_configs/<name>.json
     fsdp_reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward
+    param_dtype: str = "auto"       # fsdp2, zero*: weights gathered/held in auto (bf16 when the forward is bf16 on CUDA) | bf16 | fp32 (pipeline/dist/precision.py)
     timeout: float | None = None    # seconds a collective waits for the other ranks before failing; None = the backend's (gloo 30 min, NCCL 10 min)
 
     def check(self) -> None:
@@ -160,6 +163,7 @@ class TrainConfig:
     decay_norms_biases: bool = False  # weight decay on every parameter (the papers' code), not on weight matrices only
     rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
     split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
+    precision: str = "auto"         # the forward: auto (bf16 on CUDA, fp32 on the CPU) | bf16 (autocast, fp32 weights) | fp32 (pipeline/dist/precision.py)
     sampler: str = "pk"             # pk | rsk | ibc | roth: the batches and the epoch's length (pipeline/data/epoch_rules.py)
     redraw_pk: bool = False         # sampler=ibc: each epoch draws (P, K) anew among global_batch's divisors (IBC on CUB)
     val_every_epochs: int = 0       # validate at the end of every N-th epoch (the papers' cadence) instead of val_every; 0 = off
@@ -311,6 +315,7 @@ class Config:
         ks = protocols.resolve(self.data.name, self.eval.ks, self.eval.split, self.eval.gallery).ks
         if self.train.best_metric not in val_metric_names(ks):
             raise UserError(f"train.best_metric={self.train.best_metric}: use one of {', '.join(val_metric_names(ks))}")
+        self.check_precision()
         if self.train.reload_best_at and self.parallel.name.startswith("zero"):
             raise UserError(f"train.reload_best_at loads weights through torch.distributed.checkpoint: use parallel=none, "
                             f"ddp or fsdp2, not {self.parallel.name}")
@@ -318,3 +323,15 @@ class Config:
         if d.eval_resize is not None and d.eval_resize < self.model.image_size:
             raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={self.model.image_size} "
                             "(the eval view is a centre crop of the resized image)")
+
+    def check_precision(self) -> None:
+        """train.precision and parallel.param_dtype, and the combinations that contradict each other."""
+        precision, param_dtype, backend = self.train.precision, self.parallel.param_dtype, self.parallel.name
+        one_of(precision, PRECISIONS, f"train.precision={precision} is unknown; use one of {', '.join(PRECISIONS)}")
+        one_of(param_dtype, PRECISIONS, f"parallel.param_dtype={param_dtype} is unknown; use one of {', '.join(PRECISIONS)}")
+        if param_dtype == "bf16" and backend not in SHARDED:
+            raise UserError(f"parallel.param_dtype=bf16 applies to fsdp2 and zero* (parallel={backend} keeps fp32 "
+                            "weights); set train.precision=bf16 for a bf16 forward, or leave parallel.param_dtype=auto")
+        if param_dtype == "bf16" and precision == "fp32":
+            raise UserError("parallel.param_dtype=bf16 computes the forward in bf16, which train.precision=fp32 forbids; "
+                            "set parallel.param_dtype=fp32 (or auto)")

@@ -49,17 +49,18 @@ class StepBatches:
 
 
 class _PerBatchTail:
-    """Iterate a DataLoader, applying `tail` to each batch of images."""
+    """Iterate a DataLoader, applying `tail` to each batch of images on `device`: the (pinned) uint8
+    batch is copied there without blocking, 4x less than its float version, and normalised there."""
 
-    def __init__(self, loader: DataLoader, tail: Callable):
-        self.loader, self.tail = loader, tail
+    def __init__(self, loader: DataLoader, tail: Callable, device: torch.device | None = None):
+        self.loader, self.tail, self.device = loader, tail, device or torch.device("cpu")
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
-            yield self.tail(images), labels
+            yield self.tail(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
 
 
 def split_tail(transform: Callable) -> tuple[Callable, Callable | None]:
@@ -76,10 +77,12 @@ def split_tail(transform: Callable) -> tuple[Callable, Callable | None]:
 
 
 def train_loader(index: ShardIndex, transform: Callable, sampler: PKSampler, start: int, end: int,
-                 rank: int = 0, world_size: int = 1, workers: int = 0, worker_init_fn: Callable | None = None):
-    """Steps start..end-1 of this rank: (images, labels) batches, decoded and augmented in `workers` processes."""
+                 rank: int = 0, world_size: int = 1, workers: int = 0, worker_init_fn: Callable | None = None,
+                 device: torch.device | None = None):
+    """Steps start..end-1 of this rank: (images, labels) batches, decoded and augmented in `workers`
+    processes; on `device` (default the CPU) when the float conversion is per batch (`split_tail`)."""
     per_image, per_batch = split_tail(transform)
     loader = DataLoader(AugmentedImages(index, per_image), batch_sampler=StepBatches(sampler, start, end, rank, world_size),
                         num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
                         worker_init_fn=worker_init_fn)
-    return loader if per_batch is None else _PerBatchTail(loader, per_batch)
+    return loader if per_batch is None else _PerBatchTail(loader, per_batch, device)

@@ -111,10 +111,10 @@ def init(world: World, device: torch.device, timeout: float | None = None) -> No
     them (DeepSpeed would otherwise go looking for MPI under srun)."""
     global _timeout
     set_threads(device)
+    if device.type == "cuda":  # one process too: Triton, faiss and NCCL take the current device, not the tensors'
+        torch.cuda.set_device(device)
     if world.size == 1 or initialized():
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if "MASTER_ADDR" not in os.environ and "SLURM_PROCID" in os.environ:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_rendezvous()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

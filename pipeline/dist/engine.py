@@ -32,7 +32,7 @@ from pipeline.dist import checkpoint, distributed, zero_universal
 from pipeline.config import ParallelConfig
 from pipeline.config.schema import BACKENDS
 from pipeline.errors import UserError
-from pipeline.precision import autocast
+from pipeline.dist.precision import DTYPES, autocast, resolve, resolve_param_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
@@ -64,15 +64,16 @@ class Engine:
     checkpoint_format = "dcp"
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device,
-                 grad_clip: float = 0.0):
+                 grad_clip: float = 0.0, precision: str = "auto"):
         self.module = model   # the bare model: parameters and state dicts
         self.model = model    # what the forward calls: a wrapper under DDP and DeepSpeed
         self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
         self.grad_clip = grad_clip
+        self.precision = precision  # train.precision (pipeline/dist/precision.py)
         self.grad_norm = torch.tensor(float("nan"))  # of the last step, before clipping
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device)
+        return autocast(self.device, self.precision)
 
     @contextlib.contextmanager
     def gradient_sync(self, enabled: bool) -> Iterator[None]:
@@ -107,8 +108,8 @@ class DDPEngine(Engine):
     """Replicated weights; the gradients are all-reduced once, in the backward of the last chunk."""
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device,
-                 grad_clip: float = 0.0):
-        super().__init__(model, optimizer, scheduler, device, grad_clip)
+                 grad_clip: float = 0.0, precision: str = "auto"):
+        super().__init__(model, optimizer, scheduler, device, grad_clip, precision)
         from torch.nn.parallel import DistributedDataParallel
 
         self.model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -140,18 +141,24 @@ class FSDP2Engine(Engine):
 
     fully_shard goes on each transformer block, then on the root, so that only one block's full
     weights exist at a time. It composes with timm's (non-reentrant) activation checkpointing: the
-    recomputed block forward gathers the block's weights again."""
+    recomputed block forward gathers the block's weights again.
+
+    param_dtype bf16 (parallel.param_dtype): the fp32 shards (what the optimizer steps and the
+    checkpoint holds) are gathered as bf16 copies, torchtitan's and DINOv2's policy, halving the
+    all-gather traffic and the gathered block's memory; gradients are reduce-scattered in fp32."""
 
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, device: torch.device,
-                 reshard_after_forward: bool, grad_clip: float = 0.0):
+                 reshard_after_forward: bool, grad_clip: float = 0.0, precision: str = "auto",
+                 param_dtype: str = "fp32"):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device.type, (distributed.world_size(),))
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=torch.float32)
         for block in transformer_blocks(model):
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        super().__init__(model, *make_optimizer(model), device, grad_clip)  # the optimizer holds the sharded parameters
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        super().__init__(model, *make_optimizer(model), device, grad_clip, precision)  # the optimizer holds the sharded parameters
 
     @contextlib.contextmanager
     def gradient_sync(self, enabled: bool) -> Iterator[None]:
@@ -171,8 +178,11 @@ class DeepSpeedEngine(Engine):
     The step's chunks are DeepSpeed micro-batches of one accumulation: the boundary is False for all
     but the last chunk, so ZeRO-1 reduces once per step; ZeRO-2/3 reduce-scatter every chunk's
     gradients into the owning rank's partition (that is how they keep gradients sharded, and why
-    DeepSpeed refuses `no_sync` there) and finish at the boundary. The weights stay fp32 (no
-    DeepSpeed bf16 mode): precision comes from the same autocast as every other backend. Clipping is
+    DeepSpeed refuses `no_sync` there) and finish at the boundary. A bf16 forward is the same autocast
+    as every other backend's, written into DeepSpeed's config as well (`torch_autocast`, see
+    `deepspeed_config`): without it DeepSpeed switches an outer CUDA autocast off inside its forward.
+    parallel.param_dtype=bf16 adds DeepSpeed's bf16 mode (bf16 weights, fp32 master weights in the
+    optimizer, so checkpoints consolidate to fp32). Clipping is
     DeepSpeed's (`gradient_clipping` in the config, from train.grad_clip): it alone sees the
     partitioned gradients whole."""
 
@@ -180,13 +190,13 @@ class DeepSpeedEngine(Engine):
     TAG = "zero"  # the checkpoint's sub-folder
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: Scheduler, device: torch.device,
-                 config: dict):
+                 config: dict, precision: str = "auto"):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the training log
         # DeepSpeed's own collectives call the names torch 2.13 deprecated (ours use the current ones).
         warnings.filterwarnings("ignore", category=FutureWarning, message=DEPRECATED_COLLECTIVES)
-        super().__init__(model, optimizer, scheduler, device)
+        super().__init__(model, optimizer, scheduler, device, precision=precision)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                 lr_scheduler=scheduler, config=config)
 
@@ -205,10 +215,18 @@ class DeepSpeedEngine(Engine):
         self.grad_norm = torch.as_tensor(float("nan") if norm is None else norm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 weights: under DeepSpeed's bf16 mode (parallel.param_dtype=bf16) the module holds bf16
+        copies, and the trained weights are the optimizer's fp32 masters (collective under ZeRO-3)."""
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
         with deepspeed.zero.GatheredParameters(list(self.module.parameters())):  # no-op below ZeRO-3
-            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+            state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        if self.model.bfloat16_enabled():
+            for name, p in self.module.named_parameters():
+                if p.requires_grad:
+                    state[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
+        return {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
 
     def save(self, folder: Path) -> None:
         self.model.save_checkpoint(str(folder), tag=self.TAG)
@@ -249,9 +267,10 @@ class DeepSpeedEngine(Engine):
                 state["step"] = state["step"].clone()
 
 
-def deepspeed_config(cfg: ParallelConfig, chunk_size: int, device: torch.device, grad_clip: float = 0.0) -> dict:
-    """The JSON's ZeRO settings, plus the batch sizes DeepSpeed checks (one chunk per micro-batch) and
-    the clipping of train.grad_clip."""
+def deepspeed_config(cfg: ParallelConfig, chunk_size: int, device: torch.device, grad_clip: float = 0.0,
+                     precision: str = "auto") -> dict:
+    """The JSON's ZeRO settings, plus the batch sizes DeepSpeed checks (one chunk per micro-batch), the
+    clipping of train.grad_clip and the precision (`precision_sections`)."""
     path = Path(cfg.deepspeed_config or f"ds_configs/{cfg.name}.json").expanduser()
     path = path if path.is_absolute() or path.exists() else REPO / path
     if not path.is_file():
@@ -265,8 +284,28 @@ def deepspeed_config(cfg: ParallelConfig, chunk_size: int, device: torch.device,
     if config.get("gradient_clipping", 0.0) not in (0.0, grad_clip):
         raise UserError(f"{path} sets gradient_clipping={config['gradient_clipping']}; set train.grad_clip instead "
                         f"(the same clipping under every backend) and leave it 0 in the JSON")
+    for key in ("bf16", "fp16", "torch_autocast", "communication_data_type"):
+        if key in config:
+            raise UserError(f"{path} sets {key}; set train.precision and parallel.param_dtype instead "
+                            f"(the same precision under every backend) and leave it out of the JSON")
     return {**config, "train_micro_batch_size_per_gpu": chunk_size, "gradient_accumulation_steps": 1,
-            "train_batch_size": chunk_size * distributed.world_size(), "gradient_clipping": grad_clip}
+            "train_batch_size": chunk_size * distributed.world_size(), "gradient_clipping": grad_clip,
+            **precision_sections(resolve(precision, device), resolve_param_dtype(cfg.param_dtype, cfg.name, precision, device))}
+
+
+def precision_sections(forward: str, param_dtype: str) -> dict:
+    """DeepSpeed's own precision settings for a forward in `forward` and weights in `param_dtype`
+    ('bf16' | 'fp32'). DeepSpeed 0.19.8 runs every forward inside `autocast_if_enabled`
+    (runtime/torch_autocast.py), which turns an outer CUDA autocast OFF unless the config has an
+    enabled `torch_autocast` section; with one it enters that autocast itself. Its
+    `lower_precision_safe_modules` is empty so that no parameter is tagged to reduce its gradient
+    in bf16. bf16 weights are DeepSpeed's bf16 mode, gradients still reduced in fp32."""
+    sections: dict = {}
+    if forward == "bf16":
+        sections["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    if param_dtype == "bf16":
+        sections.update(bf16={"enabled": True}, communication_data_type="fp32")
+    return sections
 
 
 def check_launcher(name: str, env=os.environ) -> None:
@@ -279,16 +318,19 @@ def check_launcher(name: str, env=os.environ) -> None:
 
 
 def build_engine(model: nn.Module, make_optimizer: OptimizerFactory, cfg: ParallelConfig, chunk_size: int,
-                 device: torch.device, grad_clip: float = 0.0) -> Engine:
+                 device: torch.device, grad_clip: float = 0.0, precision: str = "auto") -> Engine:
     """The engine for `parallel=<cfg.name>`; `make_optimizer(model)` gives the optimizer and scheduler
-    (called after sharding where the backend replaces the parameters); `grad_clip`: see the module doc."""
+    (called after sharding where the backend replaces the parameters); `grad_clip`: see the module doc;
+    `precision`: train.precision (cfg.param_dtype for the sharded backends: pipeline/dist/precision.py)."""
     cfg.check()  # for callers that built the config by hand (load_config checked it already)
     check_launcher(cfg.name)
     if cfg.name == "none":
-        return Engine(model, *make_optimizer(model), device, grad_clip)
+        return Engine(model, *make_optimizer(model), device, grad_clip, precision)
     distributed.ensure_group(device)
     if cfg.name == "ddp":
-        return DDPEngine(model, *make_optimizer(model), device, grad_clip)
+        return DDPEngine(model, *make_optimizer(model), device, grad_clip, precision)
     if cfg.name == "fsdp2":
-        return FSDP2Engine(model, make_optimizer, device, cfg.fsdp_reshard_after_forward, grad_clip)
-    return DeepSpeedEngine(model, *make_optimizer(model), device, deepspeed_config(cfg, chunk_size, device, grad_clip))
+        return FSDP2Engine(model, make_optimizer, device, cfg.fsdp_reshard_after_forward, grad_clip, precision,
+                           resolve_param_dtype(cfg.param_dtype, cfg.name, precision, device))
+    config = deepspeed_config(cfg, chunk_size, device, grad_clip, precision)
+    return DeepSpeedEngine(model, *make_optimizer(model), device, config, precision)

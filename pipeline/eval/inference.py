@@ -29,7 +29,7 @@ from torch import nn
 from pipeline.data.shards import ShardIndex
 from pipeline.dist import distributed
 from pipeline.dist.distributed import broadcast_object
-from pipeline.precision import autocast
+from pipeline.dist.precision import autocast
 from pipeline.progress import progress
 
 
@@ -68,9 +68,11 @@ def _exact_batches(loader, size: int) -> Iterator[tuple[torch.Tensor, list[str]]
 
 @torch.no_grad()
 def embed_split(model: nn.Module, folder: Path, transform, batch_size: int, device: torch.device,
-                desc: str = "embed", workers: int = 0, parts: Path | None = None) -> dict[str, np.ndarray]:
-    """The whole split's embeddings, labels and keys in shard order, on every rank. `workers`:
-    DataLoader processes decoding per rank; `parts`: a folder for per-shard results (resumable)."""
+                desc: str = "embed", workers: int = 0, parts: Path | None = None,
+                precision: str = "auto") -> dict[str, np.ndarray]:
+    """The whole split's embeddings (fp32 whatever the precision), labels and keys in shard order, on
+    every rank. `workers`: DataLoader processes decoding per rank; `parts`: a folder for per-shard
+    results (resumable); `precision`: train.precision (pipeline/dist/precision.py)."""
     model.eval()
     rank, world = distributed.rank(), distributed.world_size()
     index = ShardIndex.load(Path(folder))
@@ -94,7 +96,7 @@ def embed_split(model: nn.Module, folder: Path, transform, batch_size: int, devi
             blank = blank if blank is not None else torch.stack([transform(Image.new("RGB", (64, 64)))] * batch_size)
             batch = (blank, [])
         images, keys = batch
-        with autocast(device):
+        with autocast(device, precision):
             out = model(images.to(device, non_blocking=True)).float().cpu().numpy()
         for key, embedding in zip(keys, out):
             i = position[key]

@@ -45,16 +45,29 @@ _FINITE_CHECK_ROWS = 1 << 16   # rows checked for NaN at a time: no n x dim temp
 log = logging.getLogger(__name__)
 
 
+_gpu_resources: dict[int, object] = {}  # one faiss.StandardGpuResources per device, kept for the process
+
+
 def _use_gpu() -> bool:
     """Search and cluster on GPU whenever this faiss build sees one."""
     return faiss.get_num_gpus() > 0
+
+
+def _on_own_gpu(index: faiss.Index) -> faiss.Index:
+    """`index` on this process's GPU: torch's current device, which pipeline.dist.distributed sets to the
+    rank's own. Not index_cpu_to_all_gpus (nor Kmeans(gpu=True), which calls it): that opens a
+    context and copies the data onto every GPU of the node, whose memory the other ranks hold."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    if device not in _gpu_resources:
+        _gpu_resources[device] = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_gpu_resources[device], device, index)
 
 
 def flat_ip_index(gallery: np.ndarray, k: int) -> faiss.Index:
     """Exact inner-product index over the gallery: on the GPU(s) when possible, else on the CPU."""
     if _use_gpu() and k <= _GPU_MAX_K:
         try:
-            index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(gallery.shape[1]))
+            index = _on_own_gpu(faiss.IndexFlatIP(gallery.shape[1]))
             index.add(gallery)
             return index
         except (RuntimeError, MemoryError) as e:  # faiss reports GPU out-of-memory as RuntimeError
@@ -192,7 +205,7 @@ def _kmeans_assign(x: np.ndarray, n_clusters: int, gpu: bool) -> np.ndarray:
     # faiss prints "WARNING clustering N points to K centroids" to stderr below 39 points per centroid
     # (its min_points_per_centroid, read for that warning only): here the classes are the centroids, so
     # that is the data, not a mistake; the log file says it at debug level instead.
-    options = dict(niter=KMEANS_NITER, seed=KMEANS_SEED, gpu=gpu, verbose=False, min_points_per_centroid=1)
+    options = dict(niter=KMEANS_NITER, seed=KMEANS_SEED, verbose=False, min_points_per_centroid=1)
     if len(x) < 39 * n_clusters:
         log.debug("k-means: %d points for %d centroids (faiss advises 39 per centroid)", len(x), n_clusters)
     # Random init often puts two seeds in one class and merges two others, even when classes are
@@ -200,6 +213,8 @@ def _kmeans_assign(x: np.ndarray, n_clusters: int, gpu: bool) -> np.ndarray:
     if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):
         options["init_method"] = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
     kmeans = faiss.Kmeans(x.shape[1], n_clusters, **options)
+    if gpu:  # its own index on this process's GPU, not Kmeans(gpu=True)'s copies on all of them
+        kmeans.index = _on_own_gpu(kmeans.index)
     kmeans.train(x)
     _, assign = kmeans.index.search(x, 1)
     return assign[:, 0]

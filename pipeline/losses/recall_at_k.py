@@ -20,11 +20,12 @@ number of queries of the whole batch (pipeline/train/two_pass.py sums the parts)
     torch      pipeline/losses/rsk_fused.py: cache-sized slabs, one sigmoid pass forward, one sigmoid +
                one multiply pass backward (CPU; also a fallback on GPUs)
     triton     pipeline/losses/rsk_triton.py: the (pairs x B) block stays in registers (GPU)
-    auto       triton on CUDA when Triton imports, torch otherwise
+    auto       triton on CUDA when one tiny Triton launch works, torch otherwise
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.config.schema import KERNELS, one_of
 from pipeline.losses import rsk_fused
 from pipeline.losses.protocol import SplitsAcrossRanks
+
+log = logging.getLogger(__name__)
 
 # A chunk's (pairs x B) block holds about this many elements: bounds the reference's forward intermediate.
 _CHUNK_ELEMENTS = 1 << 24
@@ -48,12 +51,30 @@ def pick_kernel(kernel: str, device: torch.device) -> str:
     if kernel != "auto":
         return kernel
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401  (ships with CUDA builds of torch)
-        except ImportError:
-            return "torch"
-        return "triton"
+        return "triton" if triton_launches(device) else "torch"
     return "torch"
+
+
+_launches: dict[str, bool] = {}  # device -> whether Triton launched there (tried once per process)
+
+
+def triton_launches(device: torch.device) -> bool:
+    """Whether one tiny launch of the Triton kernel works on `device`. Triton's first launch compiles
+    a C launcher (triton/runtime/build.py: a C compiler and the Python headers), which a minimal
+    compute node may lack; `auto` then falls back to the torch kernel with one warning line."""
+    if str(device) not in _launches:
+        try:
+            from pipeline.losses import rsk_triton  # noqa: F401  (Triton ships with CUDA builds of torch)
+
+            one = torch.zeros(1, 2, device=device)
+            rsk_triton.smooth_ranks(one, torch.ones(1, 1, dtype=torch.long, device=device), None, 1.0)
+            _launches[str(device)] = True
+        except Exception as e:  # ImportError, the compiler's CalledProcessError, a driver error...
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            log.warning("train.rsk_kernel=auto: Triton cannot launch on %s (%s: %s); using the torch kernel",
+                        device, type(e).__name__, reason)
+            _launches[str(device)] = False
+    return _launches[str(device)]
 
 
 class _Gram(torch.autograd.Function):

@@ -80,7 +80,9 @@ def _block(n_cols: int) -> int:
 class TritonSmoothRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sim: torch.Tensor, cols: torch.Tensor, self_col: torch.Tensor | None, tau: float) -> torch.Tensor:
-        sim, cols = sim.contiguous(), cols.contiguous()
+        # fp32 whatever the input: with tau ~0.01, bf16 similarities and sums would be too coarse.
+        ctx.dtype = sim.dtype
+        sim, cols = sim.float().contiguous(), cols.contiguous()
         rows, n_slots = cols.shape
         exclude = self_col is not None
         me = (self_col if exclude else cols[:, 0]).contiguous()  # read only when excluding
@@ -106,7 +108,7 @@ class TritonSmoothRanks(torch.autograd.Function):
         else:
             grad.zero_()
         grad.scatter_add_(1, cols, -(g * dsum) * ctx.inv_tau)  # d rank / d s_rp
-        return grad, None, None, None
+        return grad.to(ctx.dtype), None, None, None
 
 
 def smooth_ranks(sim: torch.Tensor, cols: torch.Tensor, self_col: torch.Tensor | None, tau: float) -> torch.Tensor:

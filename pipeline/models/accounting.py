@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, as torchtitan's get_peak_flops
 # has them; the first name contained in torch.cuda.get_device_name() wins, so variants come first.
 PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+                    ("B200", 2250.0), ("GB200", 2500.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -67,8 +67,10 @@ def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> float:
 
 
 def peak_flops_of(device_name: str) -> float:
-    """The table's peak bf16 FLOP/s for a CUDA device name; 0 if it is not there."""
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in device_name), 0.0)
+    """The table's peak bf16 FLOP/s for a CUDA device name; 0 if it is not there. The longest name that
+    the device's contains wins, so "NVIDIA L40" is not an L4, nor "NVIDIA GB200" a B200."""
+    by_length = sorted(PEAK_BF16_TFLOPS, key=lambda entry: -len(entry[0]))
+    return next((tflops * 1e12 for key, tflops in by_length if key in device_name), 0.0)
 
 
 def mfu(flops_per_image: float, images_per_s: float, processes: int, peak: float) -> float:

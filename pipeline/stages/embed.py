@@ -51,7 +51,8 @@ def run(cfg: Config, rd: RunDir) -> None:
     transform = eval_transform(cfg.model, cfg.data.eval_resize)
     for split, info in splits.items():
         data = embed_split(model, rd.shards / split, transform, cfg.eval.batch_size, device,
-                           desc=f"embed {split}", workers=cfg.data.workers, parts=parts / split)
+                           desc=f"embed {split}", workers=cfg.data.workers, parts=parts / split,
+                           precision=cfg.train.precision)
         if world.is_main:
             save_embeddings(rd.embeddings("frozen") / f"{split}.npz", data)
             log.info("embed %s: %s", split, data["embeddings"].shape)

@@ -61,7 +61,7 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
     model.unnormalized_in_training = wants_unnormalized(loss_fn)
     loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg, clock))
     engine = build_engine(model, lambda m: build_optimizer(m, t, clock), cfg.parallel,
-                          t.chunk_size, device, t.grad_clip)
+                          t.chunk_size, device, t.grad_clip, t.precision)
     meta = {"model": architecture(cfg.model), "data": cfg.data.identity(), "parallel": cfg.parallel.name,
             "sampler": sampler.settings(),
             "epochs": epochs}
@@ -73,7 +73,8 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
         if validator and start and validator.due(start) and best.validated != start:  # stopped before validating
             validate_resumed(start, validator, engine, best, tracker, rd)
         batches = train_loader(index, train_transform(cfg.data, cfg.model), sampler, start, t.max_steps, world.rank,
-                               world.size, workers=cfg.data.workers, worker_init_fn=preemption.leave_to_main_process)
+                               world.size, workers=cfg.data.workers, worker_init_fn=preemption.leave_to_main_process,
+                               device=device)
         monitor = StepMetrics(engine, t.global_batch, world.size, loss_state[2], *mfu_inputs(cfg, device))
         with progress.above():
             for step, (images, labels) in enumerate(monitor.timer.iterate(batches, "data"), start=start):

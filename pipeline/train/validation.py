@@ -70,7 +70,7 @@ class Validator:
         self.evaluation = evaluation(cfg, available)
         self.ks = protocols.resolve(cfg.data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery).ks
         self.every, self.last = cfg.train.val_every, cfg.train.max_steps
-        self.shards, self.device = rd.shards, device
+        self.shards, self.device, self.precision = rd.shards, device, cfg.train.precision
         self.transform, self.batch_size, self.workers = eval_transform(cfg.model, cfg.data.eval_resize), cfg.eval.batch_size, cfg.data.workers
         self.hint = _too_small_hint(cfg)
         self.classes = json.loads((rd.shards / "summary.json").read_text())["splits"][self.evaluation.query]["classes"]
@@ -87,7 +87,7 @@ class Validator:
         every rank (collective: every rank embeds its share)."""
         e = self.evaluation
         data = {split: embed_split(model, self.shards / split, self.transform, self.batch_size, self.device,
-                                   desc=f"validate on {split}", workers=self.workers)
+                                   desc=f"validate on {split}", workers=self.workers, precision=self.precision)
                 for split in dict.fromkeys(s for s in (e.query, e.gallery) if s)}
         model.train()
 

@@ -76,6 +76,7 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
             raise UserError(f"model.pretrained={cfg.pretrained}: {str(e).splitlines()[0]}") from None
     else:
         model = model_cls(config_cls(image_size=cfg.image_size, **overrides))
+    _refuse_attention_dropout(model.config)
     if getattr(model.embeddings, "mask_token", None) is not None:
         model.embeddings.mask_token.requires_grad_(False)  # masked pretraining only: never used here (DDP would fail)
     module = PooledOutput(model)
@@ -84,6 +85,17 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
                     tuple(root + name for name in after),
                     lambda: _checkpointing(model)({"use_reentrant": False}),
                     saved_config=model.config.to_dict())
+
+
+def _refuse_attention_dropout(config) -> None:
+    """Attention dropout may run in another attention kernel with gradients than without (pass 1 and
+    pass 2 of the two-pass step), whose masks differ even under one seed; timm and open_clip ViTs are
+    built without it, a transformers config.json may ask for it."""
+    for key in ("attention_probs_dropout_prob", "attention_dropout"):
+        p = getattr(config, key, 0.0) or 0.0
+        if p > 0:
+            raise UserError(f"the model's config sets {key}={p}: attention dropout draws different masks in the two "
+                            f"passes of the two-pass step; set it to 0 in the config.json")
 
 
 def _trusted_bin_weights(folder: Path) -> dict | None:

@@ -1,0 +1,74 @@
+"""One two-pass step of a preset at its real size on this rank's share of a global batch of 4 (2 classes
+x 2, chunk 1, grad checkpointing as the preset says), then, on rank 0 alone, one process's one-pass
+step on the whole batch from the same weights; prints the per-tensor update difference as JSON.
+
+    torchrun --nproc_per_node 2 tests/full_size_worker.py vitg14_clip fsdp2      (tests/test_full_size.py)
+
+Rank 0 holds at most three copies of the weights at a time (the sharded run's result, the
+reference model and its gradients, then the starting weights rebuilt from the seed)."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import distributed  # noqa: E402
+from pipeline.config import ParallelConfig, load_config  # noqa: E402
+from pipeline.dist.distributed import world_from_env  # noqa: E402
+from pipeline.dist.engine import Engine, build_engine  # noqa: E402
+from pipeline.losses import RecallAtK  # noqa: E402
+from pipeline.models.encoders import build_encoder  # noqa: E402
+from pipeline.train.two_pass import one_pass_step, two_pass_step  # noqa: E402
+
+GLOBAL, CHUNK, SEED, LR = 4, 1, 3, 0.1
+
+
+def sgd(model: torch.nn.Module):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0)
+
+
+def batch(size: int):
+    gen = torch.Generator().manual_seed(SEED)
+    return torch.randn(GLOBAL, 3, size, size, generator=gen), torch.arange(GLOBAL // 2).repeat_interleave(2)
+
+
+def compare(got: dict, ref: dict, start: dict) -> dict:
+    """Per tensor ||got - ref|| / ||ref - start||, over the tensors that moved (an update at least 1e-3
+    of the largest: a bias with a zero gradient moves by rounding noise only); and over all weights."""
+    updates = {n: float((ref[n] - start[n]).norm()) for n in ref if ref[n].is_floating_point()}
+    largest = max(updates.values())
+    errors = {n: float((got[n] - ref[n]).norm()) / u for n, u in updates.items() if u >= 1e-3 * largest}
+    total = sum(float((got[n] - ref[n]).norm()) ** 2 for n in updates) ** 0.5 / sum(u ** 2 for u in updates.values()) ** 0.5
+    worst = max(errors, key=errors.get)
+    return {"max_update_error": errors[worst], "worst_tensor": worst, "total_update_error": total,
+            "tensors_compared": len(errors), "tensors": len(updates)}
+
+
+def main(name: str, backend: str) -> None:
+    world = world_from_env()
+    distributed.init(world, torch.device("cpu"))
+    cfg = load_config([f"model={name}"]).model
+    images, labels = batch(cfg.image_size)
+    loss_fn = RecallAtK(ks=(1, 2), tau_rank=0.05)
+    share = slice(world.rank * GLOBAL // world.size, (world.rank + 1) * GLOBAL // world.size)
+    model = build_encoder(cfg, seed=0).train()
+    engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"), precision="fp32")
+    two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, 0)
+    got = engine.full_state_dict()
+    del engine, model
+    distributed.shutdown()
+    if not world.is_main:
+        return
+    reference = build_encoder(cfg, seed=0).train()
+    one_pass_step(Engine(reference, *sgd(reference), torch.device("cpu"), precision="fp32"), images, labels,
+                  loss_fn, CHUNK, SEED, 0)
+    ref = {k: v.detach() for k, v in reference.state_dict().items()}
+    del reference
+    start = build_encoder(cfg, seed=0).state_dict()
+    print(json.dumps({"preset": name, "parallel": backend, "processes": world.size, **compare(got, ref, start)}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

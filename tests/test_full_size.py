@@ -1,0 +1,157 @@
+"""Every large preset at its real size (224 px, random weights), on the CPU: the parameter count equals
+the library's own model of that name, the upstream format loads back through model.pretrained, and
+images embed; the two-pass step at full size (ViT-L/14: one process; ViT-g/14: fsdp2 and zero3 on
+2 processes against one). Only the ViT-L/14 forward of one image is in the default suite; the rest
+is slow (minutes each, and the ViT-g/14 steps need about 20 GB free)."""
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch
+from conftest import REPO
+
+from pipeline.config import ModelConfig, load_config
+from pipeline.models.encoders import build_encoder
+
+PRESETS = ("vitl14_clip", "dinov2_vitl14", "dinov2_vitl14_hf", "clip_vitl14_hf", "vitg14_clip", "dinov2_vitg14")
+# The released checkpoints' transformers configs (facebook/dinov2-large, openai/clip-vit-large-patch14).
+HF_CONFIGS = {"dinov2_vitl14_hf": ("Dinov2Model", "Dinov2Config", dict(hidden_size=1024, num_hidden_layers=24,
+                                    num_attention_heads=16, patch_size=14, image_size=518, mlp_ratio=4)),
+              "clip_vitl14_hf": ("CLIPVisionModel", "CLIPVisionConfig", dict(hidden_size=1024, num_hidden_layers=24,
+                                 num_attention_heads=16, intermediate_size=4096, patch_size=14, image_size=224,
+                                 projection_dim=768, hidden_act="quick_gelu"))}
+
+
+def preset(name: str, *args: str) -> ModelConfig:
+    return load_config([f"model={name}", *args]).model
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def upstream(name: str, cfg: ModelConfig, device: str = "cpu") -> torch.nn.Module:
+    """The library's own model of the preset's name, at 224 px (transformers: the released config),
+    in the form its checkpoints are saved from (open_clip: both towers)."""
+    with torch.device(device):
+        if cfg.family == "open_clip":
+            import open_clip
+
+            return open_clip.create_model(cfg.arch, pretrained=None, device=device)
+        if cfg.family == "timm":
+            import timm
+
+            return timm.create_model(cfg.arch, pretrained=False, num_classes=0, img_size=cfg.image_size)
+        import transformers
+
+        model_cls, config_cls, sizes = HF_CONFIGS[name]
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**sizes))
+
+
+def image_tower(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    return model.visual if preset(name).family == "open_clip" else model
+
+
+def backbone_count(name: str, cfg: ModelConfig) -> int:
+    """The parameter count the preset must have: the library's own image tower (built on the meta
+    device: no memory), at 224 px. transformers' position embedding is the config's (518 px for
+    DINOv2), and the preset at 224 px has fewer positions: counted at the preset's size."""
+    reference = upstream(name, cfg, "meta")
+    if cfg.family == "transformers":
+        import transformers
+
+        model_cls, config_cls, sizes = HF_CONFIGS[name]
+        sizes = {**sizes, "image_size": cfg.image_size}
+        with torch.device("meta"):
+            reference = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**sizes))
+    return count(image_tower(name, reference))
+
+
+def test_vitl14_forward_of_one_image_at_full_size():
+    """The OpenAI CLIP ViT-L/14 preset as it is: QuickGELU, 24 blocks of width 1024, 224 px, one image."""
+    cfg = preset("vitl14_clip")
+    model = build_encoder(cfg, seed=0).eval()
+    assert count(model.backbone) == backbone_count("vitl14_clip", cfg) == 303_966_208
+    blocks = model.backbone.transformer.resblocks
+    assert len(blocks) == 24 and blocks[0].attn.embed_dim == 1024 and model.backbone.patch_size == (14, 14)
+    assert type(blocks[0].mlp.gelu).__name__ == "QuickGELU"  # the OpenAI weights' activation
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 512) and torch.isfinite(out).all()
+
+
+def save_upstream(name: str, cfg: ModelConfig, folder) -> tuple[str, dict[str, torch.Tensor]]:
+    """The library's model saved as its checkpoints are (open_clip: a full CLIP .safetensors; timm:
+    model.safetensors; transformers: a save_pretrained folder); (path, a few of its image tower's
+    tensors, by the preset backbone's names)."""
+    from safetensors.torch import save_file
+
+    model = upstream(name, cfg)
+    tower = image_tower(name, model)
+    picks = [n for n, _ in tower.named_parameters()]
+    picks = {n: tower.state_dict()[n].clone() for n in (picks[0], picks[len(picks) // 2], picks[-1])}
+    if cfg.family == "open_clip":
+        path = folder / "open_clip_model.safetensors"
+        save_file(model.state_dict(), str(path))
+    elif cfg.family == "timm":
+        path = folder / "model.safetensors"
+        save_file(model.state_dict(), str(path))
+    else:
+        path = folder
+        model.save_pretrained(folder)
+        picks = {f"model.{n}": t for n, t in picks.items()}
+    return str(path), picks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_at_full_size_loads_upstream_weights(name, tmp_path):
+    cfg = preset(name)
+    assert cfg.image_size == 224
+    path, picks = save_upstream(name, cfg, tmp_path)  # the upstream model is freed on return
+    model = build_encoder(preset(name, f"model.pretrained={path}"), seed=0).eval()
+    assert count(model.backbone) == backbone_count(name, cfg)
+    state = model.backbone.state_dict()
+    for key, tensor in picks.items():
+        assert torch.equal(state[key], tensor), key
+    with torch.no_grad():
+        out = model(torch.randn(4, 3, 224, 224))
+    assert out.shape == (4, cfg.embed_dim) and torch.isfinite(out).all()
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vitl14_clip", "dinov2_vitl14", "dinov2_vitl14_hf", "clip_vitl14_hf"])
+def test_vitl14_two_pass_step_at_full_size(name):
+    """parallel=none, grad checkpointing on, global batch 4 (2 classes x 2), chunk 1: the two-pass
+    step equals the one-pass step on the whole batch (per tensor, 1e-2 of the update)."""
+    result = run_step(1, name, "none")
+    assert result["max_update_error"] <= 1e-2, result
+
+
+def free_gb() -> float:
+    return psutil.virtual_memory().available / 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("name", ["vitg14_clip", "dinov2_vitg14"])
+def test_vitg14_sharded_step_equals_one_process(name, backend):
+    """2 processes, each holding half of the ViT-g/14's weights and gradients, take the two-pass step;
+    the weights after it equal one process's one-pass step (per tensor, 1e-2 of the update)."""
+    if free_gb() < 20:
+        pytest.skip(f"a ViT-g/14 step on 2 processes and one needs about 20 GB free; {free_gb():.0f} GB are")
+    result = run_step(2, name, backend)
+    assert result["max_update_error"] <= 1e-2, result
+
+
+def run_step(nproc: int, name: str, backend: str) -> dict:
+    """tests/full_size_worker.py under torchrun: the step, then rank 0 compares with one process."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*launcher, str(REPO / "tests" / "full_size_worker.py"), name, backend], cwd=REPO,
+                          capture_output=True, text=True, timeout=7200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
