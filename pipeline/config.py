@@ -19,7 +19,7 @@ from pipeline import recipe as recipes
 from pipeline.errors import UserError
 
 PRESETS = Path(__file__).parent / "presets"
-STAGES = ("shard", "embed", "finetune", "eval", "export", "all")
+STAGES = ("shard", "embed", "finetune", "eval", "export", "all", "plan")
 
 
 @dataclass
@@ -71,6 +71,7 @@ class ParallelConfig:
     deepspeed_config: str | None = None  # zero*: DeepSpeed JSON; None = ds_configs/<name>.json
     fsdp_reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward
     timeout: float | None = None    # seconds a collective waits for the other ranks before failing; None = the backend's (gloo 30 min, NCCL 10 min)
+    param_dtype: str = "auto"       # auto (GPU: bf16 parameters under fsdp2/zero*, else fp32) | bf16 | fp32
 
 
 @dataclass
@@ -106,6 +107,7 @@ class TrainConfig:
     decay_norms_biases: bool = False  # weight decay on every parameter (the papers' code), not on weight matrices only
     rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
     split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
+    precision: str = "auto"         # auto (GPU: bf16 autocast; CPU: fp32) | bf16 | fp32
 
 
 @dataclass
@@ -161,6 +163,19 @@ class TrackConfig:
 
 
 @dataclass
+class PlanConfig:
+    """stage=plan (pipeline/plan/, docs/plan.md): the cluster the run is planned for."""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu: str = "H100-80GB"          # a name of pipeline/plan/gpus.py's table, or any with gpu_memory_gb (and train.peak_tflops)
+    gpu_memory_gb: float | None = None  # GiB per GPU; None = the table's
+    mfu: float = 0.3                # share of the peak bf16 FLOP/s the step's FLOPs run at (docs/plan.md says why 0.3)
+    bandwidth_gbps: float | None = None  # Gbit/s each GPU sends at; None = NVLink on one node, the NIC between nodes
+    train_images: int | None = None # the training split's images, for the epoch time; None = the dataset's known count
+    search: bool = True             # search the largest train.chunk_size that fits
+
+
+@dataclass
 class Config:
     stage: str = "all"
     run_dir: str = "runs/default"
@@ -176,6 +191,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     recipe: str = "none"            # a paper's settings (presets/recipe/): rsk | roth | ibc | none
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 GROUPS = ("data", "model", "parallel", "loss", "track")  # groups that presets fill
@@ -304,6 +320,14 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.max_fonts={d.max_fonts} is below data.min_fonts={d.min_fonts}: no character can be a class")
     if not 0.0 <= d.random_erasing <= 1.0:
         raise UserError(f"data.random_erasing={d.random_erasing} must be a probability in [0, 1]")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"train.precision={t.precision}: use auto, bf16 or fp32")
+    if cfg.parallel.param_dtype not in ("auto", "bf16", "fp32"):
+        raise UserError(f"parallel.param_dtype={cfg.parallel.param_dtype}: use auto, bf16 or fp32")
+    p = cfg.plan
+    if p.nodes < 1 or p.gpus_per_node < 1 or not 0 < p.mfu <= 1:
+        raise UserError(f"plan.nodes={p.nodes}, plan.gpus_per_node={p.gpus_per_node}, plan.mfu={p.mfu}: "
+                        "give at least one node and one GPU, and an MFU in (0, 1]")
     from pipeline.losses.recall_at_k import check_kernel
     check_kernel(t.rsk_kernel)
 

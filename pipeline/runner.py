@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     broken = False  # a collective failed: the process group cannot be left together
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
+        if cfg.stage == "plan":  # alone, in this process, on fake tensors: no process group, no other stage
+            from stages import plan
+            return plan.run(cfg)
         trust.allow_pickle(cfg.train.trust_checkpoint)
         world = world_from_env()
         rd = RunDir(cfg.run_dir)
