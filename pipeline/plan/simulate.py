@@ -66,6 +66,7 @@ class Measurement:
     phase_peak: dict[str, int]        # two_pass_step phase -> the peak reached in it
     phase_start: dict[str, int]       # ... and the memory when it began
     phase_at_peak: dict[str, dict[str, int]]  # ... and the categories at that phase's peak
+    at_end: dict[str, int]            # categories after the step (the optimizer's state, no gradients)
     phase_flops: dict[str, float]     # phase -> FLOPs per step
     sent: dict[str, float]            # collective -> bytes this rank sends per step
     parameters: int                   # the model's parameters (all, unsharded)
@@ -79,17 +80,34 @@ def simulated_share(share: int, chunk: int) -> int:
     return min(share, 2 * chunk)
 
 
-class RealLoss(nn.Module):
+class Unhooked:
+    """A loss called through its forward, not nn.Module.__call__: the trackers' module hooks would
+    put a multi-grad hook on its leaf input, which the two-pass step's autograd.grad cannot run."""
+
+    def __init__(self, loss: nn.Module):
+        self.loss = loss
+        self.split_across_ranks = getattr(loss, "split_across_ranks", False)
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss.forward(embeddings, labels)
+
+    def partial(self, embeddings, labels, part: int, parts: int) -> torch.Tensor:
+        return self.loss.partial(embeddings, labels, part, parts)
+
+    def parameters(self):
+        return self.loss.parameters()
+
+
+class RealLoss(Unhooked):
     """The configured loss on real tensors of the shapes it is given (see the module doc); returns a
     fake scalar whose gradient is a fake tensor of the embeddings' shape. `rows` > 0: run the
     real loss at that many rows (the global batch) whatever the simulated gathered size."""
 
     def __init__(self, loss: nn.Module, rows: int, samples_per_class: int):
-        super().__init__()
-        self.loss, self.rows, self.k = loss, rows, samples_per_class
-        self.split_across_ranks = getattr(loss, "split_across_ranks", False)
+        super().__init__(loss)
+        self.rows, self.k = rows, samples_per_class
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _Real.apply(embeddings, self, None)
 
     def partial(self, embeddings, labels, part: int, parts: int) -> torch.Tensor:
@@ -99,7 +117,7 @@ class RealLoss(nn.Module):
         gen = torch.Generator().manual_seed(0)
         x = nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=1).requires_grad_()
         y = torch.arange(rows) // self.k
-        loss = self.loss(x, y) if share is None else self.loss.partial(x, y, *share)
+        loss = self.loss.forward(x, y) if share is None else self.loss.partial(x, y, *share)
         torch.autograd.grad(loss, x)
 
 
@@ -137,13 +155,18 @@ class _Phases:
         self.tracker._peak_mem_snap = deepcopy(current)
         before = self.flops.get_total_flops()
         yield
+        self.end = _categories(self.tracker.get_tracker_snapshot("current"))
         peak = self.tracker.get_tracker_snapshot("peak")
-        categories = {str(getattr(k, "value", k)): v for snap in peak.values() for k, v in snap.items() if k != "Total"}
+        categories = _categories(peak)
         if _total(peak) > self.peak.get(name, -1):
             self.peak[name], self.at[name] = _total(peak), categories
         if _total(peak) > self.overall:
             self.overall, self.at_peak = _total(peak), categories
         self.counted[name] += self.flops.get_total_flops() - before
+
+
+def _categories(snapshot: dict) -> dict[str, int]:
+    return {str(getattr(k, "value", k)): v for snap in snapshot.values() for k, v in snap.items() if k != "Total"}
 
 
 def _total(snapshot: dict) -> int:
@@ -299,11 +322,11 @@ def simulate(cfg: Config, chunk: int, fake: bool = True, steps: int = 2, backend
             tracker.track_external(engine.module, engine.optimizer, images, labels)
         engine.model = _ResetEachCall(engine.model, tracker)
         flops = FlopCounterMode(display=False)
-        step_loss = loss if fake else loss.loss  # for real: the loss itself, on the real embeddings
+        step_loss = loss if fake else Unhooked(loss.loss)  # for real: the loss itself, on the real embeddings
         for step in range(steps):
             phases, traffic.sent = _Phases(tracker, flops), {}  # the last step's figures are kept
             with tracker, flops, traffic.counting():
-                set_step(step_loss, step)
+                set_step(loss.loss, step)
                 two_pass_step(engine, images, labels, step_loss, chunk, cfg.seed, step, phases)
     return Measurement(world, chunk, share, loss.rows or world * share, phases.overall, phases.at_peak,
-                       phases.peak, phases.start, phases.at, phases.counted, traffic.sent, *counts, time.perf_counter() - tic)
+                       phases.peak, phases.start, phases.at, phases.end, phases.counted, traffic.sent, *counts, time.perf_counter() - tic)
