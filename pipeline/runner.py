@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         args = sys.argv[1:] if argv is None else argv
         resolved = resolve(args, run_dir=run_dir_of(args))
         cfg = resolved.config
+        if cfg.stage == "plan":  # alone, in this process, on fake tensors: no process group, no other stage
+            from pipeline.stages import plan
+            return plan.run(cfg)
         trust.allow_pickle(cfg.train.trust_checkpoint)
         world = world_from_env()
         rd = RunDir(cfg.run_dir)

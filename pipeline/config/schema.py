@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pipeline import protocols
 from pipeline.errors import UserError
 
-STAGES = ("shard", "embed", "finetune", "eval", "export", "all", "config")  # config: print the settings, run nothing
+STAGES = ("shard", "embed", "finetune", "eval", "export", "all", "config", "plan")  # config: print the settings, run nothing
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_FORMATS = ("png", "jpg", "webp")
 FAMILIES = ("timm", "open_clip", "transformers")  # pipeline/models/backbones/, one module each
@@ -288,6 +288,24 @@ class TrackConfig:
 
 
 @dataclass
+class PlanConfig:
+    """stage=plan (pipeline/plan/, docs/plan.md): the cluster the run is planned for."""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu: str = "H100-80GB"          # a name of pipeline/plan/gpus.py's table, or any with gpu_memory_gb (and train.peak_tflops)
+    gpu_memory_gb: float | None = None  # GiB per GPU; None = the table's
+    mfu: float = 0.3                # share of the peak bf16 FLOP/s the step's FLOPs run at (docs/plan.md says why 0.3)
+    bandwidth_gbps: float | None = None  # Gbit/s each GPU sends at; None = NVLink on one node, the NIC between nodes
+    train_images: int | None = None  # the training split's images, for the epoch time; None = the dataset's known count
+    search: bool = True             # search the largest train.chunk_size that fits
+
+    def check(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1 or not 0 < self.mfu <= 1:
+            raise UserError(f"plan.nodes={self.nodes}, plan.gpus_per_node={self.gpus_per_node}, plan.mfu={self.mfu}: "
+                            "give at least one node and one GPU, and an MFU in (0, 1]")
+
+
+@dataclass
 class Config:
     stage: str = "all"
     run_dir: str = "runs/default"
@@ -304,12 +322,13 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     recipe: str = "none"            # a paper's settings (presets/recipe/): rsk | roth | ibc | none
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def check(self) -> None:
         """Every section's own checks, then those across sections."""
         if self.stage not in STAGES:
             raise UserError(f"unknown stage '{self.stage}'{closest(self.stage, list(STAGES))} (one of {', '.join(STAGES)})")
-        for section in (self.data, self.model, self.parallel, self.train, self.loss, self.eval, self.track):
+        for section in (self.data, self.model, self.parallel, self.train, self.loss, self.eval, self.track, self.plan):
             section.check()
         one_of(self.device, DEVICES, f"device={self.device}: use auto, cpu or cuda")
         ks = protocols.resolve(self.data.name, self.eval.ks, self.eval.split, self.eval.gallery).ks

@@ -1,0 +1,259 @@
+"""From simulated steps to a plan: memory per GPU by category, the largest chunk that fits, FLOPs,
+bytes sent, step and epoch time.
+
+Where each figure comes from:
+  fsdp2          the fake run of the FSDP2 engine: everything tracked (FSDPMemTracker)
+  ddp            the fake run of the single-device engine (DDP's C++ reducer cannot run on fake
+                 tensors) + DDP's gradient buckets in closed form (a copy of the fp32 gradients:
+                 gradient_as_bucket_view=False, DDP's default) + its all-reduce of them
+  zero1-3        DeepSpeed's own model-state estimators (estimate_zero2/3_model_states_mem_needs,
+                 what its *_all_cold functions print; ZeRO-1 = the stage-2 figure + the gradients
+                 it does not partition) + the activations, temporaries and inputs of the fake run
+                 of the same chunk on the single-device engine; traffic in closed form
+  none           the fake run of the single-device engine
+
+The simulation runs two chunks per rank (simulate.simulated_share): the rest of the share's images
+and embeddings are added, and the per-chunk FLOPs and all-gathers scaled to the whole share.
+Memory the tracker cannot see is a stated allowance (ALLOWANCE_GIB, FRAGMENTATION).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.config import Config
+from pipeline.dist.shares import check_shares
+from pipeline.errors import UserError
+from pipeline.plan import gpus
+from pipeline.plan.simulate import Measurement, fake_group, simulate
+
+GIB = 2 ** 30
+# What the tracker cannot see, per GPU. CUDA context: 0.3-0.6 GiB on A100/H100 with CUDA 12's lazy
+# module loading (what nvidia-smi shows for a process that has only initialised CUDA; PyTorch's
+# "CUDA semantics" notes call it the memory the context takes outside the caching allocator).
+# NCCL: NCCL_BUFFSIZE is 4 MiB per channel and peer by default (NCCL's environment variable docs),
+# with up to 32 channels and a send and a receive buffer: 0.25 GiB for a ring, twice that with
+# NVLS/tree buffers on H100 nodes.
+ALLOWANCE_GIB = {"CUDA context": 0.6, "NCCL buffers": 0.5}
+# The caching allocator reserves more than its live tensors (block rounding, split blocks that cannot
+# be reused): 10 % of the tracked peak, torchtitan's and FSDP2 users' usual reserved/allocated gap.
+FRAGMENTATION = 0.10
+# Images in the training split (the standard class-disjoint splits): SOP 59,551 (Oh Song et al. 2016),
+# CUB-200-2011 first 100 classes 5,864, Cars196 first 98 classes 8,054, In-Shop train 25,882.
+TRAIN_IMAGES = {"sop": 59551, "cub": 5864, "cars": 8054, "inshop": 25882}
+STATES = ("Parameter", "Gradient", "Optstate")  # MemTracker's model-state categories (the single-device engine)
+
+
+@dataclasses.dataclass
+class Fit:
+    """Per-GPU memory of one chunk size: phase -> bytes, and the peak's categories -> bytes."""
+    chunk: int
+    phases: dict[str, float]
+    categories: dict[str, float]
+
+    @property
+    def tracked(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def total(self) -> float:
+        return self.tracked * (1 + FRAGMENTATION) + sum(ALLOWANCE_GIB.values()) * GIB
+
+
+def world_size(cfg: Config) -> int:
+    return cfg.plan.nodes * cfg.plan.gpus_per_node
+
+
+def measure(cfg: Config, chunk: int) -> Measurement:
+    """One fake run (two steps) at `chunk`, on the engine that stands for parallel.name."""
+    backend = "none" if cfg.parallel.name.startswith("zero") else None
+    with fake_group(world_size(cfg)):
+        return simulate(cfg, chunk, backend=backend)
+
+
+def image_bytes(cfg: Config) -> int:
+    """One image as the loader gives it (fp32, 3 x S x S), its label and its pass-1 embedding (fp32)."""
+    return 4 * 3 * cfg.model.image_size ** 2 + 8 + 4 * cfg.model.embed_dim
+
+
+def zero_states(cfg: Config, m: Measurement) -> float:
+    """Parameters, gradients and optimizer state per GPU under ZeRO, from DeepSpeed's estimators
+    (16-bit weights, as parallel.param_dtype=auto gives)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    p, name = cfg.plan, cfg.parallel.name
+    if name.startswith("zero3"):
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(m.trainable, m.largest_block, p.gpus_per_node, p.nodes,
+                                                          cpu_offload=name == "zero3_offload", cpu_offload_params=False)
+        return gpu
+    _, gpu = estimate_zero2_model_states_mem_needs(m.trainable, p.gpus_per_node, p.nodes, cpu_offload=False)
+    if name == "zero1":  # stage 1 keeps whole 16-bit gradients on every rank; stage 2 a 1/world share
+        gpu += 2 * m.trainable * (1 - 1 / world_size(cfg))
+    return gpu
+
+
+def fit_of(cfg: Config, m: Measurement) -> Fit:
+    """Per-GPU memory at m.chunk: the simulated peaks, with the whole share's inputs, DDP's buckets or
+    ZeRO's model states."""
+    share = cfg.train.global_batch // world_size(cfg)
+    extra = (share - m.images) * image_bytes(cfg)
+    phases = {k: v + extra for k, v in m.phase_peak.items()}
+    categories = {k: float(v) for k, v in m.at_peak.items()}
+    categories["Inputs (rest of the share)"] = float(extra)
+    name = cfg.parallel.name
+    if name == "ddp":
+        buckets = 4.0 * m.trainable
+        phases = {k: v + buckets for k, v in phases.items()}
+        categories["DDP gradient buckets (closed form)"] = buckets
+    elif name.startswith("zero"):
+        states = zero_states(cfg, m)
+        phases = {k: m.phase_peak[k] + extra - sum(m.phase_at_peak[k].get(s, 0) for s in STATES) + states
+                  for k in m.phase_peak}
+        categories = {k: v for k, v in categories.items() if k not in STATES}
+        categories["ZeRO model states (DeepSpeed estimator)"] = float(states)
+    return Fit(m.chunk, phases, categories)
+
+
+def valid_chunks(cfg: Config) -> list[int]:
+    """Chunk sizes a run accepts: on several ranks, the divisors of the per-rank share (check_shares)."""
+    world, batch = world_size(cfg), cfg.train.global_batch
+    share = batch // world
+    return [c for c in range(1, share + 1) if world == 1 or share % c == 0]
+
+
+def predict(a: Fit, b: Fit, chunk: int) -> float:
+    """The total at `chunk`, each phase's peak linear in the chunk through the two measured ones (a
+    fake step costs the same whatever the chunk, so two runs pin the line)."""
+    phases = {k: a.phases[k] + (b.phases[k] - a.phases[k]) * (chunk - a.chunk) / (b.chunk - a.chunk) for k in a.phases}
+    return max(phases.values()) * (1 + FRAGMENTATION) + sum(ALLOWANCE_GIB.values()) * GIB
+
+
+def largest_chunk(cfg: Config, first: Fit, measure_fit, budget: float) -> tuple[Fit | None, list[Fit]]:
+    """The largest valid chunk whose total fits `budget` bytes: a second measured chunk pins each
+    phase's line, the line's answer is confirmed by one more fake run (stepping down while the
+    confirmation does not fit). Returns (its Fit or None, every Fit measured)."""
+    chunks = valid_chunks(cfg)
+    other = [c for c in chunks if c <= first.chunk // 2] or [c for c in chunks if c != first.chunk]
+    if not other:
+        return (first if first.total <= budget else None), [first]
+    second = measure_fit(other[-1] if other[-1] < first.chunk else other[0])
+    fits = [first, second]
+    lo, hi = sorted(fits, key=lambda f: f.chunk)
+    candidates = [c for c in chunks if predict(lo, hi, c) <= budget]
+    for chunk in reversed(candidates):
+        known = next((f for f in fits if f.chunk == chunk), None)
+        confirmed = known or measure_fit(chunk)
+        if not known:
+            fits.append(confirmed)
+        if confirmed.total <= budget:
+            return confirmed, fits
+        if len(fits) >= 5:
+            break
+    fitting = [f for f in fits if f.total <= budget]
+    return (max(fitting, key=lambda f: f.chunk) if fitting else None), fits
+
+
+def flops_per_step(cfg: Config, m: Measurement) -> float:
+    """This rank's FLOPs in one step with its whole share: the embedding passes scale with the images."""
+    scale = (cfg.train.global_batch // world_size(cfg)) / m.images
+    f = m.phase_flops
+    return (f["pass1"] + f["pass2"]) * scale + f["loss"] + f["optimizer"]
+
+
+def bytes_sent(cfg: Config, m: Measurement) -> dict[str, float]:
+    """Bytes this rank sends per step, by collective: the simulation's, scaled to the whole share
+    where a call happens per chunk or per row; DDP's and ZeRO's gradient traffic in closed form."""
+    world = world_size(cfg)
+    scale = (cfg.train.global_batch // world) / m.images
+    labels = {"all_gather_single": "all-gather, FSDP2 weights (per chunk and pass)",
+              "reduce_scatter_single": "reduce-scatter, FSDP2 gradients",
+              "all_gather": "all-gather, embeddings and labels", "reduce_scatter_tensor": "reduce-scatter, embedding gradients",
+              "all_reduce": "all-reduce, loss and gradient norm"}
+    sent = {labels.get(k, k): v * (1.0 if k in ("reduce_scatter_single", "all_reduce") else scale)
+            for k, v in m.sent.items()}
+    ring, n, chunks = (world - 1) / world, m.trainable, (cfg.train.global_batch // world) // m.chunk
+    name = cfg.parallel.name
+    if name == "ddp":
+        sent["all-reduce, DDP gradients (closed form)"] = 2 * ring * 4 * n
+    elif name in ("zero1", "zero2"):  # 16-bit gradients reduced (every chunk under ZeRO-2), weights gathered after the step
+        sent["reduce-scatter, ZeRO gradients (closed form)"] = ring * 2 * n * (chunks if name == "zero2" else 1)
+        sent["all-gather, ZeRO weights (closed form)"] = ring * 2 * n
+    elif name.startswith("zero3"):  # weights gathered per forward (pass 1, pass 2 and its recomputation) and backward
+        passes = 3 + (1 if cfg.model.grad_checkpointing else 0)
+        sent["all-gather, ZeRO-3 weights (closed form)"] = ring * 2 * n * chunks * passes
+        sent["reduce-scatter, ZeRO-3 gradients (closed form)"] = ring * 2 * n * chunks
+    return sent
+
+
+def bandwidth_gbps(cfg: Config, gpu: gpus.GPU) -> float:
+    if cfg.plan.bandwidth_gbps:
+        return cfg.plan.bandwidth_gbps
+    bw = gpu.nvlink_gbps if cfg.plan.nodes == 1 else gpu.network_gbps
+    if not bw:
+        raise UserError(f"the bandwidth of {gpu.name} is unknown; set plan.bandwidth_gbps (Gbit/s per GPU)")
+    return bw
+
+
+def peak_flops(cfg: Config, gpu: gpus.GPU) -> float:
+    peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops > 0 else gpu.peak_flops
+    if not peak:
+        raise UserError(f"the peak bf16 FLOP/s of {gpu.name} is unknown; set train.peak_tflops")
+    return peak
+
+
+def train_images(cfg: Config) -> int:
+    if cfg.plan.train_images:
+        return cfg.plan.train_images
+    if cfg.data.name not in TRAIN_IMAGES:
+        raise UserError(f"the training split of data={cfg.data.name} has no known size; set plan.train_images")
+    return TRAIN_IMAGES[cfg.data.name]
+
+
+def plan(cfg: Config, log=print) -> dict:
+    """Everything plan.json holds. Raises UserError for a cluster the settings cannot run on."""
+    world = world_size(cfg)
+    check_shares(cfg.train, world)
+    gpu = gpus.gpu(cfg.plan.gpu, cfg.plan.gpu_memory_gb)
+    budget = gpu.memory_gib * GIB
+    runs: list[float] = []
+
+    def measure_fit(chunk: int) -> Fit:
+        log(f"simulating {world} ranks, chunk {chunk} ...")
+        m = measure(cfg, chunk)
+        runs.append(m.seconds)
+        measured[chunk] = m
+        return fit_of(cfg, m)
+
+    measured: dict[int, Measurement] = {}
+    first = measure_fit(cfg.train.chunk_size)
+    m = measured[cfg.train.chunk_size]
+    best, fits = largest_chunk(cfg, first, measure_fit, budget) if cfg.plan.search else (None, [first])
+    flops = flops_per_step(cfg, m)
+    sent = bytes_sent(cfg, m)
+    bw = bandwidth_gbps(cfg, gpu)
+    compute_s = flops / (cfg.plan.mfu * peak_flops(cfg, gpu))
+    comm_s = sum(sent.values()) * 8 / (bw * 1e9)
+    step_s = compute_s + comm_s
+    steps = train_images(cfg) // cfg.train.global_batch
+    memory = {k: v / GIB for k, v in first.categories.items() if v}
+    memory.update({f"allowance: {k}": v for k, v in ALLOWANCE_GIB.items()})
+    memory["allowance: allocator fragmentation"] = first.tracked * FRAGMENTATION / GIB
+    return {
+        "world_size": world, "nodes": cfg.plan.nodes, "gpus_per_node": cfg.plan.gpus_per_node, "gpu": gpu.name,
+        "gpu_memory_gb": gpu.memory_gib, "model": cfg.model.name, "parallel": cfg.parallel.name,
+        "global_batch": cfg.train.global_batch, "chunk_size": cfg.train.chunk_size,
+        "precision": {"autocast": "fp32" if cfg.train.precision == "fp32" else "bf16", "param_dtype": cfg.parallel.param_dtype},
+        "fits": first.total <= budget, "peak_gb_per_gpu": first.total / GIB, "tracked_peak_gb": first.tracked / GIB,
+        "largest_chunk": best.chunk if best else None,
+        "largest_chunk_peak_gb": best.total / GIB if best else None,
+        "memory_gb": memory, "phases_gb": {k: v / GIB for k, v in first.phases.items()},
+        "chunks_measured": {f.chunk: f.total / GIB for f in fits},
+        "parameters": m.parameters, "trainable": m.trainable,
+        "flops_per_step": flops * world, "flops_per_step_per_gpu": flops,
+        "bytes_sent_per_gpu": sent, "bandwidth_gbps": bw, "mfu": cfg.plan.mfu,
+        "peak_tflops": peak_flops(cfg, gpu) / 1e12,
+        "compute_s": compute_s, "comm_s": comm_s, "step_s": step_s,
+        "train_images": train_images(cfg), "steps_per_epoch": steps,
+        "epoch_h": steps * step_s / 3600, "gpu_hours_per_epoch": steps * step_s / 3600 * world,
+        "simulation_s": runs,
+    }
