@@ -19,7 +19,7 @@ from pipeline import recipe as recipes
 from pipeline.errors import UserError
 
 PRESETS = Path(__file__).parent / "presets"
-STAGES = ("shard", "embed", "finetune", "eval", "export", "all")
+STAGES = ("shard", "embed", "finetune", "eval", "export", "index", "search", "serve", "all")
 
 
 @dataclass
@@ -148,6 +148,37 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     checkpoint: str = "latest"      # latest | best | step_<N> of run_dir/checkpoints, or a checkpoint folder
+    onnx: bool = False              # also export/model.onnx (dynamic batch), checked against torch with onnxruntime
+
+
+@dataclass
+class IndexConfig:
+    """stage=index: a gallery embedded and put in a faiss index, run_dir/index/ (pipeline/search/)."""
+    kind: str = "auto"              # auto (flat while it fits index.max_memory_gb, else hnsw, else ivfpq) | flat | hnsw | ivfpq
+    max_memory_gb: float = 8.0      # RAM the index may take (auto's budget; ivfpq sizes its codes to it)
+    split: str = "test"             # the gallery: run_dir/shards/<split> ...
+    gallery: str | None = None      # ... or a split folder of shards made elsewhere (stage=shard of another run_dir)
+    checkpoint: str | None = None   # None: run_dir/export; latest | best | step_<N> of run_dir/checkpoints, or a folder
+    target_recall: float = 0.95     # hnsw/ivfpq: the smallest efSearch / nprobe reaching this recall@10 on held-out queries
+    rerank: int = 4                 # hnsw/ivfpq: a shortlist of rerank x k candidates, re-ranked by exact inner product
+    queries: int = 1000             # held-out gallery items measured (leave-one-out) for index/report.json
+    train_sample: int = 100_000     # vectors the hnsw/ivfpq quantisers are trained on (a seeded sample)
+    gpu: bool = True                # build on a GPU with faiss-gpu where CUDA and faiss-gpu are present
+
+
+@dataclass
+class SearchConfig:
+    images: Any = None              # an image file, a folder of images, or a list of them ([a.jpg,b.jpg])
+    k: int = 5                      # results per query
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"         # 0.0.0.0 listens on every interface
+    port: int = 8080
+    k: int = 10                     # results per query unless the request's ?k= says otherwise
+    max_megapixels: float = 25.0    # larger images get 413 (read from the header, never decoded)
+    max_bytes: int = 20_000_000     # larger bodies get 413
 
 
 @dataclass
@@ -174,6 +205,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     recipe: str = "none"            # a paper's settings (presets/recipe/): rsk | roth | ibc | none
 
@@ -306,6 +340,23 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.random_erasing={d.random_erasing} must be a probability in [0, 1]")
     from pipeline.losses.recall_at_k import check_kernel
     check_kernel(t.rsk_kernel)
+    check_search_config(cfg)
+
+
+def check_search_config(cfg: Config) -> None:
+    """index.*, search.*, serve.* (stage=index, search, serve)."""
+    i = cfg.index
+    if i.kind not in ("auto", "flat", "hnsw", "ivfpq"):
+        raise UserError(f"index.kind={i.kind}: use auto, flat, hnsw or ivfpq")
+    if i.max_memory_gb <= 0 or not 0 < i.target_recall <= 1 or i.rerank < 1 or i.queries < 1 or i.train_sample < 1:
+        raise UserError("index.max_memory_gb must be > 0, index.target_recall in (0, 1], and index.rerank, "
+                        "index.queries, index.train_sample >= 1")
+    if cfg.search.k < 1 or cfg.serve.k < 1:
+        raise UserError(f"search.k={cfg.search.k}, serve.k={cfg.serve.k}: give at least 1 result per query")
+    if not 0 <= cfg.serve.port <= 65535:
+        raise UserError(f"serve.port={cfg.serve.port} is not a TCP port (0-65535)")
+    if cfg.serve.max_megapixels <= 0 or cfg.serve.max_bytes <= 0:
+        raise UserError("serve.max_megapixels and serve.max_bytes must be > 0")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -23,8 +23,11 @@ from pipeline.run_dir import RunDir
 
 log = logging.getLogger("pipeline")
 
-ORDER = ("shard", "embed", "finetune", "export", "eval")
-REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": ("finetune",), "eval": ("embed", "export")}
+ALL = ("shard", "embed", "finetune", "export", "eval")  # what stage=all runs
+ORDER = ALL + ("index", "search", "serve")
+REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": ("finetune",), "eval": ("embed", "export"),
+            "index": ("export",), "search": ("index",), "serve": ("index",)}
+ALWAYS_RUN = ("search", "serve")  # they answer queries: never "complete"
 
 # The settings each stage's output depends on (dotted prefixes), and those that never change it.
 # data.seed (the seed unless set) alone seeds the shards; the model's random init and training use seed.
@@ -33,16 +36,20 @@ _SHARD = ("data.seed", "data.name", "data.root", "data.image_size", "data.image_
           "data.min_fonts", "data.max_fonts")
 _TRAIN = _SHARD + ("seed", "model", "train", "loss", "data.crop_scale", "data.hflip", "data.random_erasing")
 INPUTS = {"shard": _SHARD, "embed": _SHARD + ("seed", "model", "eval.batch_size", "data.eval_resize"), "finetune": _TRAIN,
-          "export": _TRAIN + ("export",), "eval": _TRAIN + ("export", "eval", "data.eval_resize")}
+          "export": _TRAIN + ("export",), "eval": _TRAIN + ("export", "eval", "data.eval_resize"),
+          "index": _TRAIN + ("export", "index", "data.eval_resize"), "search": ("search",), "serve": ("serve",)}
 # Validation and tracking settings change what a run reports and which checkpoint is `best`, not the
 # weights it trains: changing them reruns nothing (a finished finetune would resume to do nothing).
 IGNORED = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.requeue",
            "model.grad_checkpointing", "train.trust_checkpoint", "train.val_every", "train.val_split",
-           "train.best_metric", "train.peak_tflops", "track")
+           "train.best_metric", "train.peak_tflops", "track", "index.gpu")
 
 
 def requires(stage: str, cfg: Config) -> tuple[str, ...]:
-    """The stages `stage` needs; eval needs only those that make the models it evaluates."""
+    """The stages `stage` needs; eval and index need only those that make the models they use."""
+    if stage == "index" and cfg.index.checkpoint is not None:
+        own = cfg.index.checkpoint in ("latest", "best") or cfg.index.checkpoint.startswith("step_")
+        return ("finetune",) if own else ("shard",)
     if stage != "eval":
         return REQUIRES[stage]
     models, e = cfg.eval.models, cfg.eval
@@ -52,8 +59,9 @@ def requires(stage: str, cfg: Config) -> tuple[str, ...]:
 
 
 def _stage_module(name: str):
-    from stages import embed, evaluate, export, finetune, shard
-    return {"shard": shard, "embed": embed, "finetune": finetune, "export": export, "eval": evaluate}[name]
+    from stages import embed, evaluate, export, finetune, index, search, serve, shard
+    return {"shard": shard, "embed": embed, "finetune": finetune, "export": export, "eval": evaluate,
+            "index": index, "search": search, "serve": serve}[name]
 
 
 def run_stage(stage: str, cfg: Config, rd: RunDir) -> None:
@@ -85,13 +93,13 @@ def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
 def planned(cfg: Config, rd: RunDir) -> list[str]:
     """The stages this command will run: those not complete (or forced), and every stage after one
     that runs (its inputs change). What the preflight checks for."""
-    requested = ORDER if cfg.stage == "all" else (cfg.stage,)
+    requested = ALL if cfg.stage == "all" else (cfg.stage,)
     runs: dict[str, bool] = {}
 
     def will_run(stage: str) -> bool:
         if stage not in runs:
             before = [will_run(req) for req in requires(stage, cfg)]
-            runs[stage] = (any(before) or (cfg.force and stage in requested)
+            runs[stage] = (any(before) or (cfg.force and stage in requested) or stage in ALWAYS_RUN
                            or not rd.is_complete(stage, fingerprint(cfg, rd, stage)))
         return runs[stage]
 
@@ -110,7 +118,7 @@ def preflight_passes(cfg: Config, rd: RunDir, processes: int) -> bool:
 
 
 def run_stages(cfg: Config, rd: RunDir) -> None:
-    requested = ORDER if cfg.stage == "all" else (cfg.stage,)
+    requested = ALL if cfg.stage == "all" else (cfg.stage,)
     done: set[str] = set()
 
     def ensure(stage: str) -> None:
@@ -120,7 +128,7 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
             ensure(req)
         forced = cfg.force and stage in requested
         fp = fingerprint(cfg, rd, stage)
-        if distributed.broadcast_object(rd.is_complete(stage, fp) and not forced):
+        if distributed.broadcast_object(rd.is_complete(stage, fp) and not forced and stage not in ALWAYS_RUN):
             log.info("[%s] complete, skipped (force=true reruns it)", stage)
         else:
             log.info("[%s] running", stage)

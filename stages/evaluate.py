@@ -25,7 +25,7 @@ from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
 from pipeline.diagnostics import embedding_diagnostics, singular_values
 from pipeline.distributed import pick_device, world_from_env
-from pipeline.encoders import architecture, build_encoder, load_exported
+from pipeline.encoders import architecture, build_encoder, exported_config, load_exported
 from pipeline.errors import UserError
 from pipeline.inference import embed_split, load_embeddings, save_embeddings
 from pipeline.metrics import retrieval_metrics
@@ -67,7 +67,7 @@ def load_model(name: str, cfg: Config, rd: RunDir) -> tuple[nn.Module, ModelConf
         if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
             raise UserError(f"{folder} is not an exported model (model.safetensors + config.json); "
                             "run stage=export or set eval.export=<folder>")
-        model_cfg = ModelConfig(**json.loads((folder / "config.json").read_text()))
+        model_cfg = exported_config(folder)
         source = folder / "source.json"
         made = json.loads(source.read_text()) if source.is_file() else None
         return load_exported(folder), model_cfg, f"exported model `{folder}`" + (
