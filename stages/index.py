@@ -36,7 +36,7 @@ def run(cfg: Config, rd: RunDir) -> None:
     world = world_from_env()
     device = pick_device(cfg.device, world)
     source = gallery.model_source(cfg, rd)
-    model, model_cfg = gallery.load_model(source)
+    model, model_cfg = gallery.load_model(source, rd.root)
     fingerprint = gallery.fingerprint(model, model_cfg)
     folder = gallery.folder_of(cfg, rd)
     prep = gallery.preprocessing_of(model_cfg, cfg.data.eval_resize)
@@ -47,8 +47,8 @@ def run(cfg: Config, rd: RunDir) -> None:
     vectors = gallery.embed_gallery(model, model_cfg, folder, cfg.data.eval_resize, cfg.eval.batch_size, device,
                                     parts, cfg.data.workers)
     if world.is_main:
-        meta = {"fingerprint": fingerprint, "source": source, "preprocessing": prep, "gallery": str(folder),
-                "embed_dim": int(vectors.shape[1]) if vectors.size else 0}
+        meta = {"fingerprint": fingerprint, "source": source, "preprocessing": prep,
+                "gallery": gallery.relative(folder, rd.root), "embed_dim": int(vectors.shape[1]) if vectors.size else 0}
         build(cfg, vectors, gallery.items(folder), meta, out)
     distributed.barrier()
     if world.is_main:

@@ -23,7 +23,7 @@ def run(cfg: Config, rd: RunDir) -> None:
     write_json(out / "results.json", {"index": str(searcher.folder), "fingerprint": searcher.meta["fingerprint"],
                                       "k": cfg.search.k,
                                       "queries": [{"image": str(f), "results": r} for f, r in zip(files, found)]})
-    shards = ShardIndex.load(searcher.meta["gallery"])
+    shards = ShardIndex.load(searcher.gallery)
     pictures.draw([open_image(f) for f in files], [str(f) for f in files], found, shards.image, out / "results.png")
     replace_dir(out, rd.root / "search")
     log.info("search: %d queries, top %d each -> %s\n%s", len(files), cfg.search.k, rd.root / "search" / "results.json",

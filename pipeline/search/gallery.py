@@ -36,28 +36,33 @@ log = logging.getLogger(__name__)
 
 
 def model_source(cfg: Config, rd: RunDir) -> dict:
-    """Where the model comes from, as the index records it (and the Searcher reloads it from)."""
+    """Where the model comes from, as the index records it (and the Searcher reloads it from): a path
+    inside the run directory is kept relative to it, so that the run directory can be moved."""
     spec = cfg.index.checkpoint
     if spec is None:
-        folder = rd.export.resolve()
-        if not (folder / "model.safetensors").is_file():
-            raise UserError(f"{folder} holds no exported model; run stage=export or set index.checkpoint=latest")
-        return {"export": str(folder)}
+        if not (rd.export / "model.safetensors").is_file():
+            raise UserError(f"{rd.export} holds no exported model; run stage=export or set index.checkpoint=latest")
+        return {"export": relative(rd.export, rd.root)}
     try:
         path = distributed.on_main(lambda: checkpoint.find(spec, rd.checkpoints))
     except UserError as e:
         raise UserError(f"index.checkpoint={spec}: {e}") from None
-    return {"checkpoint": str(path.resolve()), "model": dataclasses.asdict(cfg.model), "seed": cfg.seed}
+    return {"checkpoint": relative(path, rd.root), "model": dataclasses.asdict(cfg.model), "seed": cfg.seed}
 
 
-def load_model(source: dict) -> tuple[nn.Module, ModelConfig]:
-    """The encoder in eval mode and its config (for the input transform)."""
+def relative(path: Path, root: Path) -> str:
+    path, root = path.resolve(), root.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def load_model(source: dict, root: Path) -> tuple[nn.Module, ModelConfig]:
+    """The encoder in eval mode and its config (for the input transform); relative paths from `root`."""
     if "export" in source:
-        folder = Path(source["export"])
+        folder = Path(root) / source["export"]
         return load_exported(folder), exported_config(folder)
     model_cfg = ModelConfig(**source["model"])
     model = build_encoder(model_cfg, source["seed"])
-    checkpoint.load_weights(Path(source["checkpoint"]), model, expect_model=architecture(model_cfg))
+    checkpoint.load_weights(Path(root) / source["checkpoint"], model, expect_model=architecture(model_cfg))
     return model.eval(), model_cfg
 
 

@@ -82,10 +82,11 @@ class Searcher:
             raise UserError(f"{folder} holds no index; run stage=index run_dir={run_dir} first")
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
-        self.model, model_cfg = gallery.load_model(self.meta["source"])
+        self.gallery = Path(run_dir) / self.meta["gallery"]  # the gallery's shards (absolute if made elsewhere)
+        self.model, model_cfg = gallery.load_model(self.meta["source"], Path(run_dir))
         found = gallery.fingerprint(self.model, model_cfg)
         if found != self.meta["fingerprint"]:
-            where = self.meta["source"].get("export") or self.meta["source"].get("checkpoint")
+            where = Path(run_dir) / (self.meta["source"].get("export") or self.meta["source"]["checkpoint"])
             raise UserError(f"{folder} was built with model fingerprint {self.meta['fingerprint']} but {where} now "
                             f"holds model {found}; rebuild it with stage=index force=true run_dir={run_dir}")
         self.device = torch.device(device)
