@@ -72,9 +72,10 @@ def build(cfg: Config, vectors: np.ndarray, items: dict, meta: dict, out: Path) 
     found = faiss_index.build(vectors, kind, ic.max_memory_gb, train_rows, ic.rerank, use_gpu=ic.gpu)
     params = faiss_index.tune(found, vectors, np.sort(tune_rows), ic.target_recall)
     build_s = time.perf_counter() - start
-    found.vectors = np.load(tmp / "vectors.npy", mmap_mode="r") if kind != "flat" else None  # as a Searcher reads it
+    if found.refine == "disk":  # measured as a Searcher reads them
+        found.vectors = np.asarray(np.load(tmp / "vectors.npy", mmap_mode="r"))
     report = {"kind": kind, "chosen_by": "auto" if ic.kind == "auto" else "index.kind", "factory": found.factory,
-              "params": params, "rerank": found.rerank, "items": n, "dim": d,
+              "params": params, "rerank": found.rerank, "refine": found.refine, "items": n, "dim": d,
               **quality.measure(found.search, vectors, np.sort(report_rows)),
               "build_s": build_s,
               "memory": {"index_gb": quality.index_bytes(found.index) / 2**30,

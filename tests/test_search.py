@@ -84,16 +84,19 @@ def test_flat_top1_is_exact_search(run, queries, searched):
     assert report["latency_ms"]["p50"] > 0 and report["build_s"] >= 0 and report["memory"]["index_gb"] > 0
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
-def test_approximate_index_recall_is_what_the_report_says(run, tmp_path, kind):
-    """The stage's build step on the run's gallery; recall@10 recomputed with numpy, independently."""
-    cfg = load_config([f"run_dir={run}", f"index.kind={kind}", "index.queries=100"])
+@pytest.mark.parametrize("kind, budget_gb, refine", [("hnsw", 8, "ram"), ("ivfpq", 8, "ram"),
+                                                    ("hnsw", 4e-4, "disk"), ("ivfpq", 2e-4, "disk")])
+def test_approximate_index_recall_is_what_the_report_says(run, tmp_path, kind, budget_gb, refine):
+    """The stage's build step on the run's gallery; recall@10 recomputed with numpy, independently.
+    A budget too small for the float vectors in RAM re-ranks from the memory-mapped file."""
+    cfg = load_config([f"run_dir={run}", f"index.kind={kind}", "index.queries=100", f"index.max_memory_gb={budget_gb}"])
     vectors = np.load(run / "index" / "vectors.npy")
     with np.load(run / "index" / "items.npz") as f:
         items = {k: f[k] for k in f.files}
     index_stage.build(cfg, vectors, items, {"gallery": "shards/test"}, tmp_path / "index")
     report = json.loads((tmp_path / "index" / "report.json").read_text())
     assert report["kind"] == kind and report["factory"].startswith({"hnsw": "HNSW", "ivfpq": "IVF"}[kind])
+    assert report["refine"] == refine
     rows = np.array(report["query_rows"])
     found = VectorIndex.load(tmp_path / "index")
     _, ids = found.search(vectors[rows], 11)

@@ -5,9 +5,10 @@
     hnsw   HNSW32 over 8-bit scalar-quantised vectors       d + 256 bytes     graph walk (efSearch)
     ivfpq  IVF (nlist lists) over PQ codes of m bytes        m + 8 bytes       nprobe lists scanned
 
-hnsw and ivfpq return a shortlist of `rerank` x k candidates, re-ranked here by the exact inner
-product with the float vectors, which stay on disk (`vectors.npy`, memory-mapped: the budget is for
-RAM). `auto` takes flat while the vectors fit the budget and a single query stays cheap
+hnsw and ivfpq return a shortlist of `rerank` x k candidates, re-ranked by the exact inner product
+with the float vectors: in RAM by faiss (IndexRefineFlat, C++) where the float vectors fit the budget
+beside the index, else here from `vectors.npy` memory-mapped (only the listed rows are read; the
+budget is for RAM). `auto` takes flat while the vectors fit the budget and a single query stays cheap
 (FLAT_MAX_ITEMS), else hnsw where it fits, else ivfpq with the largest PQ code that fits.
 The quantisers are trained on a seeded sample; efSearch / nprobe are then the smallest values whose
 recall@10 on held-out queries (leave-one-out, against exact search) reaches index.target_recall.
@@ -98,9 +99,10 @@ class VectorIndex:
     index: faiss.Index
     kind: str
     factory: str
-    vectors: np.ndarray | None = None  # (n, d) float32, usually a memory map
+    vectors: np.ndarray | None = None  # (n, d) float32 memory map, for refine = "disk"
     rerank: int = 1
     params: dict | None = None  # faiss search parameters (efSearch / nprobe)
+    refine: str = "none"  # none (flat) | ram (faiss IndexRefineFlat) | disk (here, from `vectors`)
 
     def set_params(self, params: dict) -> None:
         space = faiss.ParameterSpace()
@@ -112,37 +114,39 @@ class VectorIndex:
         """(scores, ids), best first, (q, k) each; ids -1 / scores -inf where the gallery runs out."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.index.ntotal)
-        if self.kind == "flat":
+        if self.refine != "disk":
             return self.index.search(queries, k)
         _, shortlist = self.index.search(queries, k * self.rerank)
         return rerank(queries, shortlist, self.vectors, k)
 
     def save(self, folder: Path) -> None:
         faiss.write_index(self.index, str(folder / "index.faiss"))
-        (folder / "index.json").write_text(json.dumps({"kind": self.kind, "factory": self.factory,
-                                                       "rerank": self.rerank, "params": self.params or {}}, indent=2))
+        (folder / "index.json").write_text(json.dumps({"kind": self.kind, "factory": self.factory, "rerank": self.rerank,
+                                                       "refine": self.refine, "params": self.params or {}}, indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> "VectorIndex":
         spec = json.loads((folder / "index.json").read_text())
-        vectors = np.load(folder / "vectors.npy", mmap_mode="r") if spec["kind"] != "flat" else None
-        found = cls(faiss.read_index(str(folder / "index.faiss")), spec["kind"], spec["factory"], vectors, spec["rerank"])
+        vectors = np.asarray(np.load(folder / "vectors.npy", mmap_mode="r")) if spec["refine"] == "disk" else None
+        found = cls(faiss.read_index(str(folder / "index.faiss")), spec["kind"], spec["factory"], vectors, spec["rerank"],
+                    refine=spec["refine"])
         found.set_params(spec["params"])
         return found
 
 
 def rerank(queries: np.ndarray, shortlist: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The shortlist's k best by exact inner product (only the listed rows of `vectors` are read)."""
-    rows = np.asarray(vectors[np.maximum(shortlist, 0).ravel()], dtype=np.float32).reshape(*shortlist.shape, -1)
-    scores = np.einsum("qcd,qd->qc", rows, queries)
+    rows = vectors[np.maximum(shortlist, 0)]  # (q, candidates, d)
+    scores = np.matmul(rows, queries[:, :, None])[:, :, 0]
     scores[shortlist < 0] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(shortlist, order, axis=1)
 
 
 def build(vectors: np.ndarray, kind: str, budget_gb: float, train_rows: np.ndarray, rerank_factor: int,
-          use_gpu: bool = True) -> VectorIndex:
-    """Train (on vectors[train_rows]) and fill an index of `kind` (flat | hnsw | ivfpq)."""
+          use_gpu: bool = True, refine: str | None = None) -> VectorIndex:
+    """Train (on vectors[train_rows]) and fill an index of `kind` (flat | hnsw | ivfpq). refine: ram |
+    disk for hnsw/ivfpq (None: ram where the float vectors fit the budget beside the index)."""
     n, d = vectors.shape
     factory = factory_string(kind, n, d, budget_gb)
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -156,12 +160,25 @@ def build(vectors: np.ndarray, kind: str, budget_gb: float, train_rows: np.ndarr
         index = faiss.index_cpu_to_gpu(resources, 0, index)
     if not index.is_trained:
         index.train(np.ascontiguousarray(vectors[np.sort(train_rows)], dtype=np.float32))
-    for start in range(0, n, 65536):  # in blocks: the vectors may be a memory map
-        index.add(np.ascontiguousarray(vectors[start:start + 65536], dtype=np.float32))
+    _add(index, vectors)
     if gpu:
         index = faiss.index_gpu_to_cpu(index)
-    log.info("index: %s over %d x %d%s", factory, n, d, " (built on the GPU)" if gpu else "")
-    return VectorIndex(index, kind, factory, vectors if kind != "flat" else None, 1 if kind == "flat" else rerank_factor)
+    if kind == "flat":
+        refine = "none"
+    elif refine is None:
+        in_ram = flat_bytes(n, d) + {"hnsw": hnsw_bytes(n, d), "ivfpq": n * 80.0}[kind]
+        refine = "ram" if in_ram * OVERHEAD <= budget_gb * 2**30 else "disk"
+    if refine == "ram":  # faiss re-ranks in C++: k_factor x k candidates from the base index
+        index = faiss.IndexRefineFlat(index, faiss.swig_ptr(np.ascontiguousarray(vectors, dtype=np.float32)))
+        index.k_factor = rerank_factor
+    log.info("index: %s over %d x %d, re-ranking %s%s", factory, n, d, refine, " (built on the GPU)" if gpu else "")
+    return VectorIndex(index, kind, factory, vectors if refine == "disk" else None,
+                       1 if kind == "flat" else rerank_factor, refine=refine)
+
+
+def _add(index: faiss.Index, vectors: np.ndarray) -> None:
+    for start in range(0, len(vectors), 65536):  # in blocks: the vectors may be a memory map
+        index.add(np.ascontiguousarray(vectors[start:start + 65536], dtype=np.float32))
 
 
 def tune(found: VectorIndex, vectors: np.ndarray, queries: np.ndarray, target: float, k: int = 10) -> dict:
@@ -176,7 +193,7 @@ def tune(found: VectorIndex, vectors: np.ndarray, queries: np.ndarray, target: f
     if found.kind == "hnsw":
         name, values = "efSearch", [v for v in (16, 32, 64, 128, 256, 512, 1024) if v >= k * found.rerank] or [1024]
     else:
-        name, values = "nprobe", [2**i for i in range(int(math.log2(found.index.nlist)) + 1)]
+        name, values = "nprobe", [2**i for i in range(int(math.log2(faiss.extract_index_ivf(found.index).nlist)) + 1)]
     for value in values:
         found.set_params({name: value})
         got = leave_one_out(found.search, vectors, queries, k)
