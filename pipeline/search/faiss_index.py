@@ -5,6 +5,8 @@
     hnsw   HNSW32 over 8-bit scalar-quantised vectors       d + 256 bytes     graph walk (efSearch)
     ivfpq  IVF (nlist lists) over PQ codes of m bytes        m + 8 bytes       nprobe lists scanned
 
+(+ 4 d bytes per vector for hnsw/ivfpq when the re-ranking's float vectors are held in RAM, below)
+
 hnsw and ivfpq return a shortlist of `rerank` x k candidates, re-ranked by the exact inner product
 with the float vectors: in RAM by faiss (IndexRefineFlat, C++) where the float vectors fit the budget
 beside the index, else here from `vectors.npy` memory-mapped (only the listed rows are read; the
@@ -17,7 +19,7 @@ Why faiss's own `index_factory` and not autofaiss: autofaiss 2.18 pins numpy < 2
 downgrade this project's numpy 2.x) and brings pandas, pyarrow and its own embedding readers; it
 tunes for a latency target rather than for recall, and has no exact re-ranking of a shortlist.
 What it would choose (an index string from a memory budget, then a search parameter) is the few
-lines of `choose` and `_tune` below, on the same faiss.
+lines of `choose`, `factory_string` and `tune` below, on the same faiss.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def choose(kind: str, n: int, d: int, budget_gb: float) -> str:
     """The kind `auto` stands for (any other kind is checked to fit the budget)."""
     budget = budget_gb * 2**30 / OVERHEAD
     fits = {"flat": flat_bytes(n, d) <= budget, "hnsw": hnsw_bytes(n, d) <= budget,
-            "ivfpq": ivfpq_bytes(n, d, _pq_bytes_options(d)[-1], _nlist(n)) <= budget}
+            "ivfpq": ivfpq_bytes(n, d, _pq_bytes_options(d)[0], _nlist(n)) <= budget}  # its smallest code
     if kind == "auto":
         kind = ("flat" if fits["flat"] and n <= FLAT_MAX_ITEMS else "hnsw" if fits["hnsw"]
                 else "ivfpq")
@@ -73,8 +75,10 @@ def _nlist(n: int) -> int:
 
 
 def _pq_bytes_options(d: int) -> list[int]:
-    """PQ code sizes (sub-quantisers) that divide d, smallest first, at most d / 2 (2 dims each)."""
-    return [m for m in (4, 8, 16, 32, 48, 64, 96, 128, 192, 256) if d % m == 0 and m <= d // 2] or [1]
+    """PQ code sizes (sub-quantisers) that divide d, smallest first: >= 8 dims each (d = 512: up to 64
+    bytes), or 16 bytes of >= 2 dims for small d. The codes only shortlist (exact re-ranking follows),
+    and k-means on sub-vectors of 2-4 dims trains many times slower per byte for little gain."""
+    return [m for m in (4, 8, 16, 32, 64, 128) if d % m == 0 and m <= min(d // 2, max(d // 8, 16))] or [1]
 
 
 def factory_string(kind: str, n: int, d: int, budget_gb: float) -> str:
@@ -193,7 +197,8 @@ def tune(found: VectorIndex, vectors: np.ndarray, queries: np.ndarray, target: f
     if found.kind == "hnsw":
         name, values = "efSearch", [v for v in (16, 32, 64, 128, 256, 512, 1024) if v >= k * found.rerank] or [1024]
     else:
-        name, values = "nprobe", [2**i for i in range(int(math.log2(faiss.extract_index_ivf(found.index).nlist)) + 1)]
+        nlist = faiss.extract_index_ivf(found.index).nlist
+        name, values = "nprobe", [2**i for i in range(int(math.log2(nlist)) + 1)] + [nlist] * (nlist & (nlist - 1) > 0)
     for value in values:
         found.set_params({name: value})
         got = leave_one_out(found.search, vectors, queries, k)
