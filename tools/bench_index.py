@@ -3,9 +3,9 @@
     python tools/bench_index.py scale --n 1000000 --dim 512 --kind ivfpq
     python tools/bench_index.py load --run-dir runs/demo --requests 1000 --clients 8
 
-scale: n synthetic vectors with cluster structure (--clusters Gaussian centres on the unit sphere,
-each vector its centre plus isotropic noise of --noise per dimension x sqrt(d) in norm, then
-L2-normalised), the index built as stage=index builds it (pipeline/search/: train on a sample, fill,
+scale: n synthetic vectors with cluster structure (--clusters centres on the unit sphere, each
+vector its centre plus a Gaussian in a shared --intrinsic-dimensional subspace plus isotropic
+--noise, L2-normalised: see `clustered`), the index built as stage=index builds it (pipeline/search/: train on a sample, fill,
 tune efSearch / nprobe to --target-recall, re-rank from the memory-mapped vectors), then measured as
 index/report.json is (recall@1/10/100 against exact on held-out items, leave-one-out; single-query
 latency on one thread; throughput). Then bare faiss with the same factory string, the same training
@@ -39,14 +39,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.search import faiss_index, quality  # noqa: E402
 
 
-def clustered(n: int, d: int, clusters: int, noise: float, seed: int) -> np.ndarray:
+def clustered(n: int, d: int, clusters: int, spread: float, noise: float, intrinsic: int, seed: int) -> np.ndarray:
+    """Centres on the unit sphere; each vector its centre + a Gaussian of `spread` per direction in a
+    shared `intrinsic`-dimensional subspace (embeddings have few effective dimensions) + isotropic
+    noise of `noise` per dimension; L2-normalised."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, d), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    basis = rng.standard_normal((intrinsic, d), dtype=np.float32) / np.sqrt(d)  # rows of norm ~1
     out = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, 100_000):
         size = min(100_000, n - start)
-        block = centres[rng.integers(0, clusters, size)] + noise * rng.standard_normal((size, d), dtype=np.float32)
+        block = (centres[rng.integers(0, clusters, size)]
+                 + spread * rng.standard_normal((size, intrinsic), dtype=np.float32) @ basis
+                 + noise * rng.standard_normal((size, d), dtype=np.float32))
         out[start:start + size] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
@@ -66,7 +72,7 @@ def p50_single(search, vectors: np.ndarray, rows: np.ndarray) -> float:
 
 def scale(args) -> dict:
     start = time.perf_counter()
-    vectors = clustered(args.n, args.dim, args.clusters, args.noise, args.seed)
+    vectors = clustered(args.n, args.dim, args.clusters, args.spread, args.noise, args.intrinsic, args.seed)
     print(f"generated {args.n} x {args.dim} in {time.perf_counter() - start:.1f} s", flush=True)
     order = np.random.default_rng(args.seed).permutation(args.n)
     q = args.queries
@@ -82,7 +88,8 @@ def scale(args) -> dict:
         params = faiss_index.tune(ours, vectors, tune_rows, args.target_recall)
         tune_s = time.perf_counter() - start
         ours.vectors = mapped if kind != "flat" else None
-        result = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "noise": args.noise, "kind": kind,
+        result = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "spread": args.spread,
+                  "intrinsic": args.intrinsic, "noise": args.noise, "kind": kind,
                   "factory": ours.factory, "params": params, "rerank": ours.rerank, "build_s": build_s,
                   "tune_s": tune_s, "index_gb": quality.index_bytes(ours.index) / 2**30,
                   **quality.measure(ours.search, vectors, report_rows)}
@@ -189,7 +196,9 @@ def main() -> None:
     s.add_argument("--n", type=int, default=1_000_000)
     s.add_argument("--dim", type=int, default=512)
     s.add_argument("--clusters", type=int, default=1000)
-    s.add_argument("--noise", type=float, default=0.03, help="per-dimension noise (norm about noise x sqrt(dim))")
+    s.add_argument("--spread", type=float, default=0.1, help="within-cluster spread per intrinsic direction")
+    s.add_argument("--intrinsic", type=int, default=32, help="dimensions of the shared within-cluster subspace")
+    s.add_argument("--noise", type=float, default=0.005, help="isotropic noise per dimension")
     s.add_argument("--kind", default="ivfpq", choices=["auto", *faiss_index.KINDS])
     s.add_argument("--max-memory-gb", type=float, default=8.0)
     s.add_argument("--rerank", type=int, default=4)
