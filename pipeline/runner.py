@@ -26,12 +26,18 @@ from pipeline.run_dir import RunDir
 
 log = logging.getLogger("pipeline")
 
-ORDER = ("shard", "embed", "finetune", "export", "eval")
-REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": ("finetune",), "eval": ("embed", "export")}
+ALL = ("shard", "embed", "finetune", "export", "eval")  # what stage=all runs
+ORDER = ALL + ("index", "search", "serve")
+REQUIRES = {"shard": (), "embed": ("shard",), "finetune": ("shard",), "export": ("finetune",), "eval": ("embed", "export"),
+            "index": ("export",), "search": ("index",), "serve": ("index",)}
+ALWAYS_RUN = ("search", "serve")  # they answer queries: never "complete"
 
 
 def requires(stage: str, cfg: Config) -> tuple[str, ...]:
-    """The stages `stage` needs; eval needs only those that make the models it evaluates."""
+    """The stages `stage` needs; eval and index need only those that make the models they use."""
+    if stage == "index" and cfg.index.checkpoint is not None:
+        own = cfg.index.checkpoint in ("latest", "best") or cfg.index.checkpoint.startswith("step_")
+        return ("finetune",) if own else ("shard",)
     if stage != "eval":
         return REQUIRES[stage]
     models, e = cfg.eval.models, cfg.eval
@@ -41,8 +47,9 @@ def requires(stage: str, cfg: Config) -> tuple[str, ...]:
 
 
 def _stage_module(name: str):
-    from pipeline.stages import embed, evaluate, export, finetune, shard
-    return {"shard": shard, "embed": embed, "finetune": finetune, "export": export, "eval": evaluate}[name]
+    from pipeline.stages import embed, evaluate, export, finetune, index, search, serve, shard
+    return {"shard": shard, "embed": embed, "finetune": finetune, "export": export, "eval": evaluate,
+            "index": index, "search": search, "serve": serve}[name]
 
 
 def run_stage(stage: str, cfg: Config, rd: RunDir) -> None:
@@ -70,13 +77,13 @@ def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
 def planned(cfg: Config, rd: RunDir) -> list[str]:
     """The stages this command will run: those not complete (or forced), and every stage after one
     that runs (its inputs change). What the preflight checks for."""
-    requested = ORDER if cfg.stage == "all" else (cfg.stage,)
+    requested = ALL if cfg.stage == "all" else (cfg.stage,)
     runs: dict[str, bool] = {}
 
     def will_run(stage: str) -> bool:
         if stage not in runs:
             before = [will_run(req) for req in requires(stage, cfg)]
-            runs[stage] = (any(before) or (cfg.force and stage in requested)
+            runs[stage] = (any(before) or (cfg.force and stage in requested) or stage in ALWAYS_RUN
                            or not rd.is_complete(stage, fingerprint(cfg, rd, stage)))
         return runs[stage]
 
@@ -86,7 +93,7 @@ def planned(cfg: Config, rd: RunDir) -> list[str]:
 
 
 def run_stages(cfg: Config, rd: RunDir) -> None:
-    requested = ORDER if cfg.stage == "all" else (cfg.stage,)
+    requested = ALL if cfg.stage == "all" else (cfg.stage,)
     done: set[str] = set()
 
     def ensure(stage: str) -> None:
@@ -96,7 +103,7 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
             ensure(req)
         forced = cfg.force and stage in requested
         fp = fingerprint(cfg, rd, stage)
-        if distributed.broadcast_object(rd.is_complete(stage, fp) and not forced):
+        if distributed.broadcast_object(rd.is_complete(stage, fp) and not forced and stage not in ALWAYS_RUN):
             log.info("[%s] complete, skipped (%s reruns it)", stage, f"stage={stage} force=true" if cfg.force else "force=true")
         else:
             log.info("[%s] running", stage)

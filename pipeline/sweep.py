@@ -143,7 +143,7 @@ def finished(run: Run, fixed: list[str], out: Path) -> bool:
 
     cfg: Config = load_config(args(run, fixed, out))
     rd = RunDir(cfg.run_dir)
-    stages, todo = set(), list(runner.ORDER if cfg.stage == "all" else (cfg.stage,))
+    stages, todo = set(), list(runner.ALL if cfg.stage == "all" else (cfg.stage,))
     while todo:
         stage = todo.pop()
         if stage not in stages:

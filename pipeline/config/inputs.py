@@ -13,12 +13,15 @@ from pipeline.config.loader import flatten
 
 # class -> the stages whose output a key of that class changes
 AFFECTS = {
-    "shard": ("shard", "embed", "finetune", "export", "eval"),  # what the shards hold
-    "model": ("embed", "finetune", "export", "eval"),            # the encoder and its random init
-    "train": ("finetune", "export", "eval"),                     # what the weights become
-    "view": ("embed", "eval"),                                   # how images are embedded for evaluation
-    "export": ("export", "eval"),
+    "shard": ("shard", "embed", "finetune", "export", "eval", "index"),  # what the shards hold
+    "model": ("embed", "finetune", "export", "eval", "index"),            # the encoder and its random init
+    "train": ("finetune", "export", "eval", "index"),                     # what the weights become
+    "view": ("embed", "eval", "index"),                                   # how images are embedded for evaluation
+    "export": ("export", "eval", "index"),
     "eval": ("eval",),
+    "index": ("index",),                                                  # the gallery and its faiss index
+    "search": ("search",),                                                # stage=search and stage=serve always run:
+    "serve": ("serve",),                                                  # these only say what they answer with
     # Where and how a command runs, or what a run reports and keeps (validation, tracking, logging,
     # checkpoint cadence): changing them re-runs nothing; a finished finetune would resume to do nothing.
     "none": (),
@@ -29,6 +32,13 @@ CLASS = {
     # top level
     "stage": "none", "run_dir": "none", "seed": "model", "device": "none", "force": "none", "recipe": "none",
     "lock": "none",
+    "export.onnx": "export",
+    "index.kind": "index", "index.max_memory_gb": "index", "index.split": "index", "index.gallery": "index",
+    "index.checkpoint": "index", "index.target_recall": "index", "index.rerank": "index", "index.queries": "index",
+    "index.train_sample": "index", "index.gpu": "none",
+    "search.images": "search", "search.k": "search",
+    "serve.host": "serve", "serve.port": "serve", "serve.k": "serve", "serve.max_megapixels": "serve",
+    "serve.max_bytes": "serve",
     "plan.nodes": "none", "plan.gpus_per_node": "none", "plan.gpu": "none", "plan.gpu_memory_gb": "none",
     "plan.mfu": "none", "plan.bandwidth_gbps": "none", "plan.train_images": "none", "plan.search": "none",
     # data

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline import protocols
 from pipeline.errors import UserError
 
-STAGES = ("shard", "embed", "finetune", "eval", "export", "all", "config", "plan")  # config: print the settings, run nothing
+STAGES = ("shard", "embed", "finetune", "eval", "export", "index", "search", "serve", "all", "config", "plan")  # config: print the settings, run nothing
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_FORMATS = ("png", "jpg", "webp")
 FAMILIES = ("timm", "open_clip", "transformers")  # pipeline/models/backbones/, one module each
@@ -34,6 +35,7 @@ MINERS = ("default", "distance")
 EVAL_MODELS = ("frozen", "finetuned", "checkpoint")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 WANDB_MODES = ("offline", "online")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq")  # pipeline/search/faiss_index.py
 
 
 def closest(word: str, options: list[str]) -> str:
@@ -270,6 +272,7 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     checkpoint: str = "latest"      # latest | best | step_<N> of run_dir/checkpoints, or a checkpoint folder
+    onnx: bool = False              # also export/model.onnx (dynamic batch), checked against torch with onnxruntime
 
 
 @dataclass
@@ -285,6 +288,55 @@ class TrackConfig:
         """The tracker's name; whether its library is installed is the preflight's question."""
         one_of(self.name, TRACKERS, f"track={self.name}: use one of {', '.join(TRACKERS)}")
         one_of(self.wandb_mode, WANDB_MODES, f"track.wandb_mode={self.wandb_mode}: use offline or online")
+
+
+@dataclass
+class IndexConfig:
+    """stage=index: a gallery embedded and put in a faiss index, run_dir/index/ (pipeline/search/)."""
+    kind: str = "auto"              # auto (flat while it fits index.max_memory_gb, else hnsw, else ivfpq) | flat | hnsw | ivfpq
+    max_memory_gb: float = 8.0      # RAM the index may take (auto's budget; ivfpq sizes its codes to it)
+    split: str = "test"             # the gallery: run_dir/shards/<split> ...
+    gallery: str | None = None      # ... or a split folder of shards made elsewhere (stage=shard of another run_dir)
+    checkpoint: str | None = None   # None: run_dir/export; latest | best | step_<N> of run_dir/checkpoints, or a folder
+    target_recall: float = 0.95     # hnsw/ivfpq: the smallest efSearch / nprobe reaching this recall@10 on held-out queries
+    rerank: int = 4                 # hnsw/ivfpq: a shortlist of rerank x k candidates, re-ranked by exact inner product
+    queries: int = 1000             # held-out gallery items measured (leave-one-out) for index/report.json
+    train_sample: int = 100_000     # vectors the hnsw/ivfpq quantisers are trained on (a seeded sample)
+    gpu: bool = True                # build on a GPU with faiss-gpu where CUDA and faiss-gpu are present
+
+    def check(self) -> None:
+        one_of(self.kind, INDEX_KINDS, f"index.kind={self.kind}: use auto, flat, hnsw or ivfpq")
+        if (self.max_memory_gb <= 0 or not 0 < self.target_recall <= 1 or self.rerank < 1 or self.queries < 1
+                or self.train_sample < 1):
+            raise UserError("index.max_memory_gb must be > 0, index.target_recall in (0, 1], and index.rerank, "
+                            "index.queries, index.train_sample >= 1")
+
+
+@dataclass
+class SearchConfig:
+    images: Any = None              # an image file, a folder of images, or a list of them ([a.jpg,b.jpg])
+    k: int = 5                      # results per query
+
+    def check(self) -> None:
+        if self.k < 1:
+            raise UserError(f"search.k={self.k}: give at least 1 result per query")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"         # 0.0.0.0 listens on every interface
+    port: int = 8080
+    k: int = 10                     # results per query unless the request's ?k= says otherwise
+    max_megapixels: float = 25.0    # larger images get 413 (read from the header, never decoded)
+    max_bytes: int = 20_000_000     # larger bodies get 413
+
+    def check(self) -> None:
+        if self.k < 1:
+            raise UserError(f"serve.k={self.k}: give at least 1 result per query")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"serve.port={self.port} is not a TCP port (0-65535)")
+        if self.max_megapixels <= 0 or self.max_bytes <= 0:
+            raise UserError("serve.max_megapixels and serve.max_bytes must be > 0")
 
 
 @dataclass
@@ -320,6 +372,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     recipe: str = "none"            # a paper's settings (presets/recipe/): rsk | roth | ibc | none
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -328,7 +383,8 @@ class Config:
         """Every section's own checks, then those across sections."""
         if self.stage not in STAGES:
             raise UserError(f"unknown stage '{self.stage}'{closest(self.stage, list(STAGES))} (one of {', '.join(STAGES)})")
-        for section in (self.data, self.model, self.parallel, self.train, self.loss, self.eval, self.track, self.plan):
+        for section in (self.data, self.model, self.parallel, self.train, self.loss, self.eval, self.index, self.search,
+                        self.serve, self.track, self.plan):
             section.check()
         one_of(self.device, DEVICES, f"device={self.device}: use auto, cpu or cuda")
         ks = protocols.resolve(self.data.name, self.eval.ks, self.eval.split, self.eval.gallery).ks

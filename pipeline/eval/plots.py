@@ -63,7 +63,7 @@ def spectrum(spectra: dict[tuple[str, str], tuple[np.ndarray, float]], path: Pat
     save_figure(fig, path)
 
 
-def _tile(ax, image: Image.Image, frame: str, title: str) -> None:
+def tile(ax, image: Image.Image, frame: str, title: str) -> None:
     ax.imshow(np.asarray(image.convert("RGB")))
     ax.set_xticks([])
     ax.set_yticks([])
@@ -92,11 +92,11 @@ def retrievals(layout: dict, image, path: Path) -> None:
             query = axes[r, first]
             query.set_axis_on()
             name = row.get("class", f"class {row['label']}")  # the dataset's class name, where it has one
-            _tile(query, image(layout["query_split"], row["index"]), "query", f"{row['kind']}: {name}")
+            tile(query, image(layout["query_split"], row["index"]), "query", f"{row['kind']}: {name}")
             for c, hit in enumerate(results, start=1):
                 ax = axes[r, first + c]
                 ax.set_axis_on()
-                _tile(ax, image(layout["gallery_split"], hit["index"]), hit["frame"], f"{hit['similarity']:.3f}")
+                tile(ax, image(layout["gallery_split"], hit["index"]), hit["frame"], f"{hit['similarity']:.3f}")
     kinds = [row["kind"] for row in rows]
     fig.text(0.5, axes[0, 0].get_position().y1 + 0.6 / fig.get_figheight(),
              f"the top {k} results of {kinds.count('random')} seeded queries and of the {kinds.count('worst')} worst "

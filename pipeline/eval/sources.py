@@ -9,7 +9,7 @@ from torch import nn
 from pipeline.config import Config, ModelConfig
 from pipeline.dist import checkpoint, distributed
 from pipeline.errors import UserError
-from pipeline.models.encoders import architecture, build_encoder, load_exported
+from pipeline.models.encoders import architecture, build_encoder, exported_config, load_exported
 from pipeline.run_dir import RunDir
 
 
@@ -20,7 +20,7 @@ def load_model(name: str, cfg: Config, rd: RunDir) -> tuple[nn.Module, ModelConf
         if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
             raise UserError(f"{folder} is not an exported model (model.safetensors + config.json); "
                             "run stage=export or set eval.export=<folder>")
-        model_cfg = ModelConfig(**json.loads((folder / "config.json").read_text()))
+        model_cfg = exported_config(folder)
         source = folder / "source.json"
         made = json.loads(source.read_text()) if source.is_file() else None
         return load_exported(folder), model_cfg, f"exported model `{folder}`" + (

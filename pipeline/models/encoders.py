@@ -141,11 +141,17 @@ def export(model: nn.Module, cfg: ModelConfig, out: Path) -> None:
         (out / "backbone_config.json").write_text(json.dumps(model.saved_config, indent=2))
 
 
+def exported_config(folder: Path | str) -> ModelConfig:
+    """An export's model config (config.json may hold more: the ONNX file's preprocessing, say)."""
+    saved = json.loads((Path(folder) / "config.json").read_text())
+    return ModelConfig(**{f.name: saved[f.name] for f in dataclasses.fields(ModelConfig) if f.name in saved})
+
+
 def load_exported(folder: Path | str) -> Embedder:
     """Rebuild an exported encoder with plain torch and the family's own library: no pretrained
     weights, no distributed machinery needed."""
     folder = Path(folder)
-    cfg = ModelConfig(**json.loads((folder / "config.json").read_text()))
+    cfg = exported_config(folder)
     cfg.pretrained, cfg.drop_path, cfg.grad_checkpointing, cfg.trainable_blocks = None, 0.0, False, -1
     saved = folder / "backbone_config.json"
     model = build_encoder(cfg, seed=0, saved_config=json.loads(saved.read_text()) if saved.is_file() else None)

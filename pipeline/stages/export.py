@@ -19,6 +19,9 @@ def run(cfg: Config, rd: RunDir) -> None:
                                    expect_data=own_data(cfg, rd, chosen))
     tmp = fresh_dir(rd.export.with_name("export.tmp"))
     export(model, cfg.model, tmp)
+    if cfg.export.onnx:  # model.onnx, checked against torch, + its preprocessing in config.json
+        from pipeline.search import onnx_export
+        onnx_export.write(model, cfg.model, tmp, cfg.data.eval_resize)
     write_json(tmp / "source.json", {"checkpoint": str(chosen.resolve()), "step": meta["step"]})  # for the report
     replace_dir(tmp, rd.export)
     log.info("exported %s (export.checkpoint=%s) -> %s", chosen.name, cfg.export.checkpoint,

@@ -1,0 +1,24 @@
+"""serve: an HTTP service over run_dir/index (pipeline/search/server.py) on serve.host:serve.port,
+until stopped (Ctrl-C, SIGTERM). POST /search with an image's bytes -> its top-k; GET /health."""
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from pipeline.config import Config
+from pipeline.dist.distributed import pick_device, world_from_env
+from pipeline.run_dir import RunDir
+from pipeline.search.searcher import Searcher
+from pipeline.search.server import create_app
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, rd: RunDir) -> None:
+    s = cfg.serve
+    searcher = Searcher(rd.root, device=pick_device(cfg.device, world_from_env()))
+    app = create_app(searcher, s.k, s.max_megapixels, s.max_bytes)
+    log.info("serving %s (%d items, %s) on http://%s:%d: POST /search (image bytes), GET /health",
+             searcher.folder, searcher.index.index.ntotal, searcher.index.kind, s.host, s.port)
+    uvicorn.run(app, host=s.host, port=s.port, log_level="warning")
