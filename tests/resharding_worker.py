@@ -1,4 +1,4 @@
-"""Checkpoints written by one number of processes and resumed by another, through pipeline.checkpoint,
+"""Checkpoints written by one number of processes and resumed by another, through pipeline.dist.checkpoint,
 for tests/test_resharding.py. AdamW (the pipeline's optimizer, whose moments must survive the
 resharding), in the pipeline's parameter groups, with its step-dependent learning rate (the
 scheduler's position must survive too).

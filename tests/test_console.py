@@ -31,7 +31,7 @@ def test_threads_per_process_share_the_cores_unless_told():
 
 
 def test_openmp_threads_sleep_when_waiting_unless_the_user_says():
-    code = "import os, pipeline.distributed; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import os, pipeline.dist.distributed; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,  # noqa: E731
                                      text=True, check=True).stdout.strip()
@@ -58,7 +58,7 @@ def test_force_names_the_stage_it_would_rerun(tmp_path, monkeypatch, caplog):
 
 def test_faiss_clustering_advice_is_not_printed(capfd, caplog):
     x = np.random.default_rng(0).normal(size=(180, 16)).astype(np.float32)
-    with caplog.at_level(logging.DEBUG, logger="pipeline.metrics"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.eval.metrics"):
         assign = _kmeans_assign(x, 30, gpu=False)
     assert len(np.unique(assign)) > 1
     assert "WARNING clustering" not in capfd.readouterr().err

@@ -1,4 +1,4 @@
-"""pipeline.diagnostics against direct computations: a full SVD, and every pair of points."""
+"""pipeline.eval.diagnostics against direct computations: a full SVD, and every pair of points."""
 from __future__ import annotations
 
 import numpy as np

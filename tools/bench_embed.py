@@ -1,4 +1,4 @@
-"""Embed throughput: `pipeline.inference.embed_split` end to end against its two parts, in one run.
+"""Embed throughput: `pipeline.eval.inference.embed_split` end to end against its two parts, in one run.
 
 On a synthetic split of JPEG shards, times
   forward:  the model alone on tensors already in memory (batches of --batch);

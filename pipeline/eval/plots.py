@@ -74,7 +74,7 @@ def tile(ax, image: Image.Image, frame: str, title: str) -> None:
 
 
 def retrievals(layout: dict, image, path: Path) -> None:
-    """layout: pipeline.retrievals.retrieval_layout's; image(split, index) -> PIL image. One row per
+    """layout: pipeline.eval.retrievals.retrieval_layout's; image(split, index) -> PIL image. One row per
     query; per model, k + 1 tiles: the query, then its results nearest first, with their similarity."""
     rows, models, k = layout["rows"], list(layout["models"]), layout["k"]
     width = k + 1

@@ -24,7 +24,7 @@ def markdown(title: str, proto: Protocol, results: dict[str, dict[str, dict]], s
              diagnostics: dict[str, dict[str, dict]] | None, best: dict | None = None, trained: list[str] = (),
              retrievals_png: bool = False, training_png: bool = False) -> str:
     """results: model -> evaluation -> metrics; diagnostics: model -> split -> rho/pi values; best:
-    the run's best validation (pipeline.validation.Best's state), shown for the `trained` models."""
+    the run's best validation (pipeline.train.validation.Best's state), shown for the `trained` models."""
     lines = [f"# {title}", "", f"Protocol: {_describe(proto)}.", ""]
     lines += [f"- **{model}**: {source}" for model, source in sources.items()] + [""]
     extra = ["best val step", f"best {best['metric']}"] if best else []

@@ -5,7 +5,7 @@ a folder). Its fingerprint is a hash of its weights and architecture: the index 
 Searcher refuses to query an index with a model whose fingerprint differs. The gallery is a split of
 the run's shards (index.split) or a split folder of shards made elsewhere (index.gallery). Each item
 keeps its key, label and source path (the `path` the converter recorded in the sample's json; empty
-for datasets made in memory, as digits). Embedding goes through pipeline.inference.embed_split with
+for datasets made in memory, as digits). Embedding goes through pipeline.eval.inference.embed_split with
 a parts folder, so every rank takes its share of the shards and a killed run resumes without
 re-embedding the shards already finished.
 """

@@ -11,8 +11,8 @@ step's own timers, so the log line, the trackers and the progress bar agree.
     train/images_per_s the global batch / train/step_s (all processes together)
     time/<phase>       seconds per step in each phase: data (waiting for the loader, and the copy
                        to the device), pass1, loss (with the gathers), pass2, optimizer (with clipping)
-    mem/peak_gb        pipeline.accounting.peak_memory_gb, since the process started
-    perf/mfu           (GPU) pipeline.accounting.mfu of the window's throughput
+    mem/peak_gb        pipeline.models.accounting.peak_memory_gb, since the process started
+    perf/mfu           (GPU) pipeline.models.accounting.mfu of the window's throughput
 """
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def backward_in_chunks(engine: Engine, images: torch.Tensor, grad: torch.Tensor,
 def two_pass_step(engine: Engine, images: torch.Tensor, labels: torch.Tensor, loss_fn: Loss,
                   chunk_size: int, seed: int, step: int, timer=NO_TIMER) -> torch.Tensor:
     """One optimizer step on the global batch, of which (images, labels) is this rank's share (all
-    shares equal). Returns the global loss (the same on every rank). `timer` (pipeline.timing)
+    shares equal). Returns the global loss (the same on every rank). `timer` (pipeline.train.timing)
     times the four phases: pass1, loss (with the gathers), pass2, optimizer."""
     offset = distributed.rank() * len(images)  # the share's start in the global batch
     seeds = [chunk_seed(seed, step, offset + p.start) for p in chunks(len(images), chunk_size)]

@@ -1,7 +1,7 @@
 """Validation during training, and the best checkpoint it picks.
 
 Every `train.val_every` steps and at the last step, the model in eval mode embeds the validation
-split on every rank (each its share of the shards, as the eval stage embeds: pipeline.inference),
+split on every rank (each its share of the shards, as the eval stage embeds: pipeline.eval.inference),
 and rank 0 scores it with the eval stage's metrics: `val/recall@k` for the dataset protocol's ks
 and `val/map@r` (no clustering scores: k-means would cost more than the rest).
 
