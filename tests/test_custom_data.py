@@ -11,9 +11,10 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
+from pipeline.eval import results
 from pipeline.protocols import Evaluation
 from pipeline.run_dir import RunDir
-from pipeline.stages import evaluate, shard
+from pipeline.stages import shard
 from pipeline.train.validation import MIN_CLASSES, Validator
 
 
@@ -91,7 +92,7 @@ def test_class_names_are_kept_in_the_index_and_used_by_the_retrieval_pictures(tm
     shown = {"frozen": {"test": {"embeddings": rng.normal(size=(len(index), 8)).astype(np.float32),
                                  "labels": index.labels, "keys": np.array(index.keys)}}}
     cfg = load_config(["data=imagefolder", "eval.show_queries=2", "eval.show_k=2"])
-    evaluate.draw_retrievals(cfg, rd, Evaluation("test", "test"), shown, tmp_path)
+    results.draw_retrievals(cfg, rd, Evaluation("test", "test"), shown, tmp_path)
     rows = json.loads((tmp_path / "retrievals.json").read_text())["rows"]
     assert rows and all(row["class"] == f"animal{row['label']}" for row in rows)
 
