@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             lock = take_lock(cfg, rd)
         rd.root.mkdir(parents=True, exist_ok=True)
         logs.setup(rd.logs, world.rank)
-        log.info("rank %d of %d on %s, %d torch threads", world.rank, world.size, socket.gethostname(),
+        log.info("rank %d of %d on %s (%d torch threads)", world.rank, world.size, socket.gethostname(),
                  distributed.cpu_threads())
         for note in resolved.notes + ignored_settings(resolved):
             log.warning(note)

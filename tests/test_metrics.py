@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -260,7 +259,7 @@ def test_gpu_failure_falls_back_to_the_cpu(monkeypatch, caplog):
 
     assign = metrics._kmeans_assign
     monkeypatch.setattr(metrics, "_use_gpu", lambda: True)
-    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", no_gpu_memory)
+    monkeypatch.setattr(metrics, "_on_own_gpu", no_gpu_memory)  # the rank's own GPU (issue 26)
     monkeypatch.setattr(metrics, "_kmeans_assign", lambda x, n, gpu: no_gpu_memory() if gpu else assign(x, n, gpu))
     with caplog.at_level("WARNING"):
         got = retrieval_metrics(x, labels)

@@ -254,30 +254,30 @@ def gpu_precision(cfg: Config) -> tuple[torch.dtype | None, torch.dtype | None]:
 
 
 @contextlib.contextmanager
-def _as_on_gpu(cfg: Config, fake: FakeTensorMode | None) -> Iterator[None]:
-    """The engine as on a GPU, on the CPU device: bf16 CPU autocast for the engine's autocast, FSDP2
-    with a MixedPrecisionPolicy (param bf16, reduce fp32) when parameters are bf16, and the device
-    mesh made on real tensors (it reads its rank map with .tolist())."""
+def _real_mesh(fake: FakeTensorMode | None) -> Iterator[None]:
+    """The device mesh made on real tensors (it reads its rank map with .tolist())."""
     import torch.distributed.device_mesh as device_mesh
-    import torch.distributed.fsdp as fsdp
 
-    autocast, param_dtype = gpu_precision(cfg)
-    saved = engines.autocast, fsdp.fully_shard, device_mesh.init_device_mesh
+    saved = device_mesh.init_device_mesh
 
     def init_device_mesh(*args, **kwargs):
         with unset_fake_temporarily() if fake else contextlib.nullcontext():
-            return saved[2](*args, **kwargs)
+            return saved(*args, **kwargs)
 
     try:
-        if autocast is not None:
-            engines.autocast = lambda device: torch.autocast("cpu", dtype=autocast)
-        if param_dtype is not None:
-            policy = fsdp.MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-            fsdp.fully_shard = functools.partial(saved[1], mp_policy=policy)
         device_mesh.init_device_mesh = init_device_mesh
         yield
     finally:
-        engines.autocast, fsdp.fully_shard, device_mesh.init_device_mesh = saved
+        device_mesh.init_device_mesh = saved
+
+
+def as_on_gpu(cfg: Config, parallel) -> tuple[str, object]:
+    """(train.precision, parallel) as a GPU run resolves them, given to the engine explicitly: on the
+    CPU device it then runs bf16 CPU autocast and FSDP2's MixedPrecisionPolicy (param bf16, reduce
+    fp32) as it would CUDA's."""
+    autocast, param_dtype = gpu_precision(cfg)
+    precision = "fp32" if autocast is None else "bf16"
+    return precision, dataclasses.replace(parallel, param_dtype="fp32" if param_dtype is None else "bf16")
 
 
 def _parameters(model: nn.Module) -> tuple[int, int, int]:
@@ -308,10 +308,11 @@ def simulate(cfg: Config, chunk: int, fake: bool = True, steps: int = 2, backend
     loss = RealLoss(build_loss(cfg.loss, t, list(range(t.global_batch // t.samples_per_class)), model.dim, cfg.seed),
                     t.global_batch if loss_rows is None else loss_rows, t.samples_per_class)
     traffic = _Traffic(world)
-    with mode or contextlib.nullcontext(), _as_on_gpu(cfg, mode):
+    precision, parallel = as_on_gpu(cfg, parallel)
+    with mode or contextlib.nullcontext(), _real_mesh(mode):
         model = model.to_empty(device="cpu").train() if fake else model.train()
         engine = engines.build_engine(model, lambda m: build_optimizer(m, t, 1), parallel, chunk,
-                                      torch.device("cpu"), t.grad_clip)
+                                      torch.device("cpu"), t.grad_clip, precision)
         images = torch.zeros(share, 3, cfg.model.image_size, cfg.model.image_size)
         labels = torch.arange(share) // t.samples_per_class
         if parallel.name == "fsdp2":
