@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import distributed  # noqa: E402
+from pipeline.dist import distributed  # noqa: E402
 from pipeline.config import ParallelConfig, load_config  # noqa: E402
 from pipeline.dist.distributed import world_from_env  # noqa: E402
 from pipeline.dist.engine import Engine, build_engine  # noqa: E402
@@ -35,11 +35,15 @@ def batch(size: int):
 
 
 def compare(got: dict, ref: dict, start: dict) -> dict:
-    """Per tensor ||got - ref|| / ||ref - start||, over the tensors that moved (an update at least 1e-3
-    of the largest: a bias with a zero gradient moves by rounding noise only); and over all weights."""
+    """Per tensor ||got - ref|| / ||ref - start||, over the tensors that moved (an update at least 1e-2
+    of the largest), and over all weights. Why 1e-2: in clip_vitl14_hf's step a LayerNorm weight whose
+    update is 2.4e-3 of the largest (its gradient a sum of 4 x 257 near-cancelling terms) differs by
+    2.7% between two one-pass steps that only batch the forward differently (chunk 1 against 4), the
+    same 2.7% as two-pass against one-pass: the reference's own rounding noise, not the step's
+    (BENCHMARKS.md, issue 26)."""
     updates = {n: float((ref[n] - start[n]).norm()) for n in ref if ref[n].is_floating_point()}
     largest = max(updates.values())
-    errors = {n: float((got[n] - ref[n]).norm()) / u for n, u in updates.items() if u >= 1e-3 * largest}
+    errors = {n: float((got[n] - ref[n]).norm()) / u for n, u in updates.items() if u >= 1e-2 * largest}
     total = sum(float((got[n] - ref[n]).norm()) ** 2 for n in updates) ** 0.5 / sum(u ** 2 for u in updates.values()) ** 0.5
     worst = max(errors, key=errors.get)
     return {"max_update_error": errors[worst], "worst_tensor": worst, "total_update_error": total,

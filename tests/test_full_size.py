@@ -56,18 +56,11 @@ def image_tower(name: str, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def backbone_count(name: str, cfg: ModelConfig) -> int:
-    """The parameter count the preset must have: the library's own image tower (built on the meta
-    device: no memory), at 224 px. transformers' position embedding is the config's (518 px for
-    DINOv2), and the preset at 224 px has fewer positions: counted at the preset's size."""
-    reference = upstream(name, cfg, "meta")
-    if cfg.family == "transformers":
-        import transformers
-
-        model_cls, config_cls, sizes = HF_CONFIGS[name]
-        sizes = {**sizes, "image_size": cfg.image_size}
-        with torch.device("meta"):
-            reference = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**sizes))
-    return count(image_tower(name, reference))
+    """The parameter count the preset must have: the library's own image tower of that name (built on
+    the meta device: no memory). transformers: the released config, whose position embedding is for
+    its own image size (518 px for DINOv2: 1,370 positions), kept and interpolated at 224 px, as
+    transformers does with the released weights."""
+    return count(image_tower(name, upstream(name, cfg, "meta")))
 
 
 def test_vitl14_forward_of_one_image_at_full_size():
@@ -127,9 +120,9 @@ def test_preset_at_full_size_loads_upstream_weights(name, tmp_path):
 @pytest.mark.parametrize("name", ["vitl14_clip", "dinov2_vitl14", "dinov2_vitl14_hf", "clip_vitl14_hf"])
 def test_vitl14_two_pass_step_at_full_size(name):
     """parallel=none, grad checkpointing on, global batch 4 (2 classes x 2), chunk 1: the two-pass
-    step equals the one-pass step on the whole batch (per tensor, 1e-2 of the update)."""
+    step equals the one-pass step on the whole batch (per tensor, 1e-2 of the update; 1e-3 over all)."""
     result = run_step(1, name, "none")
-    assert result["max_update_error"] <= 1e-2, result
+    assert result["max_update_error"] <= 1e-2 and result["total_update_error"] <= 1e-3, result
 
 
 def free_gb() -> float:
@@ -145,7 +138,7 @@ def test_vitg14_sharded_step_equals_one_process(name, backend):
     if free_gb() < 20:
         pytest.skip(f"a ViT-g/14 step on 2 processes and one needs about 20 GB free; {free_gb():.0f} GB are")
     result = run_step(2, name, backend)
-    assert result["max_update_error"] <= 1e-2, result
+    assert result["max_update_error"] <= 1e-2 and result["total_update_error"] <= 1e-3, result
 
 
 def run_step(nproc: int, name: str, backend: str) -> dict:

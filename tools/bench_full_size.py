@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
 
-from pipeline import distributed  # noqa: E402
+from pipeline.dist import distributed  # noqa: E402
 from pipeline.config import ParallelConfig, load_config  # noqa: E402
 from pipeline.dist.distributed import pick_device, world_from_env  # noqa: E402
 from pipeline.dist.engine import build_engine  # noqa: E402
