@@ -16,6 +16,10 @@ from pipeline.plan import estimate
 from pipeline.plan.simulate import Measurement, fake_group, simulate
 
 TINY = ["model.depth=2", "model.embed_dim=32", "train.global_batch=32", "train.chunk_size=8"]
+# A small open_clip ViT (the ViT-L/14 and ViT-g/14 presets' code, activation checkpointing on), in bf16
+# autocast as a GPU run of train.precision=auto does.
+SMALL_CLIP = ["model=vitl14_clip", "model.depth=4", "model.width=64", "model.heads=2", "model.image_size=56",
+              "model.embed_dim=32", "train.precision=bf16", "train.global_batch=32", "train.chunk_size=8"]
 
 
 def fake(cfg, world: int, chunk: int, **kw) -> Measurement:
@@ -51,6 +55,27 @@ def assert_same_step(fake_m: Measurement, real: dict) -> None:
 def test_fake_step_equals_real_step_one_process(parallel):
     cfg = load_config([f"parallel={parallel}", *TINY])
     assert_same_step(fake(cfg, 1, 8), dataclasses.asdict(real_one_process(cfg, 8)))
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no_checkpointing"])
+@pytest.mark.parametrize("parallel", ["fsdp2", "none"])
+def test_fake_step_equals_real_step_small_clip_bf16(parallel, checkpointing):
+    cfg = load_config([f"parallel={parallel}", *SMALL_CLIP, f"model.grad_checkpointing={checkpointing}"])
+    assert_same_step(fake(cfg, 1, 8), dataclasses.asdict(real_one_process(cfg, 8)))
+
+
+def test_checkpointing_keeps_fewer_activations_and_frees_them():
+    """Pass 2's activations grow with the chunk, are fewer with checkpointing, and none are left when the
+    optimizer runs (FlopCounterMode's own module tracker kept the recomputed ones alive: simulate._WholeStep)."""
+    def activations(checkpointing: bool, chunk: int, phase: str = "pass2") -> int:
+        cfg = load_config(["parallel=none", *SMALL_CLIP, f"model.grad_checkpointing={checkpointing}"])
+        return fake(cfg, 1, chunk, steps=1).phase_at_peak[phase].get("Activation", 0)
+
+    with_ac = {chunk: activations(True, chunk) for chunk in (4, 8)}
+    without = {chunk: activations(False, chunk) for chunk in (4, 8)}
+    assert with_ac[4] < with_ac[8] and without[4] < without[8]
+    assert with_ac[8] < 0.6 * without[8]
+    assert activations(True, 8, "optimizer") < 0.01 * with_ac[8]  # a few scalars (the gradient norm)
 
 
 @pytest.mark.slow

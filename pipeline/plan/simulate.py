@@ -10,8 +10,9 @@ MemTracker (others), its FLOPs by FlopCounterMode, its collectives by wrapping t
 
 The loss makes data-dependent calls (sorting labels into classes, `int(count.max())`) that fake
 tensors cannot answer, so it runs on real tensors of the same shapes (`RealLoss`: random unit
-embeddings, P x K labels), outside the fake mode but inside the tracker: RS@k at B = 4,000 costs
-about a second on a CPU, and its matrices count in the peak.
+embeddings, P x K labels), outside the fake mode: RS@k at B = 4,000 costs about a second on a CPU.
+The rank's tracker ignores what runs outside its fake mode, so the loss runs under a MemTracker of
+its own, and its peak (matrices, gradient) is added to what the rank holds when the loss is called.
 
 A fake op costs the same whatever its size, so a simulated rank embeds only two chunks per step
 (`simulated_share`): enough for the accumulation without gradient sync (chunks before the last)
@@ -41,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.config import Config
 from pipeline.dist import distributed
 from pipeline.dist import engine as engines
+from pipeline.dist.precision import resolve, resolve_param_dtype
 from pipeline.losses import build_loss, set_step
 from pipeline.models.encoders import build_encoder
 from pipeline.train.optim import build_optimizer
@@ -106,6 +108,7 @@ class RealLoss(Unhooked):
     def __init__(self, loss: nn.Module, rows: int, samples_per_class: int):
         super().__init__(loss)
         self.rows, self.k = rows, samples_per_class
+        self.on_peak = lambda nbytes: None  # told the real loss's own peak bytes (_Phases.transient)
 
     def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _Real.apply(embeddings, self, None)
@@ -117,8 +120,10 @@ class RealLoss(Unhooked):
         gen = torch.Generator().manual_seed(0)
         x = nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=1).requires_grad_()
         y = torch.arange(rows) // self.k
-        loss = self.loss.forward(x, y) if share is None else self.loss.partial(x, y, *share)
-        torch.autograd.grad(loss, x)
+        with MemTracker() as own:  # x stands for the gathered embeddings, which the rank's tracker holds already
+            loss = self.loss.forward(x, y) if share is None else self.loss.partial(x, y, *share)
+            torch.autograd.grad(loss, x)
+        self.on_peak(_total(own.get_tracker_snapshot("peak")))
 
 
 class _Real(torch.autograd.Function):
@@ -137,7 +142,7 @@ class _Real(torch.autograd.Function):
 class _Phases:
     """two_pass_step's timer: records, per phase, the memory at its start, the tracked peak inside it
     (the tracker's peak is reset to the current total at each phase start: MemTracker keeps it in
-    _peak_mem/_peak_mem_snap) and the FLOPs counted in it."""
+    _peak_mem/_peak_mem_snap), memory the tracker cannot see (`transient`) and the FLOPs counted in it."""
 
     def __init__(self, tracker: MemTracker, flops: FlopCounterMode):
         self.tracker, self.flops = tracker, flops
@@ -154,15 +159,23 @@ class _Phases:
         self.tracker._peak_mem = {dev: snap.get("Total", 0) for dev, snap in current.items()}
         self.tracker._peak_mem_snap = deepcopy(current)
         before = self.flops.get_total_flops()
+        self._unseen = (0, {})
         yield
         self.end = _categories(self.tracker.get_tracker_snapshot("current"))
         peak = self.tracker.get_tracker_snapshot("peak")
-        categories = _categories(peak)
-        if _total(peak) > self.peak.get(name, -1):
-            self.peak[name], self.at[name] = _total(peak), categories
-        if _total(peak) > self.overall:
-            self.overall, self.at_peak = _total(peak), categories
+        total, categories = max((_total(peak), _categories(peak)), self._unseen, key=lambda tc: tc[0])
+        if total > self.peak.get(name, -1):
+            self.peak[name], self.at[name] = total, categories
+        if total > self.overall:
+            self.overall, self.at_peak = total, categories
         self.counted[name] += self.flops.get_total_flops() - before
+
+    def transient(self, nbytes: int, label: str = "Loss (real values)") -> None:
+        """`nbytes` held for a moment now, outside the tracker's sight (RealLoss's own peak): a peak
+        candidate of the current total plus them."""
+        current = self.tracker.get_tracker_snapshot("current")
+        if _total(current) + nbytes > self._unseen[0]:
+            self._unseen = (_total(current) + nbytes, {**_categories(current), label: nbytes})
 
 
 def _categories(snapshot: dict) -> dict[str, int]:
@@ -171,6 +184,30 @@ def _categories(snapshot: dict) -> dict[str, int]:
 
 def _total(snapshot: dict) -> int:
     return sum(snap.get("Total", 0) for snap in snapshot.values())
+
+
+class _WholeStep:
+    """FlopCounterMode's module tracker replaced by one that knows only "Global" (the total is all the
+    plan reads). Its own ModuleTracker registers a multi-grad hook on each module's outputs and keeps
+    every handle until the counter exits; the hooks it registers while activation checkpointing
+    recomputes a block in the backward keep that recomputation's activations alive, so under the
+    counter a checkpointed step peaks (and enters its optimizer) as if nothing were checkpointed, in a
+    real run as in a fake one (tests/test_plan.py measures both)."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        pass
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that counts the whole step without tracking modules (see _WholeStep)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _WholeStep()
+    return counter
 
 
 class _ResetEachCall:
@@ -244,15 +281,6 @@ def fake_group(world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def gpu_precision(cfg: Config) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """(autocast dtype, FSDP2 parameter dtype) of a GPU run: train.precision=auto|bf16 -> bf16 autocast;
-    parallel.param_dtype=auto under fsdp2/zero* or bf16 -> bf16 parameters in compute."""
-    autocast = None if cfg.train.precision == "fp32" else torch.bfloat16
-    sharded = cfg.parallel.name == "fsdp2" or cfg.parallel.name.startswith("zero")
-    bf16_params = cfg.parallel.param_dtype == "bf16" or (cfg.parallel.param_dtype == "auto" and sharded)
-    return autocast, (torch.bfloat16 if bf16_params else None)
-
-
 @contextlib.contextmanager
 def _real_mesh(fake: FakeTensorMode | None) -> Iterator[None]:
     """The device mesh made on real tensors (it reads its rank map with .tolist())."""
@@ -272,12 +300,13 @@ def _real_mesh(fake: FakeTensorMode | None) -> Iterator[None]:
 
 
 def as_on_gpu(cfg: Config, parallel) -> tuple[str, object]:
-    """(train.precision, parallel) as a GPU run resolves them, given to the engine explicitly: on the
-    CPU device it then runs bf16 CPU autocast and FSDP2's MixedPrecisionPolicy (param bf16, reduce
-    fp32) as it would CUDA's."""
-    autocast, param_dtype = gpu_precision(cfg)
-    precision = "fp32" if autocast is None else "bf16"
-    return precision, dataclasses.replace(parallel, param_dtype="fp32" if param_dtype is None else "bf16")
+    """(train.precision, parallel) as a GPU run resolves them (pipeline/dist/precision.py, on a CUDA
+    device), given to the engine explicitly: on the CPU device it then runs bf16 CPU autocast and
+    FSDP2's MixedPrecisionPolicy as it would CUDA's. train.precision=fp32 (recipe=rsk) keeps fp32
+    weights under every backend, as the run does."""
+    gpu = torch.device("cuda")
+    param_dtype = resolve_param_dtype(cfg.parallel.param_dtype, cfg.parallel.name, cfg.train.precision, gpu)
+    return resolve(cfg.train.precision, gpu), dataclasses.replace(parallel, param_dtype=param_dtype)
 
 
 def _parameters(model: nn.Module) -> tuple[int, int, int]:
@@ -322,10 +351,11 @@ def simulate(cfg: Config, chunk: int, fake: bool = True, steps: int = 2, backend
             tracker = MemTracker()
             tracker.track_external(engine.module, engine.optimizer, images, labels)
         engine.model = _ResetEachCall(engine.model, tracker)
-        flops = FlopCounterMode(display=False)
+        flops = flop_counter()
         step_loss = loss if fake else Unhooked(loss.loss)  # for real: the loss itself, on the real embeddings
         for step in range(steps):
             phases, traffic.sent = _Phases(tracker, flops), {}  # the last step's figures are kept
+            loss.on_peak = phases.transient
             with tracker, flops, traffic.counting():
                 set_step(loss.loss, step)
                 two_pass_step(engine, images, labels, step_loss, chunk, cfg.seed, step, phases)
