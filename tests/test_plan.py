@@ -12,7 +12,7 @@ import torch.distributed as dist
 from conftest import REPO, run_pipeline
 
 from pipeline.config import load_config
-from pipeline.plan import estimate
+from pipeline.plan import depth, estimate
 from pipeline.plan.simulate import Measurement, fake_group, simulate
 
 TINY = ["model.depth=2", "model.embed_dim=32", "train.global_batch=32", "train.chunk_size=8"]
@@ -76,6 +76,26 @@ def test_checkpointing_keeps_fewer_activations_and_frees_them():
     assert with_ac[4] < with_ac[8] and without[4] < without[8]
     assert with_ac[8] < 0.6 * without[8]
     assert activations(True, 8, "optimizer") < 0.01 * with_ac[8]  # a few scalars (the gradient norm)
+
+
+@pytest.mark.parametrize("parallel,world", [("fsdp2", 8), ("zero3", 1)])
+def test_two_small_depths_extrapolate_exactly_to_the_full_depth(parallel, world):
+    """Every figure of the step at 8 blocks, from 3 and 5 blocks (depth.py), equals the simulation of all
+    8, to the byte and FLOP (zero3 simulates the single-device engine)."""
+    cfg = load_config([f"parallel={parallel}", *SMALL_CLIP, "model.depth=8", f"train.global_batch={8 * world}",
+                       "plan.nodes=1", f"plan.gpus_per_node={world}"])
+    assert depth.full_depth(cfg) == 8 and depth.simulated_depths(cfg, 8) == (3, 5)
+    whole, scaled = (flat(dataclasses.asdict(estimate.measure(cfg, 4, d))) for d in (None, 8))
+    whole.pop("seconds"), scaled.pop("seconds")
+    assert scaled == pytest.approx(whole, rel=1e-12)
+
+
+def flat(figures: dict, prefix: str = "") -> dict[str, float]:
+    """Nested dicts of figures as {"a.b": value}, the zeros left out."""
+    out = {}
+    for k, v in figures.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v} if v else {})
+    return out
 
 
 @pytest.mark.slow

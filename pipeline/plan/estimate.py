@@ -24,6 +24,7 @@ from pipeline.config import Config
 from pipeline.dist.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.plan import gpus
+from pipeline.plan.depth import at_depth, extrapolate, full_depth, simulated_depths
 from pipeline.plan.simulate import Measurement, fake_group, simulate
 
 GIB = 2 ** 30
@@ -63,11 +64,19 @@ def world_size(cfg: Config) -> int:
     return cfg.plan.nodes * cfg.plan.gpus_per_node
 
 
-def measure(cfg: Config, chunk: int) -> Measurement:
-    """One fake run (two steps) at `chunk`, on the engine that stands for parallel.name."""
+def measure(cfg: Config, chunk: int, depth: int | None = None) -> Measurement:
+    """The fake step (two steps) at `chunk`, on the engine that stands for parallel.name; `depth`: the
+    model's number of blocks, to simulate two smaller depths and extrapolate exactly (depth.py)."""
     backend = "none" if cfg.parallel.name.startswith("zero") else None
-    with fake_group(world_size(cfg)):
-        return simulate(cfg, chunk, backend=backend)
+    depths = simulated_depths(cfg, depth) if depth else None
+    if not depths:
+        with fake_group(world_size(cfg)):
+            return simulate(cfg, chunk, backend=backend)
+    runs = []
+    for d in depths:
+        with fake_group(world_size(cfg)):
+            runs.append(simulate(at_depth(cfg, d), chunk, backend=backend))
+    return extrapolate(*runs, *depths, depth)
 
 
 def image_bytes(cfg: Config) -> int:
@@ -218,13 +227,16 @@ def plan(cfg: Config, log=print) -> dict:
     runs: list[float] = []
 
     def measure_fit(chunk: int) -> Fit:
-        log(f"simulating {world} ranks, chunk {chunk} ...")
-        m = measure(cfg, chunk)
+        blocks = simulated_depths(cfg, depth) if depth else None
+        log(f"simulating {world} ranks, chunk {chunk}" + (f", {blocks[0]} and {blocks[1]} of {depth} blocks" if blocks else "")
+            + " ...")
+        m = measure(cfg, chunk, depth)
         runs.append(m.seconds)
         measured[chunk] = m
         return fit_of(cfg, m)
 
     measured: dict[int, Measurement] = {}
+    depth = None if cfg.plan.all_blocks else full_depth(cfg)
     first = measure_fit(cfg.train.chunk_size)
     m = measured[cfg.train.chunk_size]
     best, fits = largest_chunk(cfg, first, measure_fit, budget) if cfg.plan.search else (None, [first])
@@ -244,7 +256,7 @@ def plan(cfg: Config, log=print) -> dict:
         "global_batch": cfg.train.global_batch, "chunk_size": cfg.train.chunk_size,
         "precision": {"autocast": "fp32" if cfg.train.precision == "fp32" else "bf16", "param_dtype": cfg.parallel.param_dtype},
         "fits": first.total <= budget, "peak_gb_per_gpu": first.total / GIB, "tracked_peak_gb": first.tracked / GIB,
-        "largest_chunk": best.chunk if best else None,
+        "searched": cfg.plan.search, "largest_chunk": best.chunk if best else None,
         "largest_chunk_peak_gb": best.total / GIB if best else None,
         "memory_gb": memory, "phases_gb": {k: v / GIB for k, v in first.phases.items()},
         "chunks_measured": {f.chunk: f.total / GIB for f in fits},
@@ -255,5 +267,6 @@ def plan(cfg: Config, log=print) -> dict:
         "compute_s": compute_s, "comm_s": comm_s, "step_s": step_s,
         "train_images": train_images(cfg), "steps_per_epoch": steps,
         "epoch_h": steps * step_s / 3600, "gpu_hours_per_epoch": steps * step_s / 3600 * world,
-        "simulation_s": runs,
+        "simulation_s": runs, "blocks": depth,
+        "blocks_simulated": list(simulated_depths(cfg, depth) or []) if depth else None,
     }
