@@ -41,7 +41,8 @@ FRAGMENTATION = 0.10
 # Images in the training split (the standard class-disjoint splits): SOP 59,551 (Oh Song et al. 2016),
 # CUB-200-2011 first 100 classes 5,864, Cars196 first 98 classes 8,054, In-Shop train 25,882.
 TRAIN_IMAGES = {"sop": 59551, "cub": 5864, "cars": 8054, "inshop": 25882}
-STATES = ("Parameter", "Gradient", "Optstate")  # MemTracker's model-state categories (the single-device engine)
+STATES = ("Parameter", "Gradient", "Optstate")
+MAX_RUNS = 8  # fake runs (chunk sizes) the search may make  # MemTracker's model-state categories (the single-device engine)
 
 
 @dataclasses.dataclass
@@ -138,28 +139,35 @@ def predict(a: Fit, b: Fit, chunk: int) -> float:
 
 
 def largest_chunk(cfg: Config, first: Fit, measure_fit, budget: float) -> tuple[Fit | None, list[Fit]]:
-    """The largest valid chunk whose total fits `budget` bytes: a second measured chunk pins each
-    phase's line, the line's answer is confirmed by one more fake run (stepping down while the
-    confirmation does not fit). Returns (its Fit or None, every Fit measured)."""
+    """The largest valid chunk whose total fits `budget` bytes. Below the whole share a step accumulates
+    over several chunks, and each phase's peak is linear in the chunk: two measured chunks pin the line,
+    and the line's answer is confirmed by one more fake run (stepping down while it does not fit, up
+    while the next chunk fits too: the line is close, not exact). A
+    chunk of the whole share is off that line (one chunk, no accumulation: FSDP2 then holds no unsharded
+    gradients between chunks), so it is measured first, as the largest candidate. Returns (its Fit or
+    None, every Fit measured)."""
     chunks = valid_chunks(cfg)
-    other = [c for c in chunks if c <= first.chunk // 2] or [c for c in chunks if c != first.chunk]
-    if not other:
-        return (first if first.total <= budget else None), [first]
-    second = measure_fit(other[-1] if other[-1] < first.chunk else other[0])
-    fits = [first, second]
-    lo, hi = sorted(fits, key=lambda f: f.chunk)
-    candidates = [c for c in chunks if predict(lo, hi, c) <= budget]
-    for chunk in reversed(candidates):
-        known = next((f for f in fits if f.chunk == chunk), None)
-        confirmed = known or measure_fit(chunk)
-        if not known:
-            fits.append(confirmed)
-        if confirmed.total <= budget:
-            return confirmed, fits
-        if len(fits) >= 5:
-            break
-    fitting = [f for f in fits if f.total <= budget]
-    return (max(fitting, key=lambda f: f.chunk) if fitting else None), fits
+    share, below = chunks[-1], chunks[:-1]
+    fits = {first.chunk: first}
+
+    def fit(chunk: int) -> Fit:
+        if chunk not in fits:
+            fits[chunk] = measure_fit(chunk)
+        return fits[chunk]
+
+    candidates = below
+    if len(below) >= 2:
+        a = first.chunk if first.chunk < share else below[-1]
+        b = next((c for c in reversed(below) if c <= a // 2), None) or next(c for c in below if c != a)
+        lo, hi = sorted((fit(a), fit(b)), key=lambda f: f.chunk)
+        candidates = [c for c in below if predict(lo, hi, c) <= budget]
+    best = next((c for c in reversed([*candidates, share]) if fit(c).total <= budget or len(fits) >= MAX_RUNS), None)
+    if best is None or fits[best].total > budget:  # nothing confirmed: the largest measured that fits, if any
+        fitting = [f for f in fits.values() if f.total <= budget]
+        return (max(fitting, key=lambda f: f.chunk) if fitting else None), list(fits.values())
+    while best != share and len(fits) < MAX_RUNS and fit(up := chunks[chunks.index(best) + 1]).total <= budget:
+        best = up
+    return fits[best], list(fits.values())
 
 
 def flops_per_step(cfg: Config, m: Measurement) -> float:
