@@ -41,8 +41,7 @@ FRAGMENTATION = 0.10
 # Images in the training split (the standard class-disjoint splits): SOP 59,551 (Oh Song et al. 2016),
 # CUB-200-2011 first 100 classes 5,864, Cars196 first 98 classes 8,054, In-Shop train 25,882.
 TRAIN_IMAGES = {"sop": 59551, "cub": 5864, "cars": 8054, "inshop": 25882}
-STATES = ("Parameter", "Gradient", "Optstate")
-MAX_RUNS = 8  # fake runs (chunk sizes) the search may make  # MemTracker's model-state categories (the single-device engine)
+MAX_RUNS = 8  # fake runs (chunk sizes) the search may make
 
 
 @dataclasses.dataclass
@@ -115,11 +114,12 @@ def fit_of(cfg: Config, m: Measurement) -> Fit:
         buckets = 4.0 * m.trainable
         phases = {k: v + buckets for k, v in phases.items()}
         categories["DDP gradient buckets (closed form)"] = buckets
-    elif name.startswith("zero"):
+    elif name.startswith("zero"):  # the peak of all but the whole model states, plus ZeRO's sharded ones
         states = zero_states(cfg, m)
-        phases = {k: m.phase_peak[k] + extra - sum(m.phase_at_peak[k].get(s, 0) for s in STATES) + states
-                  for k in m.phase_peak}
-        categories = {k: v for k, v in categories.items() if k not in STATES}
+        phases = {k: m.phase_rest[k] + extra + states for k in m.phase_rest}
+        top = max(phases, key=phases.get)
+        categories = {k: float(v) for k, v in m.phase_rest_at[top].items()}
+        categories["Inputs (rest of the share)"] = float(extra)
         categories["ZeRO model states (DeepSpeed estimator)"] = float(states)
     return Fit(m.chunk, phases, categories)
 
@@ -226,8 +226,10 @@ def train_images(cfg: Config) -> int:
     return TRAIN_IMAGES[cfg.data.name]
 
 
-def plan(cfg: Config, log=print) -> dict:
-    """Everything plan.json holds. Raises UserError for a cluster the settings cannot run on."""
+def plan(cfg: Config, log=print, measured: dict[int, Measurement] | None = None) -> dict:
+    """Everything plan.json holds. Raises UserError for a cluster the settings cannot run on.
+    `measured`: chunk -> Measurement, shared by plans that differ only in the GPU (memory does not
+    depend on it, only the budget and the times do: tools/plan_table.py); filled as the plan measures."""
     world = world_size(cfg)
     check_shares(cfg.train, world)
     gpu = gpus.gpu(cfg.plan.gpu, cfg.plan.gpu_memory_gb)
@@ -235,15 +237,15 @@ def plan(cfg: Config, log=print) -> dict:
     runs: list[float] = []
 
     def measure_fit(chunk: int) -> Fit:
-        blocks = simulated_depths(cfg, depth) if depth else None
-        log(f"simulating {world} ranks, chunk {chunk}" + (f", {blocks[0]} and {blocks[1]} of {depth} blocks" if blocks else "")
-            + " ...")
-        m = measure(cfg, chunk, depth)
-        runs.append(m.seconds)
-        measured[chunk] = m
-        return fit_of(cfg, m)
+        if chunk not in measured:
+            blocks = simulated_depths(cfg, depth) if depth else None
+            log(f"simulating {world} ranks, chunk {chunk}" + (f", {blocks[0]} and {blocks[1]} of {depth} blocks" if blocks
+                                                              else "") + " ...")
+            measured[chunk] = measure(cfg, chunk, depth)
+            runs.append(measured[chunk].seconds)
+        return fit_of(cfg, measured[chunk])
 
-    measured: dict[int, Measurement] = {}
+    measured = {} if measured is None else measured
     depth = None if cfg.plan.all_blocks else full_depth(cfg)
     first = measure_fit(cfg.train.chunk_size)
     m = measured[cfg.train.chunk_size]

@@ -69,6 +69,8 @@ class Measurement:
     phase_start: dict[str, int]       # ... and the memory when it began
     phase_at_peak: dict[str, dict[str, int]]  # ... and the categories at that phase's peak
     at_end: dict[str, int]            # categories after the step (the optimizer's state, no gradients)
+    phase_rest: dict[str, int]        # single-device engine: phase -> the peak of all but the model states
+    phase_rest_at: dict[str, dict[str, int]]  # ... and the categories then (ZeRO shards the states: estimate.py)
     phase_flops: dict[str, float]     # phase -> FLOPs per step
     sent: dict[str, float]            # collective -> bytes this rank sends per step
     parameters: int                   # the model's parameters (all, unsharded)
@@ -151,6 +153,8 @@ class _Phases:
         self.at: dict[str, dict[str, int]] = {}
         self.counted: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.overall, self.at_peak = 0, {}
+        self.rest: dict[str, int] = {}
+        self.rest_at: dict[str, dict[str, int]] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -158,14 +162,21 @@ class _Phases:
         self.start[name] = _total(current)
         self.tracker._peak_mem = {dev: snap.get("Total", 0) for dev, snap in current.items()}
         self.tracker._peak_mem_snap = deepcopy(current)
+        apart = isinstance(self.tracker, _StatesApart)
+        if apart:
+            self.tracker.rest = self.tracker.rest_now()
         before = self.flops.get_total_flops()
-        self._unseen = (0, {})
+        self._unseen, self._unseen_rest = (0, {}), (0, {})
         yield
         self.end = _categories(self.tracker.get_tracker_snapshot("current"))
         peak = self.tracker.get_tracker_snapshot("peak")
         total, categories = max((_total(peak), _categories(peak)), self._unseen, key=lambda tc: tc[0])
         if total > self.peak.get(name, -1):
             self.peak[name], self.at[name] = total, categories
+        if apart:
+            rest, rest_at = max(self.tracker.rest, self._unseen_rest, key=lambda tc: tc[0])
+            if rest > self.rest.get(name, -1):
+                self.rest[name], self.rest_at[name] = rest, rest_at
         if total > self.overall:
             self.overall, self.at_peak = total, categories
         self.counted[name] += self.flops.get_total_flops() - before
@@ -176,6 +187,10 @@ class _Phases:
         current = self.tracker.get_tracker_snapshot("current")
         if _total(current) + nbytes > self._unseen[0]:
             self._unseen = (_total(current) + nbytes, {**_categories(current), label: nbytes})
+        if isinstance(self.tracker, _StatesApart):
+            rest, rest_at = self.tracker.rest_now()
+            if rest + nbytes > self._unseen_rest[0]:
+                self._unseen_rest = (rest + nbytes, {**rest_at, label: nbytes})
 
 
 def _categories(snapshot: dict) -> dict[str, int]:
@@ -184,6 +199,29 @@ def _categories(snapshot: dict) -> dict[str, int]:
 
 def _total(snapshot: dict) -> int:
     return sum(snap.get("Total", 0) for snap in snapshot.values())
+
+
+MODEL_STATES = ("Parameter", "Gradient", "Optstate")  # MemTracker's categories of parameters, gradients, AdamW state
+
+
+class _StatesApart(MemTracker):
+    """MemTracker that also keeps the peak of everything but the model states (`rest`: bytes, categories).
+    ZeRO shards the states, so its peak is another moment of the step than the single-device engine's
+    (whose whole gradients peak at the end of the backward): estimate.py adds DeepSpeed's states to this."""
+
+    def __init__(self):
+        super().__init__()
+        self.rest: tuple[int, dict[str, int]] = (0, {})
+
+    def rest_now(self) -> tuple[int, dict[str, int]]:
+        rest = {k: v for k, v in _categories(self.get_tracker_snapshot("current")).items() if k not in MODEL_STATES}
+        return sum(rest.values()), rest
+
+    def _update_peak_stats(self, peak_state) -> None:
+        super()._update_peak_stats(peak_state)
+        now = self.rest_now()
+        if now[0] > self.rest[0]:
+            self.rest = now
 
 
 class _WholeStep:
@@ -348,7 +386,7 @@ def simulate(cfg: Config, chunk: int, fake: bool = True, steps: int = 2, backend
             tracker = FSDPMemTracker(engine.module, engine.optimizer)
             tracker.track_inputs((images, labels))
         else:
-            tracker = MemTracker()
+            tracker = _StatesApart()
             tracker.track_external(engine.module, engine.optimizer, images, labels)
         engine.model = _ResetEachCall(engine.model, tracker)
         flops = flop_counter()
@@ -360,4 +398,5 @@ def simulate(cfg: Config, chunk: int, fake: bool = True, steps: int = 2, backend
                 set_step(loss.loss, step)
                 two_pass_step(engine, images, labels, step_loss, chunk, cfg.seed, step, phases)
     return Measurement(world, chunk, share, loss.rows or world * share, phases.overall, phases.at_peak,
-                       phases.peak, phases.start, phases.at, phases.end, phases.counted, traffic.sent, *counts, time.perf_counter() - tic)
+                       phases.peak, phases.start, phases.at, phases.end, phases.rest, phases.rest_at, phases.counted,
+                       traffic.sent, *counts, time.perf_counter() - tic)
