@@ -4,6 +4,11 @@
 #   sbatch slurm/finetune_vitg.sh run_dir=runs/vitg-sop data=sop data.root=/data/sop model.pretrained=/weights/vitg.bin
 #   sbatch --nodes=2 --gpus-per-node=0 --cpus-per-task=2 slurm/finetune_vitg.sh model=tiny data=digits train.max_steps=20 run_dir=runs/tiny
 # (the last: the same job, small, on CPU nodes; a node with fewer CPUs than --cpus-per-task never starts it)
+# Plan it first, on any CPU (docs/plan.md; about a minute), for these settings with recipe=rsk data=sop:
+#   python pipeline/run.py stage=plan run_dir=runs/plan-vitg recipe=rsk data=sop model=vitg14_clip parallel=zero3 plan.nodes=2 plan.gpus_per_node=8 plan.gpu=H100-80GB
+#   answer (2x8 H100-80GB, global batch 4000, chunk 50, fp32 as the recipe trains): fits, 7.2 of 79.1 GiB per
+#   GPU; largest chunk 250, the whole share (25.6 GiB); epoch 42 s (14 steps of 2.99 s at MFU 0.3), 0.2 GPU-hours.
+#   On one node (plan.nodes=1, 8 H100-80GB): 8.5 GiB per GPU; largest chunk 500 (49.9 GiB); epoch 60 s (14 x 4.27 s).
 #SBATCH --job-name=finetune-vitg
 #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --cpus-per-task=64
 #SBATCH --time=24:00:00

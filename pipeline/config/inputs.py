@@ -41,6 +41,7 @@ CLASS = {
     "serve.max_bytes": "serve",
     "plan.nodes": "none", "plan.gpus_per_node": "none", "plan.gpu": "none", "plan.gpu_memory_gb": "none",
     "plan.mfu": "none", "plan.bandwidth_gbps": "none", "plan.train_images": "none", "plan.search": "none",
+    "plan.all_blocks": "none",
     # data
     "data.name": "shard", "data.root": "shard", "data.image_size": "shard", "data.image_format": "shard",
     "data.test_fraction": "shard", "data.shard_max_count": "shard", "data.shard_max_size": "shard",

@@ -350,6 +350,7 @@ class PlanConfig:
     bandwidth_gbps: float | None = None  # Gbit/s each GPU sends at; None = NVLink on one node, the NIC between nodes
     train_images: int | None = None  # the training split's images, for the epoch time; None = the dataset's known count
     search: bool = True             # search the largest train.chunk_size that fits
+    all_blocks: bool = False        # simulate every transformer block; false: two small depths, extrapolated exactly (pipeline/plan/depth.py)
 
     def check(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1 or not 0 < self.mfu <= 1:

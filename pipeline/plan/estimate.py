@@ -24,6 +24,7 @@ from pipeline.config import Config
 from pipeline.dist.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.plan import gpus
+from pipeline.plan.depth import at_depth, extrapolate, full_depth, simulated_depths
 from pipeline.plan.simulate import Measurement, fake_group, simulate
 
 GIB = 2 ** 30
@@ -40,7 +41,7 @@ FRAGMENTATION = 0.10
 # Images in the training split (the standard class-disjoint splits): SOP 59,551 (Oh Song et al. 2016),
 # CUB-200-2011 first 100 classes 5,864, Cars196 first 98 classes 8,054, In-Shop train 25,882.
 TRAIN_IMAGES = {"sop": 59551, "cub": 5864, "cars": 8054, "inshop": 25882}
-STATES = ("Parameter", "Gradient", "Optstate")  # MemTracker's model-state categories (the single-device engine)
+MAX_RUNS = 8  # fake runs (chunk sizes) the search may make
 
 
 @dataclasses.dataclass
@@ -63,11 +64,19 @@ def world_size(cfg: Config) -> int:
     return cfg.plan.nodes * cfg.plan.gpus_per_node
 
 
-def measure(cfg: Config, chunk: int) -> Measurement:
-    """One fake run (two steps) at `chunk`, on the engine that stands for parallel.name."""
+def measure(cfg: Config, chunk: int, depth: int | None = None) -> Measurement:
+    """The fake step (two steps) at `chunk`, on the engine that stands for parallel.name; `depth`: the
+    model's number of blocks, to simulate two smaller depths and extrapolate exactly (depth.py)."""
     backend = "none" if cfg.parallel.name.startswith("zero") else None
-    with fake_group(world_size(cfg)):
-        return simulate(cfg, chunk, backend=backend)
+    depths = simulated_depths(cfg, depth) if depth else None
+    if not depths:
+        with fake_group(world_size(cfg)):
+            return simulate(cfg, chunk, backend=backend)
+    runs = []
+    for d in depths:
+        with fake_group(world_size(cfg)):
+            runs.append(simulate(at_depth(cfg, d), chunk, backend=backend))
+    return extrapolate(*runs, *depths, depth)
 
 
 def image_bytes(cfg: Config) -> int:
@@ -105,11 +114,12 @@ def fit_of(cfg: Config, m: Measurement) -> Fit:
         buckets = 4.0 * m.trainable
         phases = {k: v + buckets for k, v in phases.items()}
         categories["DDP gradient buckets (closed form)"] = buckets
-    elif name.startswith("zero"):
+    elif name.startswith("zero"):  # the peak of all but the whole model states, plus ZeRO's sharded ones
         states = zero_states(cfg, m)
-        phases = {k: m.phase_peak[k] + extra - sum(m.phase_at_peak[k].get(s, 0) for s in STATES) + states
-                  for k in m.phase_peak}
-        categories = {k: v for k, v in categories.items() if k not in STATES}
+        phases = {k: m.phase_rest[k] + extra + states for k in m.phase_rest}
+        top = max(phases, key=phases.get)
+        categories = {k: float(v) for k, v in m.phase_rest_at[top].items()}
+        categories["Inputs (rest of the share)"] = float(extra)
         categories["ZeRO model states (DeepSpeed estimator)"] = float(states)
     return Fit(m.chunk, phases, categories)
 
@@ -129,28 +139,35 @@ def predict(a: Fit, b: Fit, chunk: int) -> float:
 
 
 def largest_chunk(cfg: Config, first: Fit, measure_fit, budget: float) -> tuple[Fit | None, list[Fit]]:
-    """The largest valid chunk whose total fits `budget` bytes: a second measured chunk pins each
-    phase's line, the line's answer is confirmed by one more fake run (stepping down while the
-    confirmation does not fit). Returns (its Fit or None, every Fit measured)."""
+    """The largest valid chunk whose total fits `budget` bytes. Below the whole share a step accumulates
+    over several chunks, and each phase's peak is linear in the chunk: two measured chunks pin the line,
+    and the line's answer is confirmed by one more fake run (stepping down while it does not fit, up
+    while the next chunk fits too: the line is close, not exact). A
+    chunk of the whole share is off that line (one chunk, no accumulation: FSDP2 then holds no unsharded
+    gradients between chunks), so it is measured first, as the largest candidate. Returns (its Fit or
+    None, every Fit measured)."""
     chunks = valid_chunks(cfg)
-    other = [c for c in chunks if c <= first.chunk // 2] or [c for c in chunks if c != first.chunk]
-    if not other:
-        return (first if first.total <= budget else None), [first]
-    second = measure_fit(other[-1] if other[-1] < first.chunk else other[0])
-    fits = [first, second]
-    lo, hi = sorted(fits, key=lambda f: f.chunk)
-    candidates = [c for c in chunks if predict(lo, hi, c) <= budget]
-    for chunk in reversed(candidates):
-        known = next((f for f in fits if f.chunk == chunk), None)
-        confirmed = known or measure_fit(chunk)
-        if not known:
-            fits.append(confirmed)
-        if confirmed.total <= budget:
-            return confirmed, fits
-        if len(fits) >= 5:
-            break
-    fitting = [f for f in fits if f.total <= budget]
-    return (max(fitting, key=lambda f: f.chunk) if fitting else None), fits
+    share, below = chunks[-1], chunks[:-1]
+    fits = {first.chunk: first}
+
+    def fit(chunk: int) -> Fit:
+        if chunk not in fits:
+            fits[chunk] = measure_fit(chunk)
+        return fits[chunk]
+
+    candidates = below
+    if len(below) >= 2:
+        a = first.chunk if first.chunk < share else below[-1]
+        b = next((c for c in reversed(below) if c <= a // 2), None) or next(c for c in below if c != a)
+        lo, hi = sorted((fit(a), fit(b)), key=lambda f: f.chunk)
+        candidates = [c for c in below if predict(lo, hi, c) <= budget]
+    best = next((c for c in reversed([*candidates, share]) if fit(c).total <= budget or len(fits) >= MAX_RUNS), None)
+    if best is None or fits[best].total > budget:  # nothing confirmed: the largest measured that fits, if any
+        fitting = [f for f in fits.values() if f.total <= budget]
+        return (max(fitting, key=lambda f: f.chunk) if fitting else None), list(fits.values())
+    while best != share and len(fits) < MAX_RUNS and fit(up := chunks[chunks.index(best) + 1]).total <= budget:
+        best = up
+    return fits[best], list(fits.values())
 
 
 def flops_per_step(cfg: Config, m: Measurement) -> float:
@@ -209,8 +226,10 @@ def train_images(cfg: Config) -> int:
     return TRAIN_IMAGES[cfg.data.name]
 
 
-def plan(cfg: Config, log=print) -> dict:
-    """Everything plan.json holds. Raises UserError for a cluster the settings cannot run on."""
+def plan(cfg: Config, log=print, measured: dict[int, Measurement] | None = None) -> dict:
+    """Everything plan.json holds. Raises UserError for a cluster the settings cannot run on.
+    `measured`: chunk -> Measurement, shared by plans that differ only in the GPU (memory does not
+    depend on it, only the budget and the times do: tools/plan_table.py); filled as the plan measures."""
     world = world_size(cfg)
     check_shares(cfg.train, world)
     gpu = gpus.gpu(cfg.plan.gpu, cfg.plan.gpu_memory_gb)
@@ -218,13 +237,16 @@ def plan(cfg: Config, log=print) -> dict:
     runs: list[float] = []
 
     def measure_fit(chunk: int) -> Fit:
-        log(f"simulating {world} ranks, chunk {chunk} ...")
-        m = measure(cfg, chunk)
-        runs.append(m.seconds)
-        measured[chunk] = m
-        return fit_of(cfg, m)
+        if chunk not in measured:
+            blocks = simulated_depths(cfg, depth) if depth else None
+            log(f"simulating {world} ranks, chunk {chunk}" + (f", {blocks[0]} and {blocks[1]} of {depth} blocks" if blocks
+                                                              else "") + " ...")
+            measured[chunk] = measure(cfg, chunk, depth)
+            runs.append(measured[chunk].seconds)
+        return fit_of(cfg, measured[chunk])
 
-    measured: dict[int, Measurement] = {}
+    measured = {} if measured is None else measured
+    depth = None if cfg.plan.all_blocks else full_depth(cfg)
     first = measure_fit(cfg.train.chunk_size)
     m = measured[cfg.train.chunk_size]
     best, fits = largest_chunk(cfg, first, measure_fit, budget) if cfg.plan.search else (None, [first])
@@ -244,7 +266,7 @@ def plan(cfg: Config, log=print) -> dict:
         "global_batch": cfg.train.global_batch, "chunk_size": cfg.train.chunk_size,
         "precision": {"autocast": "fp32" if cfg.train.precision == "fp32" else "bf16", "param_dtype": cfg.parallel.param_dtype},
         "fits": first.total <= budget, "peak_gb_per_gpu": first.total / GIB, "tracked_peak_gb": first.tracked / GIB,
-        "largest_chunk": best.chunk if best else None,
+        "searched": cfg.plan.search, "largest_chunk": best.chunk if best else None,
         "largest_chunk_peak_gb": best.total / GIB if best else None,
         "memory_gb": memory, "phases_gb": {k: v / GIB for k, v in first.phases.items()},
         "chunks_measured": {f.chunk: f.total / GIB for f in fits},
@@ -255,5 +277,6 @@ def plan(cfg: Config, log=print) -> dict:
         "compute_s": compute_s, "comm_s": comm_s, "step_s": step_s,
         "train_images": train_images(cfg), "steps_per_epoch": steps,
         "epoch_h": steps * step_s / 3600, "gpu_hours_per_epoch": steps * step_s / 3600 * world,
-        "simulation_s": runs,
+        "simulation_s": runs, "blocks": depth,
+        "blocks_simulated": list(simulated_depths(cfg, depth) or []) if depth else None,
     }

@@ -12,7 +12,7 @@ def verdict(p: dict) -> str:
     head = (f"{p['model']} {p['parallel']} on {p['nodes']}x{p['gpus_per_node']} {p['gpu']}, global batch "
             f"{p['global_batch']}, chunk {p['chunk_size']}")
     largest = (f"largest chunk that fits: {p['largest_chunk']} ({p['largest_chunk_peak_gb']:.1f} GiB)"
-               if p["largest_chunk"] else "no chunk fits")
+               if p["largest_chunk"] else "no chunk fits" if p["searched"] else "largest chunk not searched (plan.search=false)")
     if p["fits"]:
         return f"{head}: fits, {p['peak_gb_per_gpu']:.1f} of {p['gpu_memory_gb']:.1f} GiB per GPU; {largest}"
     return (f"{head}: does NOT fit, {p['peak_gb_per_gpu']:.1f} GiB per GPU needed, {p['gpu_memory_gb']:.1f} GiB there; "
@@ -37,10 +37,12 @@ def markdown(p: dict) -> str:
               f"{p['peak_tflops']:.0f} TFLOP/s + communication {p['comm_s']:.2f} s at {p['bandwidth_gbps']:.0f} Gbit/s "
               f"(not overlapped: an upper bound)",
               f"- epoch: {p['steps_per_epoch']} steps of {p['global_batch']} ({p['train_images']:,} images): "
-              f"{p['epoch_h']:.2f} h, {p['gpu_hours_per_epoch']:.1f} GPU-hours",
+              f"{p['epoch_h']:.2f} h ({p['epoch_h'] * 60:.1f} min), {p['gpu_hours_per_epoch']:.1f} GPU-hours",
               f"- allowances: {', '.join(f'{k} {v} GiB' for k, v in ALLOWANCE_GIB.items())}, allocator "
               f"fragmentation {FRAGMENTATION:.0%} of the tracked peak (pipeline/plan/estimate.py says why)",
-              f"- simulated on fake tensors in {sum(p['simulation_s']):.0f} s ({len(p['simulation_s'])} runs of 2 steps)"]
+              f"- simulated on fake tensors in {sum(p['simulation_s']):.0f} s ({len(p['simulation_s'])} chunk sizes, 2 steps each; "
+              + (f"{p['blocks_simulated'][0]} and {p['blocks_simulated'][1]} of the {p['blocks']} blocks, extrapolated: "
+                 f"pipeline/plan/depth.py)" if p["blocks_simulated"] else "every block)")]
     return "\n".join(lines) + "\n"
 
 

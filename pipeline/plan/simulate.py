@@ -10,8 +10,9 @@ MemTracker (others), its FLOPs by FlopCounterMode, its collectives by wrapping t
 
 The loss makes data-dependent calls (sorting labels into classes, `int(count.max())`) that fake
 tensors cannot answer, so it runs on real tensors of the same shapes (`RealLoss`: random unit
-embeddings, P x K labels), outside the fake mode but inside the tracker: RS@k at B = 4,000 costs
-about a second on a CPU, and its matrices count in the peak.
+embeddings, P x K labels), outside the fake mode: RS@k at B = 4,000 costs about a second on a CPU.
+The rank's tracker ignores what runs outside its fake mode, so the loss runs under a MemTracker of
+its own, and its peak (matrices, gradient) is added to what the rank holds when the loss is called.
 
 A fake op costs the same whatever its size, so a simulated rank embeds only two chunks per step
 (`simulated_share`): enough for the accumulation without gradient sync (chunks before the last)
@@ -41,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.config import Config
 from pipeline.dist import distributed
 from pipeline.dist import engine as engines
+from pipeline.dist.precision import resolve, resolve_param_dtype
 from pipeline.losses import build_loss, set_step
 from pipeline.models.encoders import build_encoder
 from pipeline.train.optim import build_optimizer
@@ -67,6 +69,8 @@ class Measurement:
     phase_start: dict[str, int]       # ... and the memory when it began
     phase_at_peak: dict[str, dict[str, int]]  # ... and the categories at that phase's peak
     at_end: dict[str, int]            # categories after the step (the optimizer's state, no gradients)
+    phase_rest: dict[str, int]        # single-device engine: phase -> the peak of all but the model states
+    phase_rest_at: dict[str, dict[str, int]]  # ... and the categories then (ZeRO shards the states: estimate.py)
     phase_flops: dict[str, float]     # phase -> FLOPs per step
     sent: dict[str, float]            # collective -> bytes this rank sends per step
     parameters: int                   # the model's parameters (all, unsharded)
@@ -106,6 +110,7 @@ class RealLoss(Unhooked):
     def __init__(self, loss: nn.Module, rows: int, samples_per_class: int):
         super().__init__(loss)
         self.rows, self.k = rows, samples_per_class
+        self.on_peak = lambda nbytes: None  # told the real loss's own peak bytes (_Phases.transient)
 
     def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _Real.apply(embeddings, self, None)
@@ -117,8 +122,10 @@ class RealLoss(Unhooked):
         gen = torch.Generator().manual_seed(0)
         x = nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=1).requires_grad_()
         y = torch.arange(rows) // self.k
-        loss = self.loss.forward(x, y) if share is None else self.loss.partial(x, y, *share)
-        torch.autograd.grad(loss, x)
+        with MemTracker() as own:  # x stands for the gathered embeddings, which the rank's tracker holds already
+            loss = self.loss.forward(x, y) if share is None else self.loss.partial(x, y, *share)
+            torch.autograd.grad(loss, x)
+        self.on_peak(_total(own.get_tracker_snapshot("peak")))
 
 
 class _Real(torch.autograd.Function):
@@ -137,7 +144,7 @@ class _Real(torch.autograd.Function):
 class _Phases:
     """two_pass_step's timer: records, per phase, the memory at its start, the tracked peak inside it
     (the tracker's peak is reset to the current total at each phase start: MemTracker keeps it in
-    _peak_mem/_peak_mem_snap) and the FLOPs counted in it."""
+    _peak_mem/_peak_mem_snap), memory the tracker cannot see (`transient`) and the FLOPs counted in it."""
 
     def __init__(self, tracker: MemTracker, flops: FlopCounterMode):
         self.tracker, self.flops = tracker, flops
@@ -146,6 +153,8 @@ class _Phases:
         self.at: dict[str, dict[str, int]] = {}
         self.counted: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.overall, self.at_peak = 0, {}
+        self.rest: dict[str, int] = {}
+        self.rest_at: dict[str, dict[str, int]] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -153,16 +162,35 @@ class _Phases:
         self.start[name] = _total(current)
         self.tracker._peak_mem = {dev: snap.get("Total", 0) for dev, snap in current.items()}
         self.tracker._peak_mem_snap = deepcopy(current)
+        apart = isinstance(self.tracker, _StatesApart)
+        if apart:
+            self.tracker.rest = self.tracker.rest_now()
         before = self.flops.get_total_flops()
+        self._unseen, self._unseen_rest = (0, {}), (0, {})
         yield
         self.end = _categories(self.tracker.get_tracker_snapshot("current"))
         peak = self.tracker.get_tracker_snapshot("peak")
-        categories = _categories(peak)
-        if _total(peak) > self.peak.get(name, -1):
-            self.peak[name], self.at[name] = _total(peak), categories
-        if _total(peak) > self.overall:
-            self.overall, self.at_peak = _total(peak), categories
+        total, categories = max((_total(peak), _categories(peak)), self._unseen, key=lambda tc: tc[0])
+        if total > self.peak.get(name, -1):
+            self.peak[name], self.at[name] = total, categories
+        if apart:
+            rest, rest_at = max(self.tracker.rest, self._unseen_rest, key=lambda tc: tc[0])
+            if rest > self.rest.get(name, -1):
+                self.rest[name], self.rest_at[name] = rest, rest_at
+        if total > self.overall:
+            self.overall, self.at_peak = total, categories
         self.counted[name] += self.flops.get_total_flops() - before
+
+    def transient(self, nbytes: int, label: str = "Loss (real values)") -> None:
+        """`nbytes` held for a moment now, outside the tracker's sight (RealLoss's own peak): a peak
+        candidate of the current total plus them."""
+        current = self.tracker.get_tracker_snapshot("current")
+        if _total(current) + nbytes > self._unseen[0]:
+            self._unseen = (_total(current) + nbytes, {**_categories(current), label: nbytes})
+        if isinstance(self.tracker, _StatesApart):
+            rest, rest_at = self.tracker.rest_now()
+            if rest + nbytes > self._unseen_rest[0]:
+                self._unseen_rest = (rest + nbytes, {**rest_at, label: nbytes})
 
 
 def _categories(snapshot: dict) -> dict[str, int]:
@@ -171,6 +199,53 @@ def _categories(snapshot: dict) -> dict[str, int]:
 
 def _total(snapshot: dict) -> int:
     return sum(snap.get("Total", 0) for snap in snapshot.values())
+
+
+MODEL_STATES = ("Parameter", "Gradient", "Optstate")  # MemTracker's categories of parameters, gradients, AdamW state
+
+
+class _StatesApart(MemTracker):
+    """MemTracker that also keeps the peak of everything but the model states (`rest`: bytes, categories).
+    ZeRO shards the states, so its peak is another moment of the step than the single-device engine's
+    (whose whole gradients peak at the end of the backward): estimate.py adds DeepSpeed's states to this."""
+
+    def __init__(self):
+        super().__init__()
+        self.rest: tuple[int, dict[str, int]] = (0, {})
+
+    def rest_now(self) -> tuple[int, dict[str, int]]:
+        rest = {k: v for k, v in _categories(self.get_tracker_snapshot("current")).items() if k not in MODEL_STATES}
+        return sum(rest.values()), rest
+
+    def _update_peak_stats(self, peak_state) -> None:
+        super()._update_peak_stats(peak_state)
+        now = self.rest_now()
+        if now[0] > self.rest[0]:
+            self.rest = now
+
+
+class _WholeStep:
+    """FlopCounterMode's module tracker replaced by one that knows only "Global" (the total is all the
+    plan reads). Its own ModuleTracker registers a multi-grad hook on each module's outputs and keeps
+    every handle until the counter exits; the hooks it registers while activation checkpointing
+    recomputes a block in the backward keep that recomputation's activations alive, so under the
+    counter a checkpointed step peaks (and enters its optimizer) as if nothing were checkpointed, in a
+    real run as in a fake one (tests/test_plan.py measures both)."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        pass
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that counts the whole step without tracking modules (see _WholeStep)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _WholeStep()
+    return counter
 
 
 class _ResetEachCall:
@@ -244,15 +319,6 @@ def fake_group(world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def gpu_precision(cfg: Config) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """(autocast dtype, FSDP2 parameter dtype) of a GPU run: train.precision=auto|bf16 -> bf16 autocast;
-    parallel.param_dtype=auto under fsdp2/zero* or bf16 -> bf16 parameters in compute."""
-    autocast = None if cfg.train.precision == "fp32" else torch.bfloat16
-    sharded = cfg.parallel.name == "fsdp2" or cfg.parallel.name.startswith("zero")
-    bf16_params = cfg.parallel.param_dtype == "bf16" or (cfg.parallel.param_dtype == "auto" and sharded)
-    return autocast, (torch.bfloat16 if bf16_params else None)
-
-
 @contextlib.contextmanager
 def _real_mesh(fake: FakeTensorMode | None) -> Iterator[None]:
     """The device mesh made on real tensors (it reads its rank map with .tolist())."""
@@ -272,12 +338,13 @@ def _real_mesh(fake: FakeTensorMode | None) -> Iterator[None]:
 
 
 def as_on_gpu(cfg: Config, parallel) -> tuple[str, object]:
-    """(train.precision, parallel) as a GPU run resolves them, given to the engine explicitly: on the
-    CPU device it then runs bf16 CPU autocast and FSDP2's MixedPrecisionPolicy (param bf16, reduce
-    fp32) as it would CUDA's."""
-    autocast, param_dtype = gpu_precision(cfg)
-    precision = "fp32" if autocast is None else "bf16"
-    return precision, dataclasses.replace(parallel, param_dtype="fp32" if param_dtype is None else "bf16")
+    """(train.precision, parallel) as a GPU run resolves them (pipeline/dist/precision.py, on a CUDA
+    device), given to the engine explicitly: on the CPU device it then runs bf16 CPU autocast and
+    FSDP2's MixedPrecisionPolicy as it would CUDA's. train.precision=fp32 (recipe=rsk) keeps fp32
+    weights under every backend, as the run does."""
+    gpu = torch.device("cuda")
+    param_dtype = resolve_param_dtype(cfg.parallel.param_dtype, cfg.parallel.name, cfg.train.precision, gpu)
+    return resolve(cfg.train.precision, gpu), dataclasses.replace(parallel, param_dtype=param_dtype)
 
 
 def _parameters(model: nn.Module) -> tuple[int, int, int]:
@@ -319,15 +386,17 @@ def simulate(cfg: Config, chunk: int, fake: bool = True, steps: int = 2, backend
             tracker = FSDPMemTracker(engine.module, engine.optimizer)
             tracker.track_inputs((images, labels))
         else:
-            tracker = MemTracker()
+            tracker = _StatesApart()
             tracker.track_external(engine.module, engine.optimizer, images, labels)
         engine.model = _ResetEachCall(engine.model, tracker)
-        flops = FlopCounterMode(display=False)
+        flops = flop_counter()
         step_loss = loss if fake else Unhooked(loss.loss)  # for real: the loss itself, on the real embeddings
         for step in range(steps):
             phases, traffic.sent = _Phases(tracker, flops), {}  # the last step's figures are kept
+            loss.on_peak = phases.transient
             with tracker, flops, traffic.counting():
                 set_step(loss.loss, step)
                 two_pass_step(engine, images, labels, step_loss, chunk, cfg.seed, step, phases)
     return Measurement(world, chunk, share, loss.rows or world * share, phases.overall, phases.at_peak,
-                       phases.peak, phases.start, phases.at, phases.end, phases.counted, traffic.sent, *counts, time.perf_counter() - tic)
+                       phases.peak, phases.start, phases.at, phases.end, phases.rest, phases.rest_at, phases.counted,
+                       traffic.sent, *counts, time.perf_counter() - tic)
