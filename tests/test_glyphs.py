@@ -92,6 +92,7 @@ def test_cmap_entries_that_draw_another_character_are_left_out(splits):
     assert "DejaVu Sans Book" not in fonts.get("\u0391", set())  # Greek Alpha
 
 
+@pytest.mark.slow  # 44 s: the glyph set generated again at other worker counts
 def test_same_seed_same_bytes_whatever_the_workers(glyph_run, tmp_path):
     run_pipeline("stage=shard", "data=glyphs", "data.shard_workers=2", f"run_dir={tmp_path}")
     files = sorted(p.relative_to(glyph_run / "shards") for p in (glyph_run / "shards").rglob("*") if p.is_file())

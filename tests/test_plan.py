@@ -78,7 +78,7 @@ def test_checkpointing_keeps_fewer_activations_and_frees_them():
     assert activations(True, 8, "optimizer") < 0.01 * with_ac[8]  # a few scalars (the gradient norm)
 
 
-@pytest.mark.parametrize("parallel,world", [("fsdp2", 8), ("zero3", 1)])
+@pytest.mark.parametrize("parallel,world", [("fsdp2", 8), pytest.param("zero3", 1, marks=pytest.mark.slow)])  # zero3: 33 s
 def test_two_small_depths_extrapolate_exactly_to_the_full_depth(parallel, world):
     """Every figure of the step at 8 blocks, from 3 and 5 blocks (depth.py), equals the simulation of all
     8, to the byte and FLOP (zero3 simulates the single-device engine)."""

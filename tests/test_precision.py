@@ -161,6 +161,7 @@ def checkpoint_weights(folder, tmp_path) -> dict:
     return torch.load(tmp_path / f"{folder.parent.parent.name}.pt")["model"]
 
 
+@pytest.mark.slow  # 52 s: exact resume stays in the default suite in fp32 (test_resume.py)
 def test_bf16_run_stopped_midway_resumes_bit_exactly(digits_run, tmp_path, monkeypatch):
     """train.precision=bf16 on the CPU: a run stopped after its first step (stop file) and run again
     ends with the same fp32 weights, bit for bit, as one that never stopped, and not with the fp32

@@ -154,6 +154,7 @@ def test_lost_node_fails_the_job_and_the_same_line_resumes(straight, tmp_path):
     same_weights(run, straight / "run")
 
 
+@pytest.mark.slow  # 47 s: a two-node job waiting out parallel.timeout
 def test_hung_rank_times_out_after_parallel_timeout(tmp_path):
     """The rank on node2 stopped (SIGSTOP): the other one's next collective gets no answer, fails
     after parallel.timeout with one line, and the job fails; nothing half-written looks complete."""
