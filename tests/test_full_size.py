@@ -2,7 +2,9 @@
 the library's own model of that name, the upstream format loads back through model.pretrained, and
 images embed; the two-pass step at full size (ViT-L/14: one process; ViT-g/14: fsdp2 and zero3 on
 2 processes against one). Only the ViT-L/14 forward of one image is in the default suite; the rest
-is slow (minutes each, and the ViT-g/14 steps need about 20 GB free)."""
+is slow (minutes each; the ViT-g/14 steps need about 20 GB free, 22.5 GB under zero3).
+FULL_SIZE_LOG=path appends each step's figures (times, peak memory per rank, update errors) to that
+file as JSON lines."""
 import json
 import os
 import subprocess
@@ -135,8 +137,9 @@ def free_gb() -> float:
 def test_vitg14_sharded_step_equals_one_process(name, backend):
     """2 processes, each holding half of the ViT-g/14's weights and gradients, take the two-pass step;
     the weights after it equal one process's one-pass step (per tensor, 1e-2 of the update)."""
-    if free_gb() < 20:
-        pytest.skip(f"a ViT-g/14 step on 2 processes and one needs about 20 GB free; {free_gb():.0f} GB are")
+    need = 22.5 if backend == "zero3" else 20  # zero3's two ranks peak at about 11 GB each (full_size_worker.py)
+    if free_gb() < need:
+        pytest.skip(f"a ViT-g/14 {backend} step on 2 processes needs about {need} GB free; {free_gb():.1f} GB are")
     result = run_step(2, name, backend)
     assert result["max_update_error"] <= 1e-2 and result["total_update_error"] <= 1e-3, result
 
@@ -147,4 +150,8 @@ def run_step(nproc: int, name: str, backend: str) -> dict:
     proc = subprocess.run([*launcher, str(REPO / "tests" / "full_size_worker.py"), name, backend], cwd=REPO,
                           capture_output=True, text=True, timeout=7200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if os.environ.get("FULL_SIZE_LOG"):  # the figures of BENCHMARKS.md's table, one JSON line a run
+        with open(os.environ["FULL_SIZE_LOG"], "a") as log:
+            log.write(json.dumps(result) + "\n")
+    return result

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import time
 from pathlib import Path
 
@@ -32,25 +31,9 @@ from pipeline.config import ParallelConfig, load_config  # noqa: E402
 from pipeline.dist.distributed import pick_device, world_from_env  # noqa: E402
 from pipeline.dist.engine import build_engine  # noqa: E402
 from pipeline.losses import RecallAtK  # noqa: E402
-from pipeline.models import accounting
+from pipeline.models import accounting  # noqa: E402
 from pipeline.models.encoders import build_encoder  # noqa: E402
 from pipeline.train.two_pass import two_pass_step  # noqa: E402
-
-
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """This process's FLOP/s on an n x n matmul (median of `repeats`, after one warm-up)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tic = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - tic)
-    return 2 * n**3 / statistics.median(times)
 
 
 def peak_rss_gb() -> float:
@@ -74,7 +57,7 @@ def main() -> None:
     checkpointing = not args.no_grad_checkpointing
     cfg = load_config([f"model={args.preset}", f"model.grad_checkpointing={str(checkpointing).lower()}"]).model
     forward_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    machine = matmul_flops(device, torch.bfloat16 if forward_bf16 else torch.float32)
+    machine = accounting.matmul_flops(device, torch.bfloat16 if forward_bf16 else torch.float32)
 
     tic = time.perf_counter()
     model = build_encoder(cfg, seed=0).to(device).train()

@@ -21,13 +21,15 @@
 4. report    OUT/report.md and OUT/losses.png: mean ± sample std over the seeds, and for each
              comparison the difference of the means with Welch's t-test p-value (n = seeds).
 
---convergence (issue 23) runs, after steps 1-2, only the two comparisons that did not reproduce at
+--convergence (issue 23) runs, after step 1, only the two comparisons that did not reproduce at
 3 epochs, now for CONVERGENCE_EPOCHS epochs with validation after every epoch, so that each arm's
-validation recall@1 can plateau: RS@k at global batch 128 against 1,024 at equal images seen, and
+validation recall@1 can plateau: RS@k at global batch 128 against 1,024 for the same epochs (whole
+batches: an epoch is 95 x 128 = 12,160 images against 11 x 1,024 = 11,264, 7% fewer), and
 the margin loss on Roth's distance-weighted triplets with p = 0 against p = 0.35; it writes
 OUT/convergence.md and OUT/convergence.png (mean validation recall@1 against the epoch, per arm).
-Sized for about 2.5 hours on 2 cores (12 runs of about 30 x 40 s, 2 at a time; an estimate from the
-3-epoch runs, not measured).
+Sized for about 2 hours on 2 cores: each run's epoch (training and validation) took about 62 s with
+another run beside it, so 12 runs of 15 epochs, 2 at a time, take about 95 minutes after the
+pretraining (about 10 minutes). 30 epochs, the first size, would have taken over 3 hours.
 
 Every step skips what is finished (the runner's markers, the sweeps' own skipping), so after a crash
 or a kill the same command carries on. Runs go --jobs at a time, one thread each.
@@ -64,7 +66,7 @@ SWEEPS = {  # name: (grid words before the seeds, fixed words after the protocol
     "query_in_rank": (["train.include_query_in_rank=true"], ["loss=rsk"]),
     "rho": (["loss.p_switch=0,0.35"], ["loss=margin", "loss.miner=distance"]),
 }
-CONVERGENCE_EPOCHS = 30
+CONVERGENCE_EPOCHS = 15
 CONVERGENCE_PROTOCOL = [*BENCHMARK, "stage=eval", "eval.models=[finetuned]", f"train.epochs={CONVERGENCE_EPOCHS}",
                         "train.warmup_steps=0", "train.val_every=0", "train.val_every_epochs=1"]
 CONVERGENCE = {
@@ -86,11 +88,15 @@ def pipeline(run_dir: Path, *args: str) -> None:
         sys.exit(f"study: {run_dir.name} failed (exit {status}); see {run_dir / 'study.log'}")
 
 
-def run_sweeps(out: Path, start: Path, jobs: int, seeds: int, sweeps: dict = SWEEPS, protocol: list = PROTOCOL) -> None:
+def run_sweeps(out: Path, start: Path, jobs: int, seeds: int, sweeps: dict = SWEEPS, protocol: list = PROTOCOL,
+               seed_first: bool = False) -> None:
+    """seed_first: the seed is the grid's slowest word, so each seed's arms run side by side and a study
+    stopped early holds whole seeds of every arm (the convergence runs); else it is the fastest."""
     seed_word = "seed=" + ",".join(str(s) for s in range(seeds))
     for name, (grid, fixed) in sweeps.items():
+        words = [seed_word, *grid] if seed_first else [*grid, seed_word]
         command = [sys.executable, str(REPO / "tools" / "sweep.py"), "--out", str(out / name), "--jobs", str(jobs),
-                   *grid, seed_word, "--", *protocol, f"model.pretrained={start}", *fixed]
+                   *words, "--", *protocol, f"model.pretrained={start}", *fixed]
         print(f"study: sweep {name}", flush=True)
         if subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode:
             print(f"study: sweep {name} had failed runs (see {out / name / 'summary.md'}); carrying on", flush=True)
@@ -217,18 +223,24 @@ def convergence_report(out: Path) -> str:
              f"Made by `python tools/study_glyphs.py --out {out} --convergence`: {CONVERGENCE_EPOCHS} epochs, validation "
              f"after each; plateaued = the last 5 validations' recall@1 span < {PLATEAU}.", "",
              "| arm | test recall@1 | test map@r | best val/recall@1 | runs plateaued |", "|---|---|---|---|---|"]
+    means: dict[str, list[float]] = {}  # arm -> mean validation recall@1 at each epoch over its runs
     for ax, name in zip(axes, CONVERGENCE):
         for setting, runs in curves(out, name).items():
             stats = every.get(f"{name}: {setting}", {})
             lines.append(f"| {name}: {setting} | {cell(stats.get('recall@1'))} | {cell(stats.get('map@r'))} | "
                          f"{cell(stats.get('best val/recall@1'))} | {sum(plateaued(v) for _, v in runs)} of {len(runs)} |")
             length = min(len(v) for _, v in runs)
-            ax.plot(range(1, length + 1), [sum(v[i] for _, v in runs) / len(runs) for i in range(length)], label=setting)
-        ax.set(title=name, xlabel="epoch (equal images seen)", ylabel="val recall@1 (mean over seeds)")
+            means[setting] = [sum(v[i] for _, v in runs) / len(runs) for i in range(length)]
+            ax.plot(range(1, length + 1), means[setting], label=setting)
+        ax.set(title=name, xlabel="epoch", ylabel="val recall@1 (mean over seeds)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "convergence.png", dpi=120)
     plt.close(fig)
+    lines += ["", "Mean validation recall@1 after each epoch (the curves):", "",
+              "| epoch | " + " | ".join(means) + " |", "|---" * (len(means) + 1) + "|"]
+    lines += [f"| {e + 1} | " + " | ".join(f"{m[e]:.4f}" if e < len(m) else "" for m in means.values()) + " |"
+              for e in range(max((len(m) for m in means.values()), default=0))]
     pairs = [("convergence_batch", "train.global_batch=128", "train.global_batch=1024"),
              ("convergence_rho", "loss.p_switch=0", "loss.p_switch=0.35")]
     lines += [""] + [f"{name}: {b} - {a}, test recall@1 {welch(every.get(f'{name}: {a}', {}).get('recall@1'), every.get(f'{name}: {b}', {}).get('recall@1'))}."
@@ -248,7 +260,8 @@ def main(argv: list[str]) -> int:
     if options.convergence:
         if not options.report:
             pipeline(out / "pretrain", "stage=all", *PRETRAIN)
-            run_sweeps(out, out / "pretrain" / "export", options.jobs, options.seeds, CONVERGENCE, CONVERGENCE_PROTOCOL)
+            run_sweeps(out, out / "pretrain" / "export", options.jobs, options.seeds, CONVERGENCE, CONVERGENCE_PROTOCOL,
+                       seed_first=True)
         (out / "convergence.md").write_text(convergence_report(out))
         print(f"study: report in {out / 'convergence.md'}")
         return 0

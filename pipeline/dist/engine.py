@@ -90,7 +90,8 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on the CPU, on every rank (collective)."""
+        """The whole model's weights on the CPU, on rank 0 (collective; with a process group the others
+        get {}: `cpu_offload` gathers to rank 0 alone)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
@@ -215,18 +216,28 @@ class DeepSpeedEngine(Engine):
         self.grad_norm = torch.as_tensor(float("nan") if norm is None else norm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 weights: under DeepSpeed's bf16 mode (parallel.param_dtype=bf16) the module holds bf16
-        copies, and the trained weights are the optimizer's fp32 masters (collective under ZeRO-3)."""
+        """fp32 weights on rank 0 (collective; the others get {}), gathered one tensor at a time: the
+        whole model at once would sit on every rank twice (the gathered weights and their copy),
+        8 GB per rank for a ViT-g/14 on top of the 9 GB its ZeRO-3 rank already holds on the CPU
+        (BENCHMARKS.md, issue 26). Under DeepSpeed's bf16 mode (parallel.param_dtype=bf16) the module holds bf16
+        copies, and the trained weights are the optimizer's fp32 masters."""
+        main = distributed.rank() == 0
+        state = {}
+        for name, value in self.module.state_dict(keep_vars=True).items():
+            full = self._gathered(value)
+            if main:
+                state[name] = full.float() if full.dtype == torch.bfloat16 else full
+        return state
+
+    def _gathered(self, value: torch.Tensor) -> torch.Tensor:
+        """One tensor whole, on the CPU (collective under ZeRO-3, where a parameter holds only its part)."""
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):  # no-op below ZeRO-3
-            state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        if self.model.bfloat16_enabled():
-            for name, p in self.module.named_parameters():
-                if p.requires_grad:
-                    state[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
-        return {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+        if self.model.bfloat16_enabled() and isinstance(value, nn.Parameter) and value.requires_grad:
+            return safe_get_full_fp32_param(value).detach().cpu().clone()
+        with deepspeed.zero.GatheredParameters([value] if hasattr(value, "ds_id") else []):  # no-op below ZeRO-3
+            return value.detach().cpu().clone()
 
     def save(self, folder: Path) -> None:
         self.model.save_checkpoint(str(folder), tag=self.TAG)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
+import statistics
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -71,6 +73,23 @@ def peak_flops_of(device_name: str) -> float:
     the device's contains wins, so "NVIDIA L40" is not an L4, nor "NVIDIA GB200" a B200."""
     by_length = sorted(PEAK_BF16_TFLOPS, key=lambda entry: -len(entry[0]))
     return next((tflops * 1e12 for key, tflops in by_length if key in device_name), 0.0)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3) -> float:
+    """This process's measured FLOP/s on an n x n matmul (median of `repeats`, after one warm-up), with
+    its own threads: the machine's attainable rate where no data-sheet peak applies (a CPU)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - tic)
+    return 2 * n**3 / statistics.median(times)
 
 
 def mfu(flops_per_image: float, images_per_s: float, processes: int, peak: float) -> float:
