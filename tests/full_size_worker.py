@@ -8,7 +8,6 @@ with the build and step times and each rank's peak resident memory (the BENCHMAR
 Rank 0 holds at most three copies of the weights at a time (the sharded run's result, the
 reference model and its gradients, then the starting weights rebuilt from the seed)."""
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -75,10 +74,6 @@ def parallel_config(backend: str, folder: str) -> ParallelConfig:
     return ParallelConfig(name=backend, deepspeed_config=str(path))
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
-
-
 def main(name: str, backend: str) -> None:
     world = world_from_env()
     distributed.init(world, torch.device("cpu"))
@@ -96,10 +91,10 @@ def main(name: str, backend: str) -> None:
     two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, 0)
     stepped = time.perf_counter() - tic
     got = engine.full_state_dict()
-    peaks = [peak_rss_gb()]
+    peaks = [accounting.peak_memory_gb(torch.device("cpu"))]
     if world.size > 1:  # each rank's peak so far: the sharded run's, before rank 0's reference below
         peaks = [None] * world.size
-        torch.distributed.all_gather_object(peaks, peak_rss_gb())
+        torch.distributed.all_gather_object(peaks, accounting.peak_memory_gb(torch.device("cpu")))
     del engine, model
     distributed.shutdown()
     if not world.is_main:
