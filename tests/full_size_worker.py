@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 # whole ViT-g/14, 4 GB in fp32) of gathered weights may stay resident, and the optimizer step copies a
 # sub-group of gradients at once (sub_group_size 1e9: a rank's whole 2 GB partition); DeepSpeed
 # documents both as memory traded for more gathers and smaller tiles, and its defaults fit a GPU, so
-# ds_configs/zero3.json keeps them. Even so the ranks peak at about 11 GB each: the step fits only
-# when nothing else holds more than about 1 GB (BENCHMARKS.md, issue 26).
+# ds_configs/zero3.json keeps them. Even so the ranks peak at about 11 GB each: vitg14_clip fits only
+# when nothing else holds more than about 1 GB, dinov2_vitg14 not at all (BENCHMARKS.md, issue 26).
 HOST_MEMORY = {"stage3_max_live_parameters": 100_000_000, "stage3_max_reuse_distance": 100_000_000,
                "sub_group_size": 100_000_000}
 
