@@ -91,17 +91,16 @@ def main(name: str, backend: str) -> None:
     two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, 0)
     stepped = time.perf_counter() - tic
     got = engine.full_state_dict()
-    peaks = [accounting.peak_memory_gb(torch.device("cpu"))]
-    if world.size > 1:  # each rank's peak so far: the sharded run's, before rank 0's reference below
+    peak = accounting.peak_memory_gb(torch.device("cpu"))  # the sharded run's, before rank 0's reference below
+    peaks = [peak]
+    if world.size > 1:
         peaks = [None] * world.size
-        torch.distributed.all_gather_object(peaks, accounting.peak_memory_gb(torch.device("cpu")))
+        torch.distributed.all_gather_object(peaks, peak)
     del engine, model
     distributed.shutdown()
     if not world.is_main:
         return
-    # executed: pass 1's forward, pass 2's forward and backward, and with checkpointing the recomputed
-    # forward (tools/bench_full_size.py's docstring): 5/3 of the model FLOPs, 4/3 without
-    executed = accounting.flops_per_image(cfg, CHUNK) * GLOBAL * (5 / 3 if cfg.grad_checkpointing else 4 / 3)
+    executed = accounting.two_pass_flops(cfg, CHUNK, GLOBAL)
     achieved = executed / world.size / stepped
     timing = {"build_s": round(built, 1), "step_s": round(stepped, 1), "s_per_image": round(stepped / GLOBAL, 1),
               "peak_rss_gb_per_rank": [round(p, 2) for p in peaks], "threads": torch.get_num_threads(),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -34,10 +33,6 @@ from pipeline.losses import RecallAtK  # noqa: E402
 from pipeline.models import accounting  # noqa: E402
 from pipeline.models.encoders import build_encoder  # noqa: E402
 from pipeline.train.two_pass import two_pass_step  # noqa: E402
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
 def main() -> None:
@@ -83,14 +78,14 @@ def main() -> None:
     step = time.perf_counter() - tic
 
     model_flops = accounting.flops_per_image(cfg, args.chunk) * args.batch
-    executed = model_flops * (5 / 3 if checkpointing else 4 / 3)
+    executed = accounting.two_pass_flops(cfg, args.chunk, args.batch)
     per_process = executed / world.size / step
     result = {
         "preset": args.preset, "arch": cfg.arch, "parallel": args.parallel, "processes": world.size,
         "device": str(device), "precision": args.precision, "grad_checkpointing": checkpointing,
         "parameters": parameters, "batch": args.batch, "chunk": args.chunk, "loss": float(loss),
         "build_s": round(built, 1), "step_s": round(step, 1), "s_per_image": round(step / args.batch, 2),
-        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "peak_rss_gb": round(accounting.peak_memory_gb(torch.device("cpu")), 2),
         "model_tflop": round(model_flops / 1e12, 3), "executed_tflop": round(executed / 1e12, 3),
         "achieved_gflops_per_process": round(per_process / 1e9, 1),
         "machine_matmul_gflops_per_process": round(machine / 1e9, 1),

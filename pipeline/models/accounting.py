@@ -75,6 +75,12 @@ def peak_flops_of(device_name: str) -> float:
     return next((tflops * 1e12 for key, tflops in by_length if key in device_name), 0.0)
 
 
+def two_pass_flops(cfg: ModelConfig, chunk_size: int, images: int) -> float:
+    """The FLOPs a two-pass step executes on `images`: pass 1's forward, pass 2's forward and backward,
+    and with activation checkpointing the recomputed forward: 5/3 of the model FLOPs, 4/3 without."""
+    return flops_per_image(cfg, chunk_size) * images * (5 / 3 if cfg.grad_checkpointing else 4 / 3)
+
+
 def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3) -> float:
     """This process's measured FLOP/s on an n x n matmul (median of `repeats`, after one warm-up), with
     its own threads: the machine's attainable rate where no data-sheet peak applies (a CPU)."""
