@@ -1,19 +1,27 @@
-"""One two-pass step of a preset at its real size on this rank's share of a global batch of 4 (2 classes
-x 2, chunk 1, grad checkpointing as the preset says), then, on rank 0 alone, one process's one-pass
-step on the whole batch from the same weights; prints the per-tensor update difference as JSON,
-with the build and step times and each rank's peak resident memory (the BENCHMARKS.md figures).
+"""The full-size two-pass step and its reference, each in its own process (tests/test_full_size.py).
 
-    torchrun --nproc_per_node 2 tests/full_size_worker.py vitg14_clip fsdp2      (tests/test_full_size.py)
+    torchrun --nproc_per_node 2 tests/full_size_worker.py step vitg14_clip fsdp2 OUT
+        one two-pass step of the preset at its real size on this rank's share of a global batch of 4
+        (2 classes x 2, chunk 1, grad checkpointing as the preset says); rank 0 writes the weights after
+        it to OUT/weights.safetensors and prints the build and step times, each rank's peak resident
+        memory (built, and in the step alone) and the FLOP/s figures as JSON (BENCHMARKS.md).
+    python tests/full_size_worker.py reference vitg14_clip OUT
+        one process's one-pass step on the whole batch from the same weights; prints the per-tensor
+        update difference against OUT/weights.safetensors as JSON.
 
-Rank 0 holds at most three copies of the weights at a time (the sharded run's result, the
-reference model and its gradients, then the starting weights rebuilt from the seed)."""
+Two processes because a process that has run DeepSpeed ZeRO-3 keeps its partitions after the engine
+is deleted (its parameters stay referenced), and a ViT-g/14 reference beside them was 21 GB on rank
+0. The reference holds at most two copies of the weights at a time (the model and its gradients,
+then the weights after the step and the starting weights rebuilt from the seed); the sharded result
+is read tensor by tensor from the file."""
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.dist import distributed  # noqa: E402
@@ -26,16 +34,7 @@ from pipeline.models.encoders import build_encoder  # noqa: E402
 from pipeline.train.two_pass import one_pass_step, two_pass_step  # noqa: E402
 
 GLOBAL, CHUNK, SEED, LR = 4, 1, 3, 0.1
-REPO = Path(__file__).resolve().parents[1]
-# ZeRO-3 on two ranks of this 24 GB machine: with DeepSpeed's defaults both ranks passed 11 GB within
-# 20 s of the step and the OOM killer ended one. Up to stage3_max_live_parameters (1e9 elements: a
-# whole ViT-g/14, 4 GB in fp32) of gathered weights may stay resident, and the optimizer step copies a
-# sub-group of gradients at once (sub_group_size 1e9: a rank's whole 2 GB partition); DeepSpeed
-# documents both as memory traded for more gathers and smaller tiles, and its defaults fit a GPU, so
-# ds_configs/zero3.json keeps them. Even so the ranks peak at about 11 GB each: vitg14_clip fits only
-# when nothing else holds more than about 1 GB, dinov2_vitg14 not at all (BENCHMARKS.md, issue 26).
-HOST_MEMORY = {"stage3_max_live_parameters": 100_000_000, "stage3_max_reuse_distance": 100_000_000,
-               "sub_group_size": 100_000_000}
+WEIGHTS = "weights.safetensors"  # the sharded step's result, written by rank 0
 
 
 def sgd(model: torch.nn.Module):
@@ -64,57 +63,62 @@ def compare(got: dict, ref: dict, start: dict) -> dict:
             "tensors_compared": len(errors), "tensors": len(updates)}
 
 
-def parallel_config(backend: str, folder: str) -> ParallelConfig:
-    if backend != "zero3":
-        return ParallelConfig(name=backend)
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    config["zero_optimization"].update(HOST_MEMORY)
-    path = Path(folder) / "zero3_host_memory.json"
-    path.write_text(json.dumps(config))
-    return ParallelConfig(name=backend, deepspeed_config=str(path))
-
-
-def main(name: str, backend: str) -> None:
+def step(name: str, backend: str, out: str) -> None:
     world = world_from_env()
     distributed.init(world, torch.device("cpu"))
     cfg = load_config([f"model={name}"]).model
     images, labels = batch(cfg.image_size)
-    loss_fn = RecallAtK(ks=(1, 2), tau_rank=0.05)
     share = slice(world.rank * GLOBAL // world.size, (world.rank + 1) * GLOBAL // world.size)
     tic = time.perf_counter()
     model = build_encoder(cfg, seed=0).train()
-    with tempfile.TemporaryDirectory() as folder:
-        engine = build_engine(model, sgd, parallel_config(backend, folder), CHUNK, torch.device("cpu"), precision="fp32")
-    built = time.perf_counter() - tic
+    engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"), precision="fp32")
+    built, built_peak = time.perf_counter() - tic, accounting.peak_memory_gb(torch.device("cpu"))
     machine = accounting.matmul_flops(torch.device("cpu"))  # this process's rate, under the load of this moment
+    accounting.reset_peak_memory(torch.device("cpu"))
     tic = time.perf_counter()
-    two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, 0)
-    stepped = time.perf_counter() - tic
-    got = engine.full_state_dict()
-    peak = accounting.peak_memory_gb(torch.device("cpu"))  # the sharded run's, before rank 0's reference below
-    peaks = [peak]
-    if world.size > 1:
-        peaks = [None] * world.size
-        torch.distributed.all_gather_object(peaks, peak)
-    del engine, model
+    two_pass_step(engine, images[share], labels[share], RecallAtK(ks=(1, 2), tau_rank=0.05), CHUNK, SEED, 0)
+    stepped, step_peak = time.perf_counter() - tic, accounting.peak_memory_gb(torch.device("cpu"))
+    peaks = distributed.gather_rows(torch.tensor([[built_peak, step_peak]], dtype=torch.float64)).tolist()
+    got = engine.full_state_dict()  # collective; rank 0 alone gets the weights
+    if world.is_main:
+        save_file(got, str(Path(out) / WEIGHTS))
     distributed.shutdown()
     if not world.is_main:
         return
     executed = accounting.two_pass_flops(cfg, CHUNK, GLOBAL)
     achieved = executed / world.size / stepped
-    timing = {"build_s": round(built, 1), "step_s": round(stepped, 1), "s_per_image": round(stepped / GLOBAL, 1),
-              "peak_rss_gb_per_rank": [round(p, 2) for p in peaks], "threads": torch.get_num_threads(),
-              "executed_tflop": round(executed / 1e12, 2), "achieved_gflops_per_process": round(achieved / 1e9, 2),
-              "machine_matmul_gflops_per_process": round(machine / 1e9, 2),
-              "fraction_of_machine_matmul": round(achieved / machine, 3)}
-    reference = build_encoder(cfg, seed=0).train()
-    one_pass_step(Engine(reference, *sgd(reference), torch.device("cpu"), precision="fp32"), images, labels,
-                  loss_fn, CHUNK, SEED, 0)
-    ref = {k: v.detach() for k, v in reference.state_dict().items()}
-    del reference
+    print(json.dumps({"preset": name, "parallel": backend, "processes": world.size, "build_s": round(built, 1),
+                      "step_s": round(stepped, 1), "s_per_image": round(stepped / GLOBAL, 1),
+                      "built_peak_rss_gb_per_rank": [round(b, 2) for b, _ in peaks],
+                      "step_peak_rss_gb_per_rank": [round(s, 2) for _, s in peaks], "threads": torch.get_num_threads(),
+                      "executed_tflop": round(executed / 1e12, 2),
+                      "achieved_gflops_per_process": round(achieved / 1e9, 2),
+                      "machine_matmul_gflops_per_process": round(machine / 1e9, 2),
+                      "fraction_of_machine_matmul": round(achieved / machine, 3)}))
+
+
+def reference(name: str, out: str) -> None:
+    cfg = load_config([f"model={name}"]).model
+    images, labels = batch(cfg.image_size)
+    model = build_encoder(cfg, seed=0).train()
+    one_pass_step(Engine(model, *sgd(model), torch.device("cpu"), precision="fp32"), images, labels,
+                  RecallAtK(ks=(1, 2), tau_rank=0.05), CHUNK, SEED, 0)
+    ref = {k: v.detach() for k, v in model.state_dict().items()}
+    del model  # and its gradients
     start = build_encoder(cfg, seed=0).state_dict()
-    print(json.dumps({"preset": name, "parallel": backend, "processes": world.size, **timing, **compare(got, ref, start)}))
+    with safe_open(str(Path(out) / WEIGHTS), framework="pt") as got:
+        print(json.dumps(compare(Weights(got), ref, start)))
+
+
+class Weights:
+    """A safetensors file as a read-only mapping of its tensors, each read when asked for."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.handle.get_tensor(name)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    {"step": step, "reference": reference}[sys.argv[1]](*sys.argv[2:])

@@ -1,11 +1,12 @@
 """Step-time and memory accounting: FLOPs per image against a count by hand, MFU, the peak table, the timers."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import ModelConfig, load_config
-from pipeline.models.accounting import flops_per_image, mfu, peak_flops, peak_flops_of, peak_memory_gb
+from pipeline.models.accounting import flops_per_image, mfu, peak_flops, peak_flops_of, peak_memory_gb, reset_peak_memory
 from pipeline.train.timing import NO_TIMER, PhaseTimer
 
 
@@ -57,6 +58,23 @@ def test_peak_memory_is_the_resident_peak_on_the_cpu():
     # ru_maxrss trails the resident size by a few pages; a unit slip is a factor 1024
     assert 0.9 * psutil.Process().memory_info().rss <= peak <= psutil.virtual_memory().total
     del block
+
+
+def test_a_reset_peak_counts_from_the_present(tmp_path):
+    """A 256 MiB block freed before the reset is in the peak before it and not after (in a fresh
+    process: the suite's own peak would hide it)."""
+    import subprocess
+    import sys
+
+    script = ("import torch; from pipeline.models.accounting import peak_memory_gb, reset_peak_memory\n"
+              "cpu = torch.device('cpu'); reset_peak_memory(cpu); base = peak_memory_gb(cpu)\n"
+              "block = torch.ones(256 * 2**20 // 4); del block\n"
+              "before = peak_memory_gb(cpu); assert reset_peak_memory(cpu)\n"
+              "print(before - base, peak_memory_gb(cpu) - base)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1])).stdout.split()
+    grew, after_reset = map(float, out)
+    assert grew > 0.25 and after_reset < 0.1, (grew, after_reset)
 
 
 def test_phase_timer_charges_each_phase_and_resets():

@@ -11,6 +11,9 @@ process with the same threads (a square fp32 matmul on the CPU; bf16 on a GPU): 
 FLOP utilisation. Model FLOPs are one forward and one backward per image (pipeline/models/accounting.py);
 the step executes about 5/3 of them with activation checkpointing (pass 1's forward, pass 2's
 forward, the recomputed forward and the backward), 4/3 without: both fractions are printed.
+`--steps N` times N steps (the figure: the mean of all but the first). `--glibc-malloc` leaves glibc's
+own mmap threshold (pipeline/dist/host_memory.py otherwise fixes it on the CPU): the two arms of that
+setting's cost in BENCHMARKS.md.
 Global batch `--batch` images of `--batch // 2` classes, chunk `--chunk`, SGD (no optimizer state:
 the step's memory is weights, gradients and one chunk's activations).
 """
@@ -28,6 +31,7 @@ import torch  # noqa: E402
 from pipeline.dist import distributed  # noqa: E402
 from pipeline.config import ParallelConfig, load_config  # noqa: E402
 from pipeline.dist.distributed import pick_device, world_from_env  # noqa: E402
+from pipeline.dist import host_memory  # noqa: E402
 from pipeline.dist.engine import build_engine  # noqa: E402
 from pipeline.losses import RecallAtK  # noqa: E402
 from pipeline.models import accounting  # noqa: E402
@@ -44,7 +48,11 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-grad-checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--glibc-malloc", action="store_true")
     args = parser.parse_args()
+    if args.glibc_malloc:
+        host_memory.return_freed_tensors = lambda *_: False
 
     world = world_from_env()
     device = pick_device(args.device, world)
@@ -70,21 +78,24 @@ def main() -> None:
     labels = torch.arange(args.batch // 2).repeat_interleave(2)
     share = slice(world.rank * args.batch // world.size, (world.rank + 1) * args.batch // world.size)
     loss_fn = RecallAtK(ks=(1, 2), tau_rank=0.05)
-    distributed.barrier()
-    tic = time.perf_counter()
-    loss = two_pass_step(engine, images[share].to(device), labels[share].to(device), loss_fn, args.chunk, 0, 0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    step = time.perf_counter() - tic
+    times = []
+    for i in range(args.steps):
+        distributed.barrier()
+        tic = time.perf_counter()
+        loss = two_pass_step(engine, images[share].to(device), labels[share].to(device), loss_fn, args.chunk, 0, i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - tic)
+    step = sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]
 
     model_flops = accounting.flops_per_image(cfg, args.chunk) * args.batch
     executed = accounting.two_pass_flops(cfg, args.chunk, args.batch)
     per_process = executed / world.size / step
     result = {
         "preset": args.preset, "arch": cfg.arch, "parallel": args.parallel, "processes": world.size,
-        "device": str(device), "precision": args.precision, "grad_checkpointing": checkpointing,
+        "device": str(device), "precision": args.precision, "glibc_malloc": args.glibc_malloc, "steps": args.steps, "grad_checkpointing": checkpointing,
         "parameters": parameters, "batch": args.batch, "chunk": args.chunk, "loss": float(loss),
-        "build_s": round(built, 1), "step_s": round(step, 1), "s_per_image": round(step / args.batch, 2),
+        "build_s": round(built, 1), "step_s": round(step, 3), "s_per_image": round(step / args.batch, 4),
         "peak_rss_gb": round(accounting.peak_memory_gb(torch.device("cpu")), 2),
         "model_tflop": round(model_flops / 1e12, 3), "executed_tflop": round(executed / 1e12, 3),
         "achieved_gflops_per_process": round(per_process / 1e9, 1),

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from pipeline.losses import RecallAtK, RecallAtKSiMix, recall_at_k_loss, set_step  # noqa: E402
 from pipeline.losses.recall_at_k import padded_positives  # noqa: E402
 from pipeline.losses.rsk_fused import smooth_ranks  # noqa: E402
+from pipeline.models.accounting import high_water_kib  # noqa: E402
 
 KS, TAU_RANK, TAU_COUNT = (1, 2, 4, 8, 16), 0.01, 1.0
 
@@ -273,13 +274,6 @@ def before(rev: str, batch: int, dim: int) -> None:
             tar.extractall(folder, filter="data")
         print(f"revision {rev}, B={batch}:", flush=True)
         subprocess.run([sys.executable, "-c", BEFORE, folder, str(batch), str(dim)], check=True)
-
-
-def high_water_kib() -> int:
-    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
-    an exec from the parent's memory when the child was vforked, as subprocess does."""
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0])
 
 
 def memory_child(case: str, batch: int, dim: int, per_class: int, kernel: str) -> None:

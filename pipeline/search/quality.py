@@ -8,12 +8,13 @@ through the same `search` the Searcher and the HTTP service call (re-ranking inc
 """
 from __future__ import annotations
 
-import resource
 import time
 from typing import Callable
 
 import faiss
 import numpy as np
+
+from pipeline.models import accounting
 
 KS = (1, 10, 100)
 LATENCY_QUERIES = 1000
@@ -70,8 +71,8 @@ def measure(search: Callable, vectors: np.ndarray, rows: np.ndarray) -> dict:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak resident memory so far, GiB."""
+    return accounting.high_water_kib() / 2**20
 
 
 def index_bytes(index: faiss.Index) -> int:
