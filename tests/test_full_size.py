@@ -2,7 +2,7 @@
 the library's own model of that name, the upstream format loads back through model.pretrained, and
 images embed; the two-pass step at full size (ViT-L/14: one process; ViT-g/14: fsdp2 and zero3 on
 2 processes against one). Only the ViT-L/14 forward of one image is in the default suite; the rest
-is slow (minutes each; the ViT-g/14 steps need about 20 GB free).
+is slow (minutes each; the ViT-g/14 steps need about 19 GB free).
 FULL_SIZE_LOG=path appends each step's figures (times, peak memory per rank, update errors) to that
 file as JSON lines."""
 import json
@@ -137,8 +137,8 @@ def free_gb() -> float:
 def test_vitg14_sharded_step_equals_one_process(name, backend, tmp_path):
     """2 processes, each holding half of the ViT-g/14's weights and gradients, take the two-pass step;
     the weights after it equal one process's one-pass step (per tensor, 1e-2 of the update)."""
-    if free_gb() < 20:  # two ranks of 8-12.5 GB at their peaks, then a reference process of about 14 GB
-        pytest.skip(f"a ViT-g/14 {backend} step on 2 processes needs about 20 GB free; {free_gb():.1f} GB are")
+    if free_gb() < 19:  # two ranks of 8-12.5 GB at their peaks (not at once), then a reference process of about 14 GB
+        pytest.skip(f"a ViT-g/14 {backend} step on 2 processes needs about 19 GB free; {free_gb():.1f} GB are")
     result = run_step(2, name, backend, tmp_path)
     assert result["max_update_error"] <= 1e-2 and result["total_update_error"] <= 1e-3, result
 

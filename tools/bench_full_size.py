@@ -11,9 +11,9 @@ process with the same threads (a square fp32 matmul on the CPU; bf16 on a GPU): 
 FLOP utilisation. Model FLOPs are one forward and one backward per image (pipeline/models/accounting.py);
 the step executes about 5/3 of them with activation checkpointing (pass 1's forward, pass 2's
 forward, the recomputed forward and the backward), 4/3 without: both fractions are printed.
-`--steps N` times N steps (the figure: the mean of all but the first). `--glibc-malloc` leaves glibc's
-own mmap threshold (pipeline/dist/host_memory.py otherwise fixes it on the CPU): the two arms of that
-setting's cost in BENCHMARKS.md.
+`--steps N` times N steps (the figure: the mean of all but the first). `--mmap-threshold 0` leaves glibc's
+own mmap threshold (pipeline/dist/host_memory.py otherwise fixes it on the CPU at 1 MiB): the arms
+of that setting's cost in BENCHMARKS.md.
 Global batch `--batch` images of `--batch // 2` classes, chunk `--chunk`, SGD (no optimizer state:
 the step's memory is weights, gradients and one chunk's activations).
 """
@@ -49,9 +49,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-grad-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--glibc-malloc", action="store_true")
+    parser.add_argument("--mmap-threshold", type=int, default=host_memory.THRESHOLD,
+                        help="bytes; 0 = glibc's own rule (pipeline/dist/host_memory.py)")
     args = parser.parse_args()
-    if args.glibc_malloc:
+    host_memory.THRESHOLD = args.mmap_threshold  # read when the process group is joined
+    if args.mmap_threshold == 0:
         host_memory.return_freed_tensors = lambda *_: False
 
     world = world_from_env()
@@ -93,7 +95,7 @@ def main() -> None:
     per_process = executed / world.size / step
     result = {
         "preset": args.preset, "arch": cfg.arch, "parallel": args.parallel, "processes": world.size,
-        "device": str(device), "precision": args.precision, "glibc_malloc": args.glibc_malloc, "steps": args.steps, "grad_checkpointing": checkpointing,
+        "device": str(device), "precision": args.precision, "mmap_threshold": args.mmap_threshold, "steps": args.steps, "grad_checkpointing": checkpointing,
         "parameters": parameters, "batch": args.batch, "chunk": args.chunk, "loss": float(loss),
         "build_s": round(built, 1), "step_s": round(step, 3), "s_per_image": round(step / args.batch, 4),
         "peak_rss_gb": round(accounting.peak_memory_gb(torch.device("cpu")), 2),

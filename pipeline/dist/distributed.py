@@ -32,7 +32,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.distributed_c10d as c10d
 
-from pipeline.dist import host_memory
 from pipeline.errors import UserError
 
 T = TypeVar("T")
@@ -112,8 +111,6 @@ def init(world: World, device: torch.device, timeout: float | None = None) -> No
     them (DeepSpeed would otherwise go looking for MPI under srun)."""
     global _timeout
     set_threads(device)
-    if device.type == "cpu":  # the tensors live in malloc'd memory: see host_memory.py
-        host_memory.return_freed_tensors()
     if device.type == "cuda":  # one process too: Triton, faiss and NCCL take the current device, not the tensors'
         torch.cuda.set_device(device)
     if world.size == 1 or initialized():

@@ -28,13 +28,15 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from pipeline.dist import checkpoint, distributed, zero_universal
+from pipeline.dist import checkpoint, distributed, host_memory, zero_universal
 from pipeline.config import ParallelConfig
 from pipeline.config.schema import BACKENDS
 from pipeline.errors import UserError
 from pipeline.dist.precision import DTYPES, autocast, resolve, resolve_param_dtype
 
 REPO = Path(__file__).resolve().parents[1]
+# The backends that all-gather each block's weights and free them again within the step.
+GATHERS_WEIGHTS = ("fsdp2", "zero3", "zero3_offload")
 log = logging.getLogger(__name__)
 DEPRECATED_COLLECTIVES = (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|"
                           r"_reduce_scatter_base)` is")
@@ -338,6 +340,8 @@ def build_engine(model: nn.Module, make_optimizer: OptimizerFactory, cfg: Parall
     if cfg.name == "none":
         return Engine(model, *make_optimizer(model), device, grad_clip, precision)
     distributed.ensure_group(device)
+    if device.type == "cpu" and cfg.name in GATHERS_WEIGHTS:  # gathered blocks freed among live ones: host_memory.py
+        host_memory.return_freed_tensors()
     if cfg.name == "ddp":
         return DDPEngine(model, *make_optimizer(model), device, grad_clip, precision)
     if cfg.name == "fsdp2":

@@ -26,9 +26,11 @@ TRIM_THRESHOLD = 64 << 20
 THRESHOLD = 1 << 20  # 1 MiB: the smallest tensors that matter for fragmentation at ViT sizes
 
 
-def return_freed_tensors(threshold: int = THRESHOLD) -> bool:
-    """Every malloc of at least `threshold` bytes is mapped on its own and unmapped at free, from now
-    on in this process. True where the C library took the setting (glibc), False elsewhere."""
+def return_freed_tensors(threshold: int | None = None) -> bool:
+    """Every malloc of at least `threshold` bytes (default THRESHOLD) is mapped on its own and unmapped
+    at free, from now on in this process. True where the C library took the setting (glibc), False
+    elsewhere."""
+    threshold = THRESHOLD if threshold is None else threshold
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
