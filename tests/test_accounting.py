@@ -1,5 +1,7 @@
 """Step-time and memory accounting: FLOPs per image against a count by hand, MFU, the peak table, the timers."""
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,12 +62,9 @@ def test_peak_memory_is_the_resident_peak_on_the_cpu():
     del block
 
 
-def test_a_reset_peak_counts_from_the_present(tmp_path):
+def test_a_reset_peak_counts_from_the_present():
     """A 256 MiB block freed before the reset is in the peak before it and not after (in a fresh
     process: the suite's own peak would hide it)."""
-    import subprocess
-    import sys
-
     script = ("import torch; from pipeline.models.accounting import peak_memory_gb, reset_peak_memory\n"
               "cpu = torch.device('cpu'); reset_peak_memory(cpu); base = peak_memory_gb(cpu)\n"
               "block = torch.ones(256 * 2**20 // 4); del block\n"
