@@ -52,9 +52,7 @@ def main() -> None:
     parser.add_argument("--mmap-threshold", type=int, default=host_memory.THRESHOLD,
                         help="bytes; 0 = glibc's own rule (pipeline/dist/host_memory.py)")
     args = parser.parse_args()
-    host_memory.THRESHOLD = args.mmap_threshold  # read when the process group is joined
-    if args.mmap_threshold == 0:
-        host_memory.return_freed_tensors = lambda *_: False
+    host_memory.THRESHOLD = args.mmap_threshold  # build_engine applies it (fsdp2, zero3 on the CPU)
 
     world = world_from_env()
     device = pick_device(args.device, world)

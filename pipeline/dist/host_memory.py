@@ -43,10 +43,12 @@ def release_free_memory() -> bool:
 
 
 def return_freed_tensors(threshold: int | None = None) -> bool:
-    """Every malloc of at least `threshold` bytes (default THRESHOLD) is mapped on its own and unmapped
-    at free, from now on in this process. True where the C library took the setting (glibc), False
-    elsewhere."""
+    """Every malloc of at least `threshold` bytes (default THRESHOLD; 0 leaves glibc's own rule) is
+    mapped on its own and unmapped at free, from now on in this process. True where the C library
+    took the setting (glibc), False elsewhere."""
     threshold = THRESHOLD if threshold is None else threshold
+    if threshold == 0:  # glibc's own rule (the benchmarks' baseline arm)
+        return False
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
