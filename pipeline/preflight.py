@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import Config, ModelConfig
-from pipeline.dist import distributed
-from pipeline.dist.checkpoint_names import check_checkpoint_spec, check_foreign_checkpoint
-from pipeline.dist.shares import check_processes, check_shares
+from pipeline.parallel import distributed
+from pipeline.parallel.checkpoint_names import check_checkpoint_spec, check_foreign_checkpoint
+from pipeline.parallel.shares import check_processes, check_shares
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
 from pipeline.tracking import check_installed
@@ -219,6 +219,6 @@ def check_deepspeed_config(cfg: Config) -> None:
     """The DeepSpeed JSON exists and parses (read as the engine reads it)."""
     import torch
 
-    from pipeline.dist.engine import deepspeed_config
+    from pipeline.parallel.engine import deepspeed_config
 
     deepspeed_config(cfg.parallel, cfg.train.chunk_size, torch.device("cpu"))

@@ -18,9 +18,9 @@ from pipeline.config.experiment import check_unchanged, describe, finished_stage
 from pipeline.config.inputs import stage_settings
 from pipeline.config.loader import resolve
 from pipeline.config.loader import save as save_config
-from pipeline.dist import distributed
-from pipeline.dist.distributed import pick_device, world_from_env
-from pipeline.dist.preemption import EXIT_STATUS, Preempted
+from pipeline.parallel import distributed
+from pipeline.parallel.distributed import pick_device, world_from_env
+from pipeline.parallel.preemption import EXIT_STATUS, Preempted
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
 

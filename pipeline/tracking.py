@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import Config, TrackConfig, to_yaml
-from pipeline.dist import distributed
+from pipeline.parallel import distributed
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, write_json
 

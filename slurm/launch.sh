@@ -60,7 +60,7 @@ end_step() {
 }
 
 # In the batch shell, on USR1 or TERM: ask the ranks to stop (once). The TERM of the requeue that rank 0
-# runs after its checkpoint (it marks it first, pipeline/dist/preemption.py) ends this start: say so with the
+# runs after its checkpoint (it marks it first, pipeline/parallel/preemption.py) ends this start: say so with the
 # ranks' status, 75, before Slurm kills this shell (KillWait), rather than the step's 143 or nothing.
 on_stop_signal() {
     if [[ -e $PIPELINE_STOP_FILE.requeued ]]; then

@@ -24,10 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.dist import distributed  # noqa: E402
+from pipeline.parallel import distributed  # noqa: E402
 from pipeline.config import ParallelConfig, load_config  # noqa: E402
-from pipeline.dist.distributed import world_from_env  # noqa: E402
-from pipeline.dist.engine import Engine, build_engine  # noqa: E402
+from pipeline.parallel.distributed import world_from_env  # noqa: E402
+from pipeline.parallel.engine import Engine, build_engine  # noqa: E402
 from pipeline.losses import RecallAtK  # noqa: E402
 from pipeline.models import accounting  # noqa: E402
 from pipeline.models.encoders import build_encoder  # noqa: E402

@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import ModelConfig, ParallelConfig  # noqa: E402
-from pipeline.dist import checkpoint, distributed  # noqa: E402
-from pipeline.dist.distributed import world_from_env  # noqa: E402
-from pipeline.dist.engine import DeepSpeedEngine, build_engine, deepspeed_config  # noqa: E402
+from pipeline.parallel import checkpoint, distributed  # noqa: E402
+from pipeline.parallel.distributed import world_from_env  # noqa: E402
+from pipeline.parallel.engine import DeepSpeedEngine, build_engine, deepspeed_config  # noqa: E402
 from pipeline.losses import RecallAtK, RecallAtKSiMix, set_step  # noqa: E402
 from pipeline.models.encoders import build_encoder  # noqa: E402
 from pipeline.train.two_pass import two_pass_step  # noqa: E402

@@ -1,4 +1,4 @@
-"""Checkpoints written by one number of processes and resumed by another, through pipeline.dist.checkpoint,
+"""Checkpoints written by one number of processes and resumed by another, through pipeline.parallel.checkpoint,
 for tests/test_resharding.py. AdamW (the pipeline's optimizer, whose moments must survive the
 resharding), in the pipeline's parameter groups, with its step-dependent learning rate (the
 scheduler's position must survive too).
@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from parallel_worker import CHUNK, GLOBAL, SEED, problem  # noqa: E402
 
 from pipeline.config import ParallelConfig, TrainConfig  # noqa: E402
-from pipeline.dist import (
+from pipeline.parallel import (
     checkpoint,
     distributed,  # noqa: E402
 )
-from pipeline.dist.distributed import world_from_env  # noqa: E402
-from pipeline.dist.engine import build_engine  # noqa: E402
+from pipeline.parallel.distributed import world_from_env  # noqa: E402
+from pipeline.parallel.engine import build_engine  # noqa: E402
 from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.train.two_pass import two_pass_step  # noqa: E402
 

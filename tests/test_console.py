@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from pipeline import runner
 from pipeline.config import load_config
-from pipeline.dist import distributed
+from pipeline.parallel import distributed
 from pipeline.eval.metrics import _kmeans_assign
 from pipeline.run_dir import RunDir
 
@@ -31,7 +31,7 @@ def test_threads_per_process_share_the_cores_unless_told():
 
 
 def test_openmp_threads_sleep_when_waiting_unless_the_user_says():
-    code = "import os, pipeline.dist.distributed; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import os, pipeline.parallel.distributed; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,  # noqa: E731
                                      text=True, check=True).stdout.strip()

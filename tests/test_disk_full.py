@@ -14,7 +14,7 @@ from conftest import REPO, SMALL, run_pipeline
 from test_resume import same_weights
 
 from pipeline import disk
-from pipeline.dist import checkpoint
+from pipeline.parallel import checkpoint
 from pipeline.errors import UserError
 
 TRAIN = [*SMALL, "train.max_steps=40", "train.checkpoint_every=20", "train.keep_checkpoints=1", "train.log_every=1",

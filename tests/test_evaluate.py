@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline.config import Config, load_config
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
-from pipeline.dist import checkpoint
+from pipeline.parallel import checkpoint
 from pipeline.errors import UserError
 from pipeline.eval import results
 from pipeline.eval.diagnostics import embedding_diagnostics

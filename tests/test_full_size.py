@@ -17,7 +17,7 @@ import torch
 from conftest import REPO
 
 from pipeline.config import ModelConfig, load_config
-from pipeline.dist import host_memory
+from pipeline.parallel import host_memory
 from pipeline.models.encoders import build_encoder
 
 PRESETS = ("vitl14_clip", "dinov2_vitl14", "dinov2_vitl14_hf", "clip_vitl14_hf", "vitg14_clip", "dinov2_vitg14")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.data.loader import _PerBatchTail
-from pipeline.dist import distributed
+from pipeline.parallel import distributed
 from pipeline.errors import UserError
 from pipeline.eval import metrics
 from pipeline.losses import recall_at_k

@@ -16,7 +16,7 @@ import sys
 import psutil, torch
 sys.path.insert(0, {repo!r})
 from pipeline.config import ParallelConfig, load_config
-from pipeline.dist.engine import build_engine
+from pipeline.parallel.engine import build_engine
 from pipeline.models.encoders import build_encoder
 def sgd(m):
     optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -34,7 +34,7 @@ for _ in range(100):
 peak = process.memory_info().rss
 large.clear()
 if len(sys.argv) > 2:
-    from pipeline.dist import host_memory
+    from pipeline.parallel import host_memory
     assert host_memory.release_free_memory()
 print((peak - start) / 2**20, (process.memory_info().rss - start) / 2**20)
 """

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from pipeline.config import ModelConfig
-from pipeline.dist import checkpoint
+from pipeline.parallel import checkpoint
 from pipeline.losses.intra_batch import IntraBatchLoss
 from pipeline.models.encoders import build_encoder
 

@@ -14,9 +14,9 @@ from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, VARIANTS, problem,
 from safetensors.torch import load_file
 
 from pipeline.config import TrainConfig
-from pipeline.dist.distributed import expand_nodelist, slurm_rendezvous, world_from_env
-from pipeline.dist.engine import Engine, check_launcher, transformer_blocks
-from pipeline.dist.shares import check_shares
+from pipeline.parallel.distributed import expand_nodelist, slurm_rendezvous, world_from_env
+from pipeline.parallel.engine import Engine, check_launcher, transformer_blocks
+from pipeline.parallel.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.losses import set_step
 from pipeline.train.two_pass import one_pass_step

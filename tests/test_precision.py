@@ -1,4 +1,4 @@
-"""train.precision and parallel.param_dtype (pipeline/dist/precision.py): the bf16 forward under every
+"""train.precision and parallel.param_dtype (pipeline/parallel/precision.py): the bf16 forward under every
 backend on 2 gloo processes equals one process's bf16 one-pass step within bf16 rounding; bf16
 gathered weights equal fp32 ones within it; checkpoints keep fp32 weights; DeepSpeed keeps the
 autocast on inside its forward on GPUs; the config checks."""
@@ -13,9 +13,9 @@ from test_resume import fresh_finetune
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from pipeline.config import ParallelConfig, load_config
-from pipeline.dist import precision
-from pipeline.dist.engine import Engine, deepspeed_config
-from pipeline.dist.preemption import EXIT_STATUS
+from pipeline.parallel import precision
+from pipeline.parallel.engine import Engine, deepspeed_config
+from pipeline.parallel.preemption import EXIT_STATUS
 from pipeline.errors import UserError
 from pipeline.losses import set_step
 from pipeline.train.two_pass import one_pass_step

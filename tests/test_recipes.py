@@ -13,8 +13,8 @@ from pipeline.config import GROUPS, Config, load_config, presets, valid_keys
 from pipeline.config.recipe import load, names
 from pipeline.data.epoch_rules import build_sampler
 from pipeline.data.shards import ShardIndex
-from pipeline.dist import checkpoint
-from pipeline.dist.shares import check_shares
+from pipeline.parallel import checkpoint
+from pipeline.parallel.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.models.encoders import build_encoder
 from pipeline.train.optim import build_optimizer

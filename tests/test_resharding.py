@@ -12,8 +12,8 @@ from parallel_worker import CHUNK, SEED, problem
 from resharding_worker import WRITTEN_STEPS, adamw, batch
 from test_parallel import crash_after_step_3, exported_weights_close, torchrun_script
 
-from pipeline.dist import checkpoint, zero_universal
-from pipeline.dist.engine import Engine
+from pipeline.parallel import checkpoint, zero_universal
+from pipeline.parallel.engine import Engine
 from pipeline.errors import UserError
 from pipeline.train.two_pass import one_pass_step
 

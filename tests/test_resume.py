@@ -17,9 +17,9 @@ from pipeline.config import TrainConfig
 from pipeline.data.loader import train_loader
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
-from pipeline.dist import checkpoint
-from pipeline.dist.engine import Engine
-from pipeline.dist.preemption import EXIT_STATUS, StopRequest
+from pipeline.parallel import checkpoint
+from pipeline.parallel.engine import Engine
+from pipeline.parallel.preemption import EXIT_STATUS, StopRequest
 from pipeline.train.optim import build_optimizer
 
 

@@ -33,7 +33,7 @@ from slurm_cluster import (
 )
 from test_parallel import exported_weights_close
 
-from pipeline.dist.checkpoint import damage
+from pipeline.parallel.checkpoint import damage
 
 # recipe=none: the job scripts pass recipe=rsk, and the jobs are compared with plain runs.
 TINY = ["model=tiny", "data=digits", "recipe=none", *SMALL]

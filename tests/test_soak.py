@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO, SMALL, run_pipeline, training_processes
 from test_resume import same_weights
 
-from pipeline.dist import checkpoint
+from pipeline.parallel import checkpoint
 
 pytestmark = pytest.mark.slow
 KILLS, STEPS, EVERY, VALIDATE = 10, 60, 4, 10

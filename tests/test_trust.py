@@ -16,7 +16,7 @@ from test_encoders import TINY_VIT
 
 from pipeline import trust
 from pipeline.config import ModelConfig, load_config
-from pipeline.dist import checkpoint
+from pipeline.parallel import checkpoint
 from pipeline.errors import UserError
 from pipeline.models.encoders import build_encoder
 

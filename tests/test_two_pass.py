@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.dist.engine import Engine
+from pipeline.parallel.engine import Engine
 from pipeline.losses import RecallAtK
 from pipeline.models.encoders import build_encoder
 from pipeline.train.optim import build_optimizer

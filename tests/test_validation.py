@@ -15,8 +15,8 @@ from pipeline import runner
 from pipeline.config import load_config
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
-from pipeline.dist import checkpoint
-from pipeline.dist.preemption import EXIT_STATUS
+from pipeline.parallel import checkpoint
+from pipeline.parallel.preemption import EXIT_STATUS
 from pipeline.errors import UserError
 from pipeline.eval import sources
 from pipeline.eval.metrics import retrieval_metrics

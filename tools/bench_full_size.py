@@ -12,7 +12,7 @@ FLOP utilisation. Model FLOPs are one forward and one backward per image (pipeli
 the step executes about 5/3 of them with activation checkpointing (pass 1's forward, pass 2's
 forward, the recomputed forward and the backward), 4/3 without: both fractions are printed.
 `--steps N` times N steps (the figure: the mean of all but the first). `--mmap-threshold 0` leaves glibc's
-own mmap threshold (pipeline/dist/host_memory.py otherwise fixes it on the CPU at 1 MiB): the arms
+own mmap threshold (pipeline/parallel/host_memory.py otherwise fixes it on the CPU at 1 MiB): the arms
 of that setting's cost in BENCHMARKS.md.
 Global batch `--batch` images of `--batch // 2` classes, chunk `--chunk`, SGD (no optimizer state:
 the step's memory is weights, gradients and one chunk's activations).
@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
 
-from pipeline.dist import distributed  # noqa: E402
+from pipeline.parallel import distributed  # noqa: E402
 from pipeline.config import ParallelConfig, load_config  # noqa: E402
-from pipeline.dist.distributed import pick_device, world_from_env  # noqa: E402
-from pipeline.dist import host_memory  # noqa: E402
-from pipeline.dist.engine import build_engine  # noqa: E402
+from pipeline.parallel.distributed import pick_device, world_from_env  # noqa: E402
+from pipeline.parallel import host_memory  # noqa: E402
+from pipeline.parallel.engine import build_engine  # noqa: E402
 from pipeline.losses import RecallAtK  # noqa: E402
 from pipeline.models import accounting  # noqa: E402
 from pipeline.models.encoders import build_encoder  # noqa: E402
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--no-grad-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--mmap-threshold", type=int, default=host_memory.THRESHOLD,
-                        help="bytes; 0 = glibc's own rule (pipeline/dist/host_memory.py)")
+                        help="bytes; 0 = glibc's own rule (pipeline/parallel/host_memory.py)")
     args = parser.parse_args()
     host_memory.THRESHOLD = args.mmap_threshold  # build_engine applies it (fsdp2, zero3 on the CPU)
 

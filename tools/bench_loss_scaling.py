@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 from bench_recall_at_k import KS, inputs  # noqa: E402  (tools/ is on sys.path when run as a script)
 
-from pipeline.dist import distributed  # noqa: E402
+from pipeline.parallel import distributed  # noqa: E402
 from pipeline.losses import RecallAtK, RecallAtKSiMix, set_step  # noqa: E402
 from pipeline.train.two_pass import share_loss_and_grad, two_pass_step  # noqa: E402
 
@@ -68,7 +68,7 @@ def loss_cases(batch: int, dim: int) -> dict:
 
 def step_case(batch: int, chunk: int):
     from pipeline.config import TrainConfig, load_config
-    from pipeline.dist.engine import build_engine
+    from pipeline.parallel.engine import build_engine
     from pipeline.models.encoders import build_encoder
     from pipeline.train.optim import build_optimizer
 

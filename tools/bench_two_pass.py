@@ -55,8 +55,8 @@ def setup(args, batch: int):
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.dist.distributed import World, pick_device
-    from pipeline.dist.engine import Engine
+    from pipeline.parallel.distributed import World, pick_device
+    from pipeline.parallel.engine import Engine
     from pipeline.losses import RecallAtK
     from pipeline.models.encoders import build_encoder
     from pipeline.train.optim import build_optimizer

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.dist.shares import check_shares
+from pipeline.parallel.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.plan import estimate, gpus
 

@@ -6,7 +6,7 @@ global batch 4 = 2 classes x 2, chunk 1, grad checkpointing as the preset says, 
 Prints one JSON line per rank and phase: the resident memory at the phase's end, its peak within the
 phase (VmHWM, reset at each phase's start), and the parameter elements still gathered (ZeRO-3's
 AVAILABLE status: a leak of gathered weights would show here). `--mmap-threshold 0` leaves glibc's own
-rule, which `pipeline/dist/host_memory.py` otherwise replaces by a fixed threshold: BENCHMARKS.md's rows.
+rule, which `pipeline/parallel/host_memory.py` otherwise replaces by a fixed threshold: BENCHMARKS.md's rows.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import ParallelConfig, load_config  # noqa: E402
-from pipeline.dist import distributed, host_memory  # noqa: E402
-from pipeline.dist.engine import build_engine  # noqa: E402
+from pipeline.parallel import distributed, host_memory  # noqa: E402
+from pipeline.parallel.engine import build_engine  # noqa: E402
 from pipeline.losses import RecallAtK  # noqa: E402
 from pipeline.models import accounting  # noqa: E402
 from pipeline.models.encoders import build_encoder  # noqa: E402
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("preset")
     parser.add_argument("--parallel", default="zero3")
     parser.add_argument("--mmap-threshold", type=int, default=host_memory.THRESHOLD,
-                        help="bytes; 0 = glibc's own rule (pipeline/dist/host_memory.py)")
+                        help="bytes; 0 = glibc's own rule (pipeline/parallel/host_memory.py)")
     args = parser.parse_args()
     host_memory.THRESHOLD = args.mmap_threshold  # build_engine applies it (fsdp2, zero3 on the CPU)
     world = distributed.world_from_env()

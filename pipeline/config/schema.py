@@ -18,11 +18,11 @@ STAGES = ("shard", "embed", "finetune", "eval", "export", "index", "search", "se
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_FORMATS = ("png", "jpg", "webp")
 FAMILIES = ("timm", "open_clip", "transformers")  # pipeline/models/backbones/, one module each
-BACKENDS = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")  # pipeline/dist/engine.py
+BACKENDS = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")  # pipeline/parallel/engine.py
 OPTIMIZERS = ("adamw", "adam", "sgd", "radam")
 SCHEDULES = ("cosine", "step")
 SMALL_CLASSES = ("repeat", "skip")
-PRECISIONS = ("auto", "bf16", "fp32")  # train.precision, parallel.param_dtype (pipeline/dist/precision.py)
+PRECISIONS = ("auto", "bf16", "fp32")  # train.precision, parallel.param_dtype (pipeline/parallel/precision.py)
 SHARDED = ("zero1", "zero2", "zero3", "zero3_offload", "fsdp2")  # the backends that hold or gather weights
 SAMPLERS = ("pk", "rsk", "ibc", "roth")  # pipeline/data/epoch_rules.py
 GENERATED = ("digits", "fashion_mnist", "glyphs")  # datasets drawn in memory, with no original files
@@ -120,10 +120,10 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    name: str = "none"              # none | ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp2 (pipeline/dist/engine.py)
+    name: str = "none"              # none | ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp2 (pipeline/parallel/engine.py)
     deepspeed_config: str | None = None  # zero*: DeepSpeed JSON; None = ds_configs/<name>.json
     fsdp_reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward
-    param_dtype: str = "auto"       # fsdp2, zero*: weights gathered/held in auto (bf16 when the forward is bf16 on CUDA) | bf16 | fp32 (pipeline/dist/precision.py)
+    param_dtype: str = "auto"       # fsdp2, zero*: weights gathered/held in auto (bf16 when the forward is bf16 on CUDA) | bf16 | fp32 (pipeline/parallel/precision.py)
     timeout: float | None = None    # seconds a collective waits for the other ranks before failing; None = the backend's (gloo 30 min, NCCL 10 min)
 
     def check(self) -> None:
@@ -165,7 +165,7 @@ class TrainConfig:
     decay_norms_biases: bool = False  # weight decay on every parameter (the papers' code), not on weight matrices only
     rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
     split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
-    precision: str = "auto"         # the forward: auto (bf16 on CUDA, fp32 on the CPU) | bf16 (autocast, fp32 weights) | fp32 (pipeline/dist/precision.py)
+    precision: str = "auto"         # the forward: auto (bf16 on CUDA, fp32 on the CPU) | bf16 (autocast, fp32 weights) | fp32 (pipeline/parallel/precision.py)
     sampler: str = "pk"             # pk | rsk | ibc | roth: the batches and the epoch's length (pipeline/data/epoch_rules.py)
     redraw_pk: bool = False         # sampler=ibc: each epoch draws (P, K) anew among global_batch's divisors (IBC on CUB)
     val_every_epochs: int = 0       # validate at the end of every N-th epoch (the papers' cadence) instead of val_every; 0 = off

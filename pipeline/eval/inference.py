@@ -27,9 +27,9 @@ from PIL import Image
 from torch import nn
 
 from pipeline.data.shards import ShardIndex
-from pipeline.dist import distributed
-from pipeline.dist.distributed import broadcast_object
-from pipeline.dist.precision import autocast
+from pipeline.parallel import distributed
+from pipeline.parallel.distributed import broadcast_object
+from pipeline.parallel.precision import autocast
 from pipeline.progress import progress
 
 
@@ -72,7 +72,7 @@ def embed_split(model: nn.Module, folder: Path, transform, batch_size: int, devi
                 precision: str = "auto") -> dict[str, np.ndarray]:
     """The whole split's embeddings (fp32 whatever the precision), labels and keys in shard order, on
     every rank. `workers`: DataLoader processes decoding per rank; `parts`: a folder for per-shard
-    results (resumable); `precision`: train.precision (pipeline/dist/precision.py)."""
+    results (resumable); `precision`: train.precision (pipeline/parallel/precision.py)."""
     model.eval()
     rank, world = distributed.rank(), distributed.world_size()
     index = ShardIndex.load(Path(folder))

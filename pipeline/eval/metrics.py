@@ -54,7 +54,7 @@ def _use_gpu() -> bool:
 
 
 def _on_own_gpu(index: faiss.Index) -> faiss.Index:
-    """`index` on this process's GPU: torch's current device, which pipeline.dist.distributed sets to the
+    """`index` on this process's GPU: torch's current device, which pipeline.parallel.distributed sets to the
     rank's own. Not index_cpu_to_all_gpus (nor Kmeans(gpu=True), which calls it): that opens a
     context and copies the data onto every GPU of the node, whose memory the other ranks hold."""
     device = torch.cuda.current_device() if torch.cuda.is_available() else 0

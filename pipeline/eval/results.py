@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.data.shards import ShardIndex
-from pipeline.dist import checkpoint
+from pipeline.parallel import checkpoint
 from pipeline.errors import UserError
 from pipeline.eval import plots, report
 from pipeline.eval.diagnostics import embedding_diagnostics, singular_values

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.config import Config, ModelConfig
-from pipeline.dist import checkpoint, distributed
+from pipeline.parallel import checkpoint, distributed
 from pipeline.errors import UserError
 from pipeline.models.encoders import architecture, build_encoder, exported_config, load_exported
 from pipeline.run_dir import RunDir

@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from pipeline.config import Config
-from pipeline.dist.engine import transformer_blocks
+from pipeline.parallel.engine import transformer_blocks
 from pipeline.models.encoders import build_encoder
 from pipeline.plan.simulate import Measurement
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.config import Config
-from pipeline.dist.shares import check_shares
+from pipeline.parallel.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.plan import gpus
 from pipeline.plan.depth import at_depth, extrapolate, full_depth, simulated_depths

@@ -40,9 +40,9 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Config
-from pipeline.dist import distributed
-from pipeline.dist import engine as engines
-from pipeline.dist.precision import resolve, resolve_param_dtype
+from pipeline.parallel import distributed
+from pipeline.parallel import engine as engines
+from pipeline.parallel.precision import resolve, resolve_param_dtype
 from pipeline.losses import build_loss, set_step
 from pipeline.models.encoders import build_encoder
 from pipeline.train.optim import build_optimizer
@@ -338,7 +338,7 @@ def _real_mesh(fake: FakeTensorMode | None) -> Iterator[None]:
 
 
 def as_on_gpu(cfg: Config, parallel) -> tuple[str, object]:
-    """(train.precision, parallel) as a GPU run resolves them (pipeline/dist/precision.py, on a CUDA
+    """(train.precision, parallel) as a GPU run resolves them (pipeline/parallel/precision.py, on a CUDA
     device), given to the engine explicitly: on the CPU device it then runs bf16 CPU autocast and
     FSDP2's MixedPrecisionPolicy as it would CUDA's. train.precision=fp32 (recipe=rsk) keeps fp32
     weights under every backend, as the run does."""

@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.config import Config, ModelConfig
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
-from pipeline.dist import checkpoint, distributed
+from pipeline.parallel import checkpoint, distributed
 from pipeline.errors import UserError
 from pipeline.eval.inference import embed_split
 from pipeline.models.encoders import architecture, build_encoder, exported_config, load_exported, preprocessing

@@ -13,8 +13,8 @@ import shutil
 
 from pipeline.config import Config
 from pipeline.data.transforms import eval_transform
-from pipeline.dist import distributed
-from pipeline.dist.distributed import pick_device, world_from_env
+from pipeline.parallel import distributed
+from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.eval.inference import embed_split, save_embeddings
 from pipeline.models.encoders import build_encoder
 from pipeline.run_dir import RunDir, write_json

@@ -18,8 +18,8 @@ import json
 from pipeline import protocols
 from pipeline.config import Config
 from pipeline.data.transforms import eval_transform
-from pipeline.dist import distributed
-from pipeline.dist.distributed import pick_device, world_from_env
+from pipeline.parallel import distributed
+from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.eval.inference import embed_split, save_embeddings
 from pipeline.eval.results import write_results
 from pipeline.eval.sources import load_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import Config
-from pipeline.dist import checkpoint
+from pipeline.parallel import checkpoint
 from pipeline.eval.sources import own_data
 from pipeline.models.encoders import architecture, build_encoder, export
 from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json

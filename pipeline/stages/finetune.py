@@ -1,12 +1,12 @@
 """finetune: train the encoder (pipeline/train/loop.py); checkpoints every train.checkpoint_every steps.
 
 Running it again resumes from the newest intact checkpoint. SIGUSR1, SIGTERM or $PIPELINE_STOP_FILE
-stop it after a step, with a checkpoint and, under Slurm, a requeue (pipeline/dist/preemption.py).
+stop it after a step, with a checkpoint and, under Slurm, a requeue (pipeline/parallel/preemption.py).
 """
 from __future__ import annotations
 
 from pipeline.config import Config
-from pipeline.dist import preemption
+from pipeline.parallel import preemption
 from pipeline.run_dir import RunDir
 from pipeline.train.loop import train
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.dist import distributed
-from pipeline.dist.distributed import pick_device, world_from_env
+from pipeline.parallel import distributed
+from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
 from pipeline.search import faiss_index, gallery, quality

@@ -7,7 +7,7 @@ import logging
 
 from pipeline.config import Config
 from pipeline.data.shards import ShardIndex
-from pipeline.dist.distributed import pick_device, world_from_env
+from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
 from pipeline.search import results as pictures
 from pipeline.search.searcher import Searcher, image_files, open_image

@@ -7,7 +7,7 @@ import logging
 import uvicorn
 
 from pipeline.config import Config
-from pipeline.dist.distributed import pick_device, world_from_env
+from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.run_dir import RunDir
 from pipeline.search.searcher import Searcher
 from pipeline.search.server import create_app

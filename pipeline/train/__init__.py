@@ -1,3 +1,3 @@
 """Training: the loop, the two-pass step, optimiser and schedule, validation, step metrics and timing.
 
-May import eval, data, tracking, dist, models, losses, config and the foundation."""
+May import eval, data, tracking, parallel, models, losses, config and the foundation."""

@@ -4,7 +4,7 @@ Every train.log_every steps the window's scalars (pipeline/train/step_metrics.py
 tracker (pipeline/tracking.py) and the progress bar; every train.val_every steps the model is
 validated (pipeline/train/validation.py), and a new best value checkpoints that step and points
 checkpoints/best at it. A run resumes from the newest intact checkpoint (pipeline/train/resume.py).
-A stop request (pipeline/dist/preemption.py) ends it after a step, with a checkpoint; a validation
+A stop request (pipeline/parallel/preemption.py) ends it after a step, with a checkpoint; a validation
 due at that step runs when the run resumes.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pipeline.data.epoch_rules import build_sampler
 from pipeline.data.loader import train_loader
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import train_transform
-from pipeline.dist import checkpoint, distributed, preemption
-from pipeline.dist.distributed import pick_device, world_from_env
-from pipeline.dist.engine import build_engine
-from pipeline.dist.shares import check_processes, check_shares
+from pipeline.parallel import checkpoint, distributed, preemption
+from pipeline.parallel.distributed import pick_device, world_from_env
+from pipeline.parallel.engine import build_engine
+from pipeline.parallel.shares import check_processes, check_shares
 from pipeline.losses import build_loss, set_step
 from pipeline.losses.protocol import wants_unnormalized
 from pipeline.models import accounting

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import Config
-from pipeline.dist import checkpoint, distributed
+from pipeline.parallel import checkpoint, distributed
 from pipeline.run_dir import RunDir, fresh_dir
 from pipeline.train.validation import Best
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.dist import checkpoint
+from pipeline.parallel import checkpoint
 
 log = logging.getLogger(__name__)
 

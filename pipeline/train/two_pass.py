@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.dist import distributed
-from pipeline.dist.engine import Engine
+from pipeline.parallel import distributed
+from pipeline.parallel.engine import Engine
 from pipeline.losses.protocol import Loss, splits
 from pipeline.rng import derive_seed, seeded_rng
 from pipeline.train.timing import NO_TIMER

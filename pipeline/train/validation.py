@@ -27,7 +27,7 @@ from pipeline import protocols
 from pipeline.config import Config
 from pipeline.config.schema import val_metric_names as metric_names
 from pipeline.data.transforms import eval_transform
-from pipeline.dist import distributed
+from pipeline.parallel import distributed
 from pipeline.errors import UserError
 from pipeline.eval.inference import embed_split
 from pipeline.eval.metrics import retrieval_metrics

@@ -28,13 +28,13 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from pipeline.dist import checkpoint, distributed, host_memory, zero_universal
+from pipeline.parallel import checkpoint, distributed, host_memory, zero_universal
 from pipeline.config import ParallelConfig
 from pipeline.config.schema import BACKENDS
 from pipeline.errors import UserError
-from pipeline.dist.precision import DTYPES, autocast, resolve, resolve_param_dtype
+from pipeline.parallel.precision import DTYPES, autocast, resolve, resolve_param_dtype
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository root (ds_configs/ lives there)
 # The backends that all-gather each block's weights and free them again within the step.
 GATHERS_WEIGHTS = ("fsdp2", "zero3", "zero3_offload")
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class Engine:
         self.model = model    # what the forward calls: a wrapper under DDP and DeepSpeed
         self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
         self.grad_clip = grad_clip
-        self.precision = precision  # train.precision (pipeline/dist/precision.py)
+        self.precision = precision  # train.precision (pipeline/parallel/precision.py)
         self.grad_norm = torch.tensor(float("nan"))  # of the last step, before clipping
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -334,7 +334,7 @@ def build_engine(model: nn.Module, make_optimizer: OptimizerFactory, cfg: Parall
                  device: torch.device, grad_clip: float = 0.0, precision: str = "auto") -> Engine:
     """The engine for `parallel=<cfg.name>`; `make_optimizer(model)` gives the optimizer and scheduler
     (called after sharding where the backend replaces the parameters); `grad_clip`: see the module doc;
-    `precision`: train.precision (cfg.param_dtype for the sharded backends: pipeline/dist/precision.py)."""
+    `precision`: train.precision (cfg.param_dtype for the sharded backends: pipeline/parallel/precision.py)."""
     cfg.check()  # for callers that built the config by hand (load_config checked it already)
     check_launcher(cfg.name)
     if cfg.name == "none":

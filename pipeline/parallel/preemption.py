@@ -15,7 +15,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from pipeline.dist import distributed
+from pipeline.parallel import distributed
 
 log = logging.getLogger(__name__)
 

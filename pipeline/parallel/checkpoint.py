@@ -8,7 +8,7 @@ Under parallel=none, ddp and fsdp2 the payload is a DCP checkpoint, which any of
 resumes at any number of processes (DCP reshards on load). Under DeepSpeed ZeRO it is DeepSpeed's
 own (`save_checkpoint`, one partition per rank), which the same parallel= resumes; at another
 number of processes (meta.json's "world_size") it is first converted once to a DeepSpeed universal
-checkpoint (pipeline/dist/zero_universal.py). The export consolidates it with DeepSpeed's
+checkpoint (pipeline/parallel/zero_universal.py). The export consolidates it with DeepSpeed's
 zero_to_fp32. A loss with its own state (proxies, MPN layers:
 replicated on every rank, never wrapped by the backend) is saved beside it, in `loss/`, through DCP.
 
@@ -36,7 +36,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from pipeline import disk, trust
-from pipeline.dist import distributed
+from pipeline.parallel import distributed
 from pipeline.errors import UserError
 from pipeline.run_dir import write_json
 
