@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import Config, ModelConfig
+from pipeline.config.backends import backend
 from pipeline.parallel import distributed
 from pipeline.parallel.checkpoint_names import check_checkpoint_spec, check_foreign_checkpoint
 from pipeline.parallel.shares import check_processes, check_shares
@@ -53,7 +54,7 @@ def problems(cfg: Config, rd: RunDir, processes: int, stages: list[str]) -> list
         checks.append(lambda: check_processes(cfg.parallel.name, processes))
         checks.append(lambda: check_shares(cfg.train, processes))
         checks.append(lambda: check_checkpoint_space(cfg, rd))
-        if cfg.parallel.name.startswith("zero"):
+        if backend(cfg.parallel.name).deepspeed:
             checks.append(lambda: check_deepspeed_config(cfg))
     if "eval" in stages and "checkpoint" in cfg.eval.models:
         checks.append(lambda: check_checkpoint_spec("eval.checkpoint", cfg.eval.checkpoint))

@@ -26,6 +26,10 @@ class RunDir:
     eval = property(lambda self: self.root / "eval")
     logs = property(lambda self: self.root / "logs")
 
+    def splits(self) -> dict[str, dict]:
+        """shards/summary.json's splits (name -> images, classes, shards, ...), as the shard stage wrote them."""
+        return json.loads((self.shards / "summary.json").read_text())["splits"]
+
     def embeddings(self, model: str) -> Path:
         return self.root / "embeddings" / model
 

@@ -1,5 +1,10 @@
 """The runner: resolve the config, run the requested stage after any missing prerequisites.
 
+What every stage needs from the environment and the run directory (world, device, the run's shards
+and protocol) is resolved here once, as a RunContext (pipeline/run_context.py), and handed to each
+stage; train.epochs becomes train.max_steps here too, once the training shards exist, before any
+stage is fingerprinted (pipeline/train/optim.py: with_steps).
+
 A stage is skipped while its completion marker matches the settings it depends on and the runs of
 the stages before it; `force=true` reruns the requested stage(s).
 """
@@ -18,11 +23,14 @@ from pipeline.config.experiment import check_unchanged, describe, finished_stage
 from pipeline.config.inputs import stage_settings
 from pipeline.config.loader import resolve
 from pipeline.config.loader import save as save_config
-from pipeline.parallel import distributed
-from pipeline.parallel.distributed import pick_device, world_from_env
-from pipeline.parallel.preemption import EXIT_STATUS, Preempted
 from pipeline.errors import UserError
+from pipeline.parallel import distributed
+from pipeline.parallel.checkpoint_names import names_run_checkpoint
+from pipeline.parallel.distributed import world_from_env
+from pipeline.parallel.preemption import EXIT_STATUS, Preempted
+from pipeline.run_context import RunContext
 from pipeline.run_dir import RunDir
+from pipeline.train.optim import with_steps
 
 log = logging.getLogger("pipeline")
 
@@ -36,13 +44,12 @@ ALWAYS_RUN = ("search", "serve")  # they answer queries: never "complete"
 def requires(stage: str, cfg: Config) -> tuple[str, ...]:
     """The stages `stage` needs; eval and index need only those that make the models they use."""
     if stage == "index" and cfg.index.checkpoint is not None:
-        own = cfg.index.checkpoint in ("latest", "best") or cfg.index.checkpoint.startswith("step_")
-        return ("finetune",) if own else ("shard",)
+        return ("finetune",) if names_run_checkpoint(cfg.index.checkpoint) else ("shard",)
     if stage != "eval":
         return REQUIRES[stage]
     models, e = cfg.eval.models, cfg.eval
     need = {"embed": "frozen" in models, "export": "finetuned" in models and e.export is None,
-            "finetune": "checkpoint" in models and (e.checkpoint in ("latest", "best") or e.checkpoint.startswith("step_"))}
+            "finetune": "checkpoint" in models and names_run_checkpoint(e.checkpoint)}
     return tuple(s for s in ORDER if need.get(s)) or ("shard",)
 
 
@@ -52,16 +59,16 @@ def _stage_module(name: str):
             "index": index, "search": search, "serve": serve}[name]
 
 
-def run_stage(stage: str, cfg: Config, rd: RunDir) -> None:
+def run_stage(stage: str, cfg: Config, ctx: RunContext) -> None:
     """Under several processes, a stage module with DISTRIBUTED = True runs on every rank;
     any other runs on rank 0 while the others wait."""
-    module = _stage_module(stage)
+    module, rd = _stage_module(stage), ctx.run
     with disk.writing(f"the {stage} stage's output", rd.root, partial=lambda: partial_outputs(rd)):
         if getattr(module, "DISTRIBUTED", False):
-            module.run(cfg, rd)
+            module.run(cfg, ctx)
             distributed.barrier()
         else:
-            distributed.on_main(lambda: module.run(cfg, rd))
+            distributed.on_main(lambda: module.run(cfg, ctx))
 
 
 def partial_outputs(rd: RunDir) -> list:
@@ -92,11 +99,14 @@ def planned(cfg: Config, rd: RunDir) -> list[str]:
     return [s for s in ORDER if runs.get(s)]
 
 
-def run_stages(cfg: Config, rd: RunDir) -> None:
+def run_stages(cfg: Config, ctx: RunContext) -> None:
     requested = ALL if cfg.stage == "all" else (cfg.stage,)
     done: set[str] = set()
+    rd = ctx.run
+    cfg = with_steps(cfg, rd.shards)
 
     def ensure(stage: str) -> None:
+        nonlocal cfg
         if stage in done:
             return
         for req in requires(stage, cfg):
@@ -108,10 +118,12 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
         else:
             log.info("[%s] running", stage)
             distributed.on_main(lambda: rd.clear_marker(stage))
-            run_stage(stage, dataclasses.replace(cfg, force=forced), rd)
+            run_stage(stage, dataclasses.replace(cfg, force=forced), ctx)
             distributed.on_main(lambda: rd.mark_complete(stage, fp, run_id=uuid.uuid4().hex))
             log.info("[%s] done", stage)
         done.add(stage)
+        if stage == "shard":  # the training split's size is known now
+            cfg = with_steps(cfg, rd.shards)
 
     for stage in requested:
         ensure(stage)
@@ -119,7 +131,7 @@ def run_stages(cfg: Config, rd: RunDir) -> None:
 
 def show_config(resolved, rd: RunDir, processes: int) -> int:
     """stage=config: every setting with its source, then the checks' verdict; runs and writes nothing."""
-    print(describe(resolved))
+    print(describe(steps_shown(resolved, rd)))
     cfg = dataclasses.replace(resolved.config, stage="all")
     try:
         check_unchanged(resolved, rd.root, finished_stages(rd.root))
@@ -130,6 +142,16 @@ def show_config(resolved, rd: RunDir, processes: int) -> int:
         print(f"error: {problem}", file=sys.stderr)
     print(f"# checks: {'passed' if not found else f'{len(found)} problem(s)'}; stage=config ran nothing")
     return 2 if found else 0
+
+
+def steps_shown(resolved, rd: RunDir):
+    """The settings as the stages will see them: train.max_steps decided by train.epochs where the
+    training shards already exist."""
+    stepped = with_steps(resolved.config, rd.shards)
+    if stepped.train.max_steps == resolved.config.train.max_steps:
+        return resolved
+    return dataclasses.replace(resolved, config=stepped, sources={
+        **resolved.sources, "train.max_steps": f"train.epochs={stepped.train.epochs} over {rd.shards / 'train'}"})
 
 
 def take_lock(cfg: Config, rd: RunDir) -> run_lock.RunLock | None:
@@ -163,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.stage == "config":
             return show_config(resolved, rd, world.size)
         check_unchanged(resolved, rd.root, finished_stages(rd.root))
-        distributed.init(world, pick_device(cfg.device, world), cfg.parallel.timeout)
+        ctx = RunContext.resolve(cfg, world)
+        distributed.init(world, ctx.device, cfg.parallel.timeout)
         existing = distributed.broadcast_object(rd.root.is_dir())
         if existing:  # a run directory in use: said at once, before the checks
             lock = take_lock(cfg, rd)
@@ -180,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if world.is_main:
             with disk.writing("the config", rd.root):
                 save_config(resolved, rd.root)
-        run_stages(cfg, rd)
+        run_stages(cfg, ctx)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

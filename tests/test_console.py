@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from pipeline import runner
 from pipeline.config import load_config
+from pipeline.run_context import RunContext
 from pipeline.parallel import distributed
 from pipeline.eval.metrics import _kmeans_assign
 from pipeline.run_dir import RunDir
@@ -45,14 +46,14 @@ def test_force_names_the_stage_it_would_rerun(tmp_path, monkeypatch, caplog):
     rd = RunDir(tmp_path)
     rd.mark_complete("shard", runner.fingerprint(cfg, rd, "shard"), run_id="x")
     ran = []
-    monkeypatch.setattr(runner, "run_stage", lambda stage, cfg, rd: ran.append((stage, cfg.force)))
+    monkeypatch.setattr(runner, "run_stage", lambda stage, cfg, ctx: ran.append((stage, cfg.force)))
     with caplog.at_level(logging.INFO):
-        runner.run_stages(cfg, rd)
+        runner.run_stages(cfg, RunContext.resolve(cfg))
     assert ran == [("embed", True)]
     assert "[shard] complete, skipped (stage=shard force=true reruns it)" in caplog.messages
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        runner.run_stages(dataclasses.replace(cfg, force=False), rd)
+        runner.run_stages(dataclasses.replace(cfg, force=False), RunContext.resolve(cfg))
     assert "[shard] complete, skipped (force=true reruns it)" in caplog.messages
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import load_config
+from pipeline.run_context import RunContext
 from pipeline.data.sampler import PKSampler
 from pipeline.data.shards import ShardIndex
 from pipeline.eval import results
@@ -37,7 +38,7 @@ def shard_folder(tmp_path, caplog, *args: str) -> dict:
     cfg = load_config(["data=imagefolder", f"data.root={tmp_path / 'images'}", "data.shard_workers=0",
                        "data.val_classes=0", *args])
     with caplog.at_level(logging.INFO):
-        shard.run(cfg, RunDir(tmp_path / "run"))
+        shard.run(cfg, RunContext.resolve(cfg, run_dir=tmp_path / "run"))
     return json.loads((tmp_path / "run" / "shards" / "summary.json").read_text())
 
 
@@ -71,7 +72,7 @@ def test_csv_rows_missing_or_not_images_are_named(tmp_path, caplog):
     cfg = load_config(["data=csv", f"data.root={tmp_path / 'labels.csv'}", "data.shard_workers=0",
                        "data.val_classes=0"])
     with caplog.at_level(logging.INFO):
-        shard.run(cfg, RunDir(tmp_path / "run"))
+        shard.run(cfg, RunContext.resolve(cfg, run_dir=tmp_path / "run"))
     summary = json.loads((tmp_path / "run" / "shards" / "summary.json").read_text())
     assert summary["left_out"] == {"empty_classes": {"count": 1, "names": ["yak"]},
                                    "ignored_files": {"count": 1, "names": ["imgs/notes.txt"]},
@@ -103,7 +104,7 @@ def validator_on(tmp_path, caplog, val_classes: int) -> Validator:
     caplog.clear()
     cfg = load_config(["data=imagefolder", f"data.val_classes={val_classes}"])
     with caplog.at_level(logging.INFO):
-        return Validator(cfg, RunDir(tmp_path / "run"), "cpu")
+        return Validator(cfg, RunContext.resolve(cfg, run_dir=tmp_path / "run"))
 
 
 def test_a_validation_split_too_small_to_rank_warns_how_to_change_it(tmp_path, caplog):

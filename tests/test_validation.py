@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipeline import runner
 from pipeline.config import load_config
+from pipeline.run_context import RunContext
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
 from pipeline.parallel import checkpoint
@@ -45,7 +46,7 @@ def shard_labels(run) -> dict[str, set[int]]:
 def shard_here(tmp_path, name: str, *args: str) -> dict[str, set[int]]:
     run = tmp_path / name
     cfg = load_config(["data=imagefolder", f"data.root={tmp_path / 'images'}", "data.shard_workers=0", *args])
-    shard.run(cfg, RunDir(run))
+    shard.run(cfg, RunContext.resolve(cfg, run_dir=run))
     return shard_labels(run)
 
 
@@ -174,8 +175,7 @@ def test_best_checkpoint_follows_the_metric_up_then_down_and_survives_keep_and_r
     # export.checkpoint=best and eval.checkpoint=best take step 4, not the latest.
     assert run_here("stage=export", f"run_dir={run}", *SCRIPTED, "train.max_steps=10", "export.checkpoint=best") == 0
     assert json.loads((run / "export" / "source.json").read_text())["step"] == 4
-    assert sources.checkpoint_path("best", RunDir(run)) == run / "checkpoints" / "step_4"
-    cfg = load_config(SCRIPTED)
+    assert sources.resolve("best", cfg := load_config(SCRIPTED), RunDir(run)).path == "checkpoints/step_4"
     by_hand = build_encoder(cfg.model, cfg.seed)
     checkpoint.load_weights(run / "checkpoints" / "step_4", by_hand)
     from pipeline.models.encoders import load_exported
@@ -235,13 +235,18 @@ def test_training_validates_on_the_held_out_classes(tmp_path):
         assert value == pytest.approx(by_hand[name[len("val/"):]], abs=1e-6), name
 
 
+def validator_of(args: list[str], rd: RunDir) -> Validator:
+    cfg = load_config([*args, "device=cpu"])
+    return Validator(cfg, RunContext.resolve(cfg, run_dir=rd.root))
+
+
 def test_validation_split_errors_are_one_line(digits_run, tmp_path):
     rd = RunDir(digits_run)
     with pytest.raises(UserError, match="train.val_split=val but the shards have no such split .*set data.val_classes"):
-        Validator(load_config(["train.val_split=val"]), rd, torch.device("cpu"))
+        validator_of(["train.val_split=val"], rd)
     with pytest.raises(UserError, match="train.val_split=nowhere but the shards have no such split"):
-        Validator(load_config(["train.val_split=nowhere"]), rd, torch.device("cpu"))
-    assert Validator(load_config(["train.val_split=train"]), rd, torch.device("cpu")).evaluation.query == "train"
+        validator_of(["train.val_split=nowhere"], rd)
+    assert validator_of(["train.val_split=train"], rd).evaluation.query == "train"
     with pytest.raises(UserError, match="has no best checkpoint"):
         checkpoint.find("best", tmp_path)
 

@@ -12,18 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import protocols
+from pipeline.config.backends import NAMES as BACKENDS
+from pipeline.config.backends import backend
 from pipeline.errors import UserError
 
 STAGES = ("shard", "embed", "finetune", "eval", "export", "index", "search", "serve", "all", "config", "plan")  # config: print the settings, run nothing
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_FORMATS = ("png", "jpg", "webp")
 FAMILIES = ("timm", "open_clip", "transformers")  # pipeline/models/backbones/, one module each
-BACKENDS = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")  # pipeline/parallel/engine.py
 OPTIMIZERS = ("adamw", "adam", "sgd", "radam")
 SCHEDULES = ("cosine", "step")
 SMALL_CLASSES = ("repeat", "skip")
 PRECISIONS = ("auto", "bf16", "fp32")  # train.precision, parallel.param_dtype (pipeline/parallel/precision.py)
-SHARDED = ("zero1", "zero2", "zero3", "zero3_offload", "fsdp2")  # the backends that hold or gather weights
 SAMPLERS = ("pk", "rsk", "ibc", "roth")  # pipeline/data/epoch_rules.py
 GENERATED = ("digits", "fashion_mnist", "glyphs")  # datasets drawn in memory, with no original files
 KERNELS = ("auto", "torch", "triton", "reference")  # RS@k smooth ranks (pipeline/losses/recall_at_k.py)
@@ -392,9 +392,6 @@ class Config:
         if self.train.best_metric not in val_metric_names(ks):
             raise UserError(f"train.best_metric={self.train.best_metric}: use one of {', '.join(val_metric_names(ks))}")
         self.check_precision()
-        if self.train.reload_best_at and self.parallel.name.startswith("zero"):
-            raise UserError(f"train.reload_best_at loads weights through torch.distributed.checkpoint: use parallel=none, "
-                            f"ddp or fsdp2, not {self.parallel.name}")
         d = self.data
         if d.eval_resize is not None and d.eval_resize < self.model.image_size:
             raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={self.model.image_size} "
@@ -402,11 +399,11 @@ class Config:
 
     def check_precision(self) -> None:
         """train.precision and parallel.param_dtype, and the combinations that contradict each other."""
-        precision, param_dtype, backend = self.train.precision, self.parallel.param_dtype, self.parallel.name
+        precision, param_dtype, name = self.train.precision, self.parallel.param_dtype, self.parallel.name
         one_of(precision, PRECISIONS, f"train.precision={precision} is unknown; use one of {', '.join(PRECISIONS)}")
         one_of(param_dtype, PRECISIONS, f"parallel.param_dtype={param_dtype} is unknown; use one of {', '.join(PRECISIONS)}")
-        if param_dtype == "bf16" and backend not in SHARDED:
-            raise UserError(f"parallel.param_dtype=bf16 applies to fsdp2 and zero* (parallel={backend} keeps fp32 "
+        if param_dtype == "bf16" and not backend(name).holds_weights:
+            raise UserError(f"parallel.param_dtype=bf16 applies to fsdp2 and zero* (parallel={name} keeps fp32 "
                             "weights); set train.precision=bf16 for a bf16 forward, or leave parallel.param_dtype=auto")
         if param_dtype == "bf16" and precision == "fp32":
             raise UserError("parallel.param_dtype=bf16 computes the forward in bf16, which train.precision=fp32 forbids; "

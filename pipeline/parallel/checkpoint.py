@@ -36,7 +36,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from pipeline import disk, trust
+from pipeline.config.backends import TABLE
 from pipeline.parallel import distributed
+from pipeline.parallel.checkpoint_names import names_run_checkpoint
 from pipeline.errors import UserError
 from pipeline.run_dir import write_json
 
@@ -155,7 +157,7 @@ def find(spec: str, folder: Path) -> Path:
             raise UserError(f"{folder} has no best checkpoint: validation never ran (train.val_every=0?); "
                             f"use latest or step_<N>")
     else:
-        path = folder / spec if spec.startswith("step_") else Path(spec).expanduser()
+        path = folder / spec if names_run_checkpoint(spec) else Path(spec).expanduser()
     if not (path / "meta.json").is_file():
         raise UserError(f"checkpoint '{spec}': {path} is not a checkpoint folder (no meta.json); "
                         f"use latest, best, step_<N> or a path to one")
@@ -221,7 +223,8 @@ def load(path: Path, engine, expect_model: dict | None = None, parallel: str = "
                         f"use another run_dir, or force=true to start over")
     written, fmt = meta.get("parallel", "none"), meta.get("format", "dcp")
     if fmt != engine.checkpoint_format or (fmt == "deepspeed" and written != parallel):
-        fits = "parallel=none, ddp or fsdp2" if fmt == "dcp" else f"parallel={written}"
+        dcp_backends = [name for name, b in TABLE.items() if b.checkpoint_format == "dcp"]
+        fits = f"parallel={', '.join(dcp_backends[:-1])} or {dcp_backends[-1]}" if fmt == "dcp" else f"parallel={written}"
         raise UserError(f"checkpoint {path} was written with parallel={written}; resume with {fits}, "
                         f"or force=true to start over")
     written_by = meta.get("world_size", distributed.world_size())  # unrecorded before resharding: assumed the same
@@ -287,13 +290,14 @@ def load_weights(path: Path, model: nn.Module, expect_model: dict | None = None,
     A DeepSpeed checkpoint is consolidated from its ZeRO partitions with DeepSpeed's zero_to_fp32."""
     meta = _meta(path, expect_model, expect_data)
     if meta.get("format", "dcp") == "deepspeed":
-        model.load_state_dict(_deepspeed_weights(path))
+        model.load_state_dict(read_weights(path))
     else:
         load_dcp(path, model, no_dist=True)
     return meta
 
 
-def _deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A DeepSpeed checkpoint's whole fp32 weights, in this process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="zero")

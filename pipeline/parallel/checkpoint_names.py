@@ -11,9 +11,14 @@ from pipeline.errors import UserError
 from pipeline.trust import pickle_allowed
 
 
+def names_run_checkpoint(spec: str) -> bool:
+    """latest, best or step_<N>: a checkpoint of this run (in run_dir/checkpoints), not a folder from elsewhere."""
+    return spec in ("latest", "best") or re.fullmatch(r"step_\d+", spec) is not None
+
+
 def check_checkpoint_spec(key: str, spec: str) -> None:
     """latest, best, step_<N>, or an existing folder: a typo (`bestt`) is named before any stage runs."""
-    if spec in ("latest", "best") or re.fullmatch(r"step_\d+", spec) or Path(spec).expanduser().is_dir():
+    if names_run_checkpoint(spec) or Path(spec).expanduser().is_dir():
         return
     hint = difflib.get_close_matches(spec, ["latest", "best"], n=1)
     raise UserError(f"{key}={spec} is neither latest, best, step_<N> nor a checkpoint folder"
@@ -23,7 +28,7 @@ def check_checkpoint_spec(key: str, spec: str) -> None:
 def check_foreign_checkpoint(spec: str) -> None:
     """eval.checkpoint=<folder>: a checkpoint from elsewhere. DeepSpeed reads its files with pickle,
     so a ZeRO one needs train.trust_checkpoint=true (the project's own DCP format never does)."""
-    if spec == "latest" or spec.startswith("step_"):
+    if names_run_checkpoint(spec):
         return  # this run's own
     try:
         fmt = json.loads((Path(spec).expanduser() / "meta.json").read_text()).get("format", "dcp")

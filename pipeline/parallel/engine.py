@@ -28,15 +28,13 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from pipeline.parallel import checkpoint, distributed, host_memory, zero_universal
 from pipeline.config import ParallelConfig
-from pipeline.config.schema import BACKENDS
+from pipeline.config.backends import DEEPSPEED, backend
 from pipeline.errors import UserError
+from pipeline.parallel import checkpoint, distributed, host_memory, zero_universal
 from pipeline.parallel.precision import DTYPES, autocast, resolve, resolve_param_dtype
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root (ds_configs/ lives there)
-# The backends that all-gather each block's weights and free them again within the step.
-GATHERS_WEIGHTS = ("fsdp2", "zero3", "zero3_offload")
 log = logging.getLogger(__name__)
 DEPRECATED_COLLECTIVES = (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|"
                           r"_reduce_scatter_base)` is")
@@ -105,6 +103,11 @@ class Engine:
 
     def load(self, folder: Path) -> None:
         checkpoint.load_dcp(folder, self.module, self.optimizer, self.scheduler)
+
+    def load_weights(self, folder: Path) -> None:
+        """The model's weights alone from one of this engine's checkpoints; the optimizer's state and the
+        schedule stay (collective; DCP reshards FSDP2's parameters)."""
+        checkpoint.load_dcp(folder, self.module)
 
 
 class DDPEngine(Engine):
@@ -250,6 +253,21 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise UserError(f"checkpoint {folder} has no DeepSpeed state; use another run_dir, or force=true to start over")
 
+    def load_weights(self, folder: Path) -> None:
+        """The model's weights alone (collective): the fp32 weights consolidated from the checkpoint's
+        partitions (DeepSpeed's zero_to_fp32, read on every rank) are written into the module's parameters
+        (under ZeRO-3 gathered, written on rank 0 and partitioned again), then into the optimizer's fp32
+        partitions (`refresh_fp32_params`, as DeepSpeed's own load_module_only does); its moments stay."""
+        import deepspeed
+
+        weights = checkpoint.read_weights(folder)
+        with torch.no_grad():
+            for name, value in self.module.state_dict(keep_vars=True).items():
+                with deepspeed.zero.GatheredParameters([value] if hasattr(value, "ds_id") else [], modifier_rank=0):
+                    if not hasattr(value, "ds_id") or distributed.rank() == 0:
+                        value.data.copy_(weights[name])
+        self.optimizer.refresh_fp32_params()
+
     def load_resharded(self, folder: Path, written_by: int) -> None:
         """A checkpoint written by another number of processes: converted once to a universal
         checkpoint (rank 0, the others wait), then sliced for this world size by DeepSpeed's
@@ -324,9 +342,9 @@ def precision_sections(forward: str, param_dtype: str) -> dict:
 def check_launcher(name: str, env=os.environ) -> None:
     """`accelerate launch` with a DeepSpeed or FSDP config only starts the processes: the backend is
     parallel=..., so a config file that says otherwise is a mistake worth one line."""
-    if env.get("ACCELERATE_USE_DEEPSPEED") == "true" and not name.startswith("zero"):
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true" and not backend(name).deepspeed:
         raise UserError(f"accelerate launched with a DeepSpeed config but parallel={name}; add parallel=zero1|zero2|zero3")
-    if env.get("ACCELERATE_USE_FSDP") == "true" and name != "fsdp2":
+    if env.get("ACCELERATE_USE_FSDP") == "true" and ENGINES[name] is not FSDP2Engine:
         raise UserError(f"accelerate launched with an FSDP config but parallel={name}; add parallel=fsdp2")
 
 
@@ -337,15 +355,19 @@ def build_engine(model: nn.Module, make_optimizer: OptimizerFactory, cfg: Parall
     `precision`: train.precision (cfg.param_dtype for the sharded backends: pipeline/parallel/precision.py)."""
     cfg.check()  # for callers that built the config by hand (load_config checked it already)
     check_launcher(cfg.name)
-    if cfg.name == "none":
-        return Engine(model, *make_optimizer(model), device, grad_clip, precision)
-    distributed.ensure_group(device)
-    if device.type == "cpu" and cfg.name in GATHERS_WEIGHTS:  # gathered blocks freed among live ones: host_memory.py
+    kind, facts = ENGINES[cfg.name], backend(cfg.name)
+    if facts.many_processes:
+        distributed.ensure_group(device)
+    if device.type == "cpu" and facts.gathers_weights:  # gathered blocks freed among live ones: host_memory.py
         host_memory.return_freed_tensors()
-    if cfg.name == "ddp":
-        return DDPEngine(model, *make_optimizer(model), device, grad_clip, precision)
-    if cfg.name == "fsdp2":
+    if kind is FSDP2Engine:  # shards first, then the optimizer over the sharded parameters
         return FSDP2Engine(model, make_optimizer, device, cfg.fsdp_reshard_after_forward, grad_clip, precision,
                            resolve_param_dtype(cfg.param_dtype, cfg.name, precision, device))
-    config = deepspeed_config(cfg, chunk_size, device, grad_clip, precision)
-    return DeepSpeedEngine(model, *make_optimizer(model), device, config, precision)
+    if kind is DeepSpeedEngine:
+        config = deepspeed_config(cfg, chunk_size, device, grad_clip, precision)
+        return DeepSpeedEngine(model, *make_optimizer(model), device, config, precision)
+    return kind(model, *make_optimizer(model), device, grad_clip, precision)
+
+
+# parallel.name -> its engine: the backends' facts are pipeline/config/backends.py's table.
+ENGINES = {"none": Engine, "ddp": DDPEngine, "fsdp2": FSDP2Engine, **dict.fromkeys(DEEPSPEED, DeepSpeedEngine)}

@@ -22,7 +22,8 @@ import contextlib
 
 import torch
 
-from pipeline.config.schema import PRECISIONS, SHARDED
+from pipeline.config.backends import backend as described
+from pipeline.config.schema import PRECISIONS
 from pipeline.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -48,6 +49,6 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
 def resolve_param_dtype(param_dtype: str, backend: str, precision: str, device: torch.device) -> str:
     """'bf16' or 'fp32': the dtype in which `backend` gathers and holds the weights for the forward."""
     if param_dtype == "auto":
-        lowered = device.type == "cuda" and backend in SHARDED and resolve(precision, device) == "bf16"
+        lowered = device.type == "cuda" and described(backend).holds_weights and resolve(precision, device) == "bf16"
         return "bf16" if lowered else "fp32"
     return param_dtype

@@ -5,13 +5,15 @@ Checked by the preflight before anything runs, and again by the training loop fo
 from __future__ import annotations
 
 from pipeline.config import TrainConfig
+from pipeline.config.backends import TABLE
 from pipeline.errors import UserError
 
 
 def check_processes(parallel: str, processes: int) -> None:
-    if processes > 1 and parallel == "none":
-        raise UserError(f"{processes} processes were launched but parallel=none trains in one; launch a single "
-                        f"process or set parallel=ddp|zero1|zero2|zero3|fsdp2")
+    if processes > 1 and not TABLE[parallel].many_processes:
+        many = "|".join(n for n, b in TABLE.items() if b.many_processes and not b.offloads_optimizer)
+        raise UserError(f"{processes} processes were launched but parallel={parallel} trains in one; launch a single "
+                        f"process or set parallel={many}")
 
 
 def check_shares(t: TrainConfig, processes: int) -> None:

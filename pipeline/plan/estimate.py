@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.config import Config
+from pipeline.config.backends import backend as described
 from pipeline.parallel.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.plan import gpus
@@ -67,7 +68,7 @@ def world_size(cfg: Config) -> int:
 def measure(cfg: Config, chunk: int, depth: int | None = None) -> Measurement:
     """The fake step (two steps) at `chunk`, on the engine that stands for parallel.name; `depth`: the
     model's number of blocks, to simulate two smaller depths and extrapolate exactly (depth.py)."""
-    backend = "none" if cfg.parallel.name.startswith("zero") else None
+    backend = "none" if described(cfg.parallel.name).deepspeed else None
     depths = simulated_depths(cfg, depth) if depth else None
     if not depths:
         with fake_group(world_size(cfg)):
@@ -90,13 +91,13 @@ def zero_states(cfg: Config, m: Measurement) -> float:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    p, name = cfg.plan, cfg.parallel.name
-    if name.startswith("zero3"):
+    p, b = cfg.plan, described(cfg.parallel.name)
+    if b.deepspeed_stage == 3:
         _, gpu, _ = estimate_zero3_model_states_mem_needs(m.trainable, m.largest_block, p.gpus_per_node, p.nodes,
-                                                          cpu_offload=name == "zero3_offload", cpu_offload_params=False)
+                                                          cpu_offload=b.offloads_optimizer, cpu_offload_params=False)
         return gpu
     _, gpu = estimate_zero2_model_states_mem_needs(m.trainable, p.gpus_per_node, p.nodes, cpu_offload=False)
-    if name == "zero1":  # stage 1 keeps whole 16-bit gradients on every rank; stage 2 a 1/world share
+    if not b.shards_gradients:  # stage 1 keeps whole 16-bit gradients on every rank; stage 2 a 1/world share
         gpu += 2 * m.trainable * (1 - 1 / world_size(cfg))
     return gpu
 
@@ -109,12 +110,12 @@ def fit_of(cfg: Config, m: Measurement) -> Fit:
     phases = {k: v + extra for k, v in m.phase_peak.items()}
     categories = {k: float(v) for k, v in m.at_peak.items()}
     categories["Inputs (rest of the share)"] = float(extra)
-    name = cfg.parallel.name
-    if name == "ddp":
+    b = described(cfg.parallel.name)
+    if b.replicated:
         buckets = 4.0 * m.trainable
         phases = {k: v + buckets for k, v in phases.items()}
         categories["DDP gradient buckets (closed form)"] = buckets
-    elif name.startswith("zero"):  # the peak of all but the whole model states, plus ZeRO's sharded ones
+    elif b.deepspeed:  # the peak of all but the whole model states, plus ZeRO's sharded ones
         states = zero_states(cfg, m)
         phases = {k: m.phase_rest[k] + extra + states for k in m.phase_rest}
         top = max(phases, key=phases.get)
@@ -189,13 +190,13 @@ def bytes_sent(cfg: Config, m: Measurement) -> dict[str, float]:
     sent = {labels.get(k, k): v * (1.0 if k in ("reduce_scatter_single", "all_reduce") else scale)
             for k, v in m.sent.items()}
     ring, n, chunks = (world - 1) / world, m.trainable, (cfg.train.global_batch // world) // m.chunk
-    name = cfg.parallel.name
-    if name == "ddp":
+    b = described(cfg.parallel.name)
+    if b.replicated:
         sent["all-reduce, DDP gradients (closed form)"] = 2 * ring * 4 * n
-    elif name in ("zero1", "zero2"):  # 16-bit gradients reduced (every chunk under ZeRO-2), weights gathered after the step
-        sent["reduce-scatter, ZeRO gradients (closed form)"] = ring * 2 * n * (chunks if name == "zero2" else 1)
+    elif b.deepspeed and not b.gathers_weights:  # 16-bit gradients reduced (every chunk under ZeRO-2), weights gathered after the step
+        sent["reduce-scatter, ZeRO gradients (closed form)"] = ring * 2 * n * (chunks if b.shards_gradients else 1)
         sent["all-gather, ZeRO weights (closed form)"] = ring * 2 * n
-    elif name.startswith("zero3"):  # weights gathered per forward (pass 1, pass 2 and its recomputation) and backward
+    elif b.deepspeed:  # ZeRO-3: weights gathered per forward (pass 1, pass 2 and its recomputation) and backward
         passes = 3 + (1 if cfg.model.grad_checkpointing else 0)
         sent["all-gather, ZeRO-3 weights (closed form)"] = ring * 2 * n * chunks * passes
         sent["reduce-scatter, ZeRO-3 gradients (closed form)"] = ring * 2 * n * chunks

@@ -365,7 +365,7 @@ def simulate(cfg: Config, chunk: int, fake: bool = True, steps: int = 2, backend
     world, t = distributed.world_size(), cfg.train
     share = simulated_share(t.global_batch // world, chunk)
     parallel = dataclasses.replace(cfg.parallel, name=backend or cfg.parallel.name)
-    if fake and parallel.name == "ddp":  # DDP's C++ reducer cannot run on fake tensors: estimate.py adds its buckets
+    if fake and engines.ENGINES[parallel.name] is engines.DDPEngine:  # DDP's C++ reducer cannot run on fake tensors: estimate.py adds its buckets
         parallel = dataclasses.replace(parallel, name="none")
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     build = dataclasses.replace(cfg.model, pretrained=None)  # the shapes, not the weights
@@ -382,7 +382,7 @@ def simulate(cfg: Config, chunk: int, fake: bool = True, steps: int = 2, backend
                                       torch.device("cpu"), t.grad_clip, precision)
         images = torch.zeros(share, 3, cfg.model.image_size, cfg.model.image_size)
         labels = torch.arange(share) // t.samples_per_class
-        if parallel.name == "fsdp2":
+        if isinstance(engine, engines.FSDP2Engine):
             tracker = FSDPMemTracker(engine.module, engine.optimizer)
             tracker.track_inputs((images, labels))
         else:

@@ -1,7 +1,7 @@
 """The gallery of stage=index: which model embeds it, which shards it is, and its embeddings.
 
 The model is run_dir/export (index.checkpoint unset) or a checkpoint (latest | best | step_<N> |
-a folder). Its fingerprint is a hash of its weights and architecture: the index records it, and a
+a folder), through pipeline/eval/sources.py like every other stage's. Its fingerprint is a hash of its weights and architecture: the index records it, and a
 Searcher refuses to query an index with a model whose fingerprint differs. The gallery is a split of
 the run's shards (index.split) or a split folder of shards made elsewhere (index.gallery). Each item
 keeps its key, label and source path (the `path` the converter recorded in the sample's json; empty
@@ -11,7 +11,6 @@ re-embedding the shards already finished.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -26,44 +25,22 @@ from torch import nn
 from pipeline.config import Config, ModelConfig
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import eval_transform
-from pipeline.parallel import checkpoint, distributed
 from pipeline.errors import UserError
+from pipeline.eval import sources as models
 from pipeline.eval.inference import embed_split
-from pipeline.models.encoders import architecture, build_encoder, exported_config, load_exported, preprocessing
+from pipeline.models.encoders import architecture, preprocessing
+from pipeline.parallel import distributed
 from pipeline.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)
 
 
-def model_source(cfg: Config, rd: RunDir) -> dict:
-    """Where the model comes from, as the index records it (and the Searcher reloads it from): a path
-    inside the run directory is kept relative to it, so that the run directory can be moved."""
-    spec = cfg.index.checkpoint
-    if spec is None:
-        if not (rd.export / "model.safetensors").is_file():
-            raise UserError(f"{rd.export} holds no exported model; run stage=export or set index.checkpoint=latest")
-        return {"export": relative(rd.export, rd.root)}
-    try:
-        path = distributed.on_main(lambda: checkpoint.find(spec, rd.checkpoints))
-    except UserError as e:
-        raise UserError(f"index.checkpoint={spec}: {e}") from None
-    return {"checkpoint": relative(path, rd.root), "model": dataclasses.asdict(cfg.model), "seed": cfg.seed}
+def model_source(cfg: Config, rd: RunDir) -> models.Source:
+    """The model that embeds the gallery (collective: rank 0 resolves it). The index records it, and the
+    Searcher reloads it from that record; paths inside the run directory are kept relative to it."""
+    spec = cfg.index.checkpoint or models.FINETUNED
+    return distributed.on_main(lambda: models.resolve(spec, cfg, rd, "index.checkpoint"))
 
-
-def relative(path: Path, root: Path) -> str:
-    path, root = path.resolve(), root.resolve()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-
-
-def load_model(source: dict, root: Path) -> tuple[nn.Module, ModelConfig]:
-    """The encoder in eval mode and its config (for the input transform); relative paths from `root`."""
-    if "export" in source:
-        folder = Path(root) / source["export"]
-        return load_exported(folder), exported_config(folder)
-    model_cfg = ModelConfig(**source["model"])
-    model = build_encoder(model_cfg, source["seed"])
-    checkpoint.load_weights(Path(root) / source["checkpoint"], model, expect_model=architecture(model_cfg))
-    return model.eval(), model_cfg
 
 
 def fingerprint(model: nn.Module, model_cfg: ModelConfig) -> str:

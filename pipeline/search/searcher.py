@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.transforms import eval_transform
 from pipeline.errors import UserError
+from pipeline.eval import sources as models
 from pipeline.search import gallery
 from pipeline.search.faiss_index import VectorIndex
 
@@ -83,7 +84,8 @@ class Searcher:
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
         self.gallery = Path(run_dir) / self.meta["gallery"]  # the gallery's shards (absolute if made elsewhere)
-        self.model, model_cfg = gallery.load_model(self.meta["source"], Path(run_dir))
+        loaded = models.load(models.Source.from_record(self.meta["source"]), Path(run_dir))
+        self.model, model_cfg = loaded.model, loaded.config
         found = gallery.fingerprint(self.model, model_cfg)
         if found != self.meta["fingerprint"]:
             where = Path(run_dir) / (self.meta["source"].get("export") or self.meta["source"]["checkpoint"])

@@ -1,1 +1,1 @@
-"""The pipeline's stages, each `run(cfg, run_dir)`: a short recipe over the `pipeline` library."""
+"""The pipeline's stages, each `run(cfg, ctx)` (ctx: what the runner resolved once, pipeline/run_context.py): a short recipe over the `pipeline` library."""

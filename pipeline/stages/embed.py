@@ -14,9 +14,9 @@ import shutil
 from pipeline.config import Config
 from pipeline.data.transforms import eval_transform
 from pipeline.parallel import distributed
-from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.eval.inference import embed_split, save_embeddings
 from pipeline.models.encoders import build_encoder
+from pipeline.run_context import RunContext
 from pipeline.run_dir import RunDir, write_json
 
 log = logging.getLogger(__name__)
@@ -42,20 +42,18 @@ def _parts(cfg: Config, rd: RunDir):
     return parts
 
 
-def run(cfg: Config, rd: RunDir) -> None:
-    world = world_from_env()
-    device = pick_device(cfg.device, world)
-    model = build_encoder(cfg.model, cfg.seed).to(device)
-    splits = json.loads((rd.shards / "summary.json").read_text())["splits"]
+def run(cfg: Config, ctx: RunContext) -> None:
+    rd = ctx.run
+    model = build_encoder(cfg.model, cfg.seed).to(ctx.device)
     parts = _parts(cfg, rd)
     transform = eval_transform(cfg.model, cfg.data.eval_resize)
-    for split, info in splits.items():
-        data = embed_split(model, rd.shards / split, transform, cfg.eval.batch_size, device,
+    for split in ctx.splits:
+        data = embed_split(model, rd.shards / split, transform, cfg.eval.batch_size, ctx.device,
                            desc=f"embed {split}", workers=cfg.data.workers, parts=parts / split,
                            precision=cfg.train.precision)
-        if world.is_main:
+        if ctx.world.is_main:
             save_embeddings(rd.embeddings("frozen") / f"{split}.npz", data)
             log.info("embed %s: %s", split, data["embeddings"].shape)
     distributed.barrier()
-    if world.is_main:
+    if ctx.world.is_main:
         shutil.rmtree(parts)

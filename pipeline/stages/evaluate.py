@@ -13,38 +13,41 @@ logs/metrics.jsonl, where it has one) and report.md, which links them all.
 """
 from __future__ import annotations
 
-import json
-
-from pipeline import protocols
 from pipeline.config import Config
 from pipeline.data.transforms import eval_transform
-from pipeline.parallel import distributed
-from pipeline.parallel.distributed import pick_device, world_from_env
+from pipeline.eval import sources as models
 from pipeline.eval.inference import embed_split, save_embeddings
 from pipeline.eval.results import write_results
-from pipeline.eval.sources import load_model
-from pipeline.run_dir import RunDir
+from pipeline.parallel import distributed
+from pipeline.run_context import RunContext
 
 DISTRIBUTED = True  # every rank embeds; metrics and files on rank 0
 
 
-def run(cfg: Config, rd: RunDir) -> None:
-    device = pick_device(cfg.device, world_from_env())
-    available = json.loads((rd.shards / "summary.json").read_text())["splits"]
-    proto = protocols.resolve(cfg.data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery)
-    protocols.check_splits(proto, list(available), str(rd.shards))
-    splits = proto.splits + (["train"] if cfg.eval.diagnostics and "train" in available
+def run(cfg: Config, ctx: RunContext) -> None:
+    rd, proto = ctx.run, ctx.checked_protocol()
+    splits = proto.splits + (["train"] if cfg.eval.diagnostics and "train" in ctx.splits
                              and "train" not in proto.splits else [])
     sources = {}
     for name in cfg.eval.models:
-        if name == "frozen":
+        if name == "frozen":  # the embed stage's embeddings
             sources[name] = f"the encoder before finetuning (`{rd.embeddings('frozen')}`)"
             continue
-        model, model_cfg, sources[name] = load_model(name, cfg, rd)
-        model.to(device)
+        spec, key = spec_of(name, cfg)
+        loaded = models.load_spec(spec, cfg, rd, key)
+        sources[name] = loaded.description
+        model = loaded.model.to(ctx.device)
         for split in splits:
-            data = embed_split(model, rd.shards / split, eval_transform(model_cfg, cfg.data.eval_resize), cfg.eval.batch_size,
-                               device, desc=f"embed {split} ({name})", precision=cfg.train.precision)
-            if world_from_env().is_main:
+            data = embed_split(model, rd.shards / split, eval_transform(loaded.config, cfg.data.eval_resize),
+                               cfg.eval.batch_size, ctx.device, desc=f"embed {split} ({name})",
+                               workers=cfg.data.workers, precision=cfg.train.precision)
+            if ctx.world.is_main:
                 save_embeddings(rd.embeddings(name) / f"{split}.npz", data)
     distributed.on_main(lambda: write_results(cfg, rd, proto, splits, sources))
+
+
+def spec_of(name: str, cfg: Config) -> tuple[str, str]:
+    """(the model spec, the setting that gave it) for an entry of eval.models."""
+    if name == "finetuned":
+        return (cfg.eval.export, "eval.export") if cfg.eval.export else (models.FINETUNED, "eval.export")
+    return cfg.eval.checkpoint, "eval.checkpoint"

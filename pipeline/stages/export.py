@@ -4,25 +4,28 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import Config
-from pipeline.parallel import checkpoint
-from pipeline.eval.sources import own_data
-from pipeline.models.encoders import architecture, build_encoder, export
-from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
+from pipeline.errors import UserError
+from pipeline.eval import sources as models
+from pipeline.models.encoders import export
+from pipeline.run_context import RunContext
+from pipeline.run_dir import fresh_dir, replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, rd: RunDir) -> None:
-    chosen = checkpoint.find(cfg.export.checkpoint, rd.checkpoints)
-    model = build_encoder(cfg.model, cfg.seed)
-    meta = checkpoint.load_weights(chosen, model, expect_model=architecture(cfg.model),
-                                   expect_data=own_data(cfg, rd, chosen))
+def run(cfg: Config, ctx: RunContext) -> None:
+    rd = ctx.run
+    loaded = models.load(models.resolve(cfg.export.checkpoint, cfg, rd), rd.root)  # rank 0 alone
+    if loaded.step is None:
+        raise UserError(f"export.checkpoint={cfg.export.checkpoint} is an exported model, not a checkpoint; "
+                        "give latest, best, step_<N> or a checkpoint folder")
+    model, chosen = loaded.model, loaded.path
     tmp = fresh_dir(rd.export.with_name("export.tmp"))
     export(model, cfg.model, tmp)
     if cfg.export.onnx:  # model.onnx, checked against torch, + its preprocessing in config.json
         from pipeline.search import onnx_export
         onnx_export.write(model, cfg.model, tmp, cfg.data.eval_resize)
-    write_json(tmp / "source.json", {"checkpoint": str(chosen.resolve()), "step": meta["step"]})  # for the report
+    write_json(tmp / "source.json", {"checkpoint": str(chosen.resolve()), "step": loaded.step})  # for the report
     replace_dir(tmp, rd.export)
     log.info("exported %s (export.checkpoint=%s) -> %s", chosen.name, cfg.export.checkpoint,
              rd.export / "model.safetensors")

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pipeline.config import Config
 from pipeline.parallel import preemption
-from pipeline.run_dir import RunDir
+from pipeline.run_context import RunContext
 from pipeline.train.loop import train
 
 DISTRIBUTED = True  # every rank trains (the runner starts it on all of them)
 
 
-def run(cfg: Config, rd: RunDir) -> None:
+def run(cfg: Config, ctx: RunContext) -> None:
     with preemption.StopRequest() as stop:
-        train(cfg, rd, stop)
+        train(cfg, ctx, stop)

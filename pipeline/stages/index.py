@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.parallel import distributed
-from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.errors import UserError
-from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
+from pipeline.eval import sources as models
+from pipeline.parallel import distributed
+from pipeline.run_context import RunContext
+from pipeline.run_dir import fresh_dir, replace_dir, write_json
 from pipeline.search import faiss_index, gallery, quality
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,11 @@ log = logging.getLogger(__name__)
 DISTRIBUTED = True  # every rank embeds its shards; rank 0 builds the index
 
 
-def run(cfg: Config, rd: RunDir) -> None:
-    world = world_from_env()
-    device = pick_device(cfg.device, world)
+def run(cfg: Config, ctx: RunContext) -> None:
+    rd, world = ctx.run, ctx.world
     source = gallery.model_source(cfg, rd)
-    model, model_cfg = gallery.load_model(source, rd.root)
+    loaded = models.load(source, rd.root)
+    model, model_cfg = loaded.model, loaded.config
     fingerprint = gallery.fingerprint(model, model_cfg)
     folder = gallery.folder_of(cfg, rd)
     prep = gallery.preprocessing_of(model_cfg, cfg.data.eval_resize)
@@ -44,11 +45,11 @@ def run(cfg: Config, rd: RunDir) -> None:
     tag = {"fingerprint": fingerprint, "gallery": str(folder), "preprocessing": prep,
            "shards": hashlib.sha256((folder / "index.json").read_bytes()).hexdigest()}
     parts = gallery.parts_folder(out, tag)
-    vectors = gallery.embed_gallery(model, model_cfg, folder, cfg.data.eval_resize, cfg.eval.batch_size, device,
+    vectors = gallery.embed_gallery(model, model_cfg, folder, cfg.data.eval_resize, cfg.eval.batch_size, ctx.device,
                                     parts, cfg.data.workers)
     if world.is_main:
-        meta = {"fingerprint": fingerprint, "source": source, "preprocessing": prep,
-                "gallery": gallery.relative(folder, rd.root), "embed_dim": int(vectors.shape[1]) if vectors.size else 0}
+        meta = {"fingerprint": fingerprint, "source": source.record(), "preprocessing": prep,
+                "gallery": models.relative(folder, rd.root), "embed_dim": int(vectors.shape[1]) if vectors.size else 0}
         build(cfg, vectors, gallery.items(folder), meta, out)
     distributed.barrier()
     if world.is_main:

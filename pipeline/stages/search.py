@@ -7,17 +7,18 @@ import logging
 
 from pipeline.config import Config
 from pipeline.data.shards import ShardIndex
-from pipeline.parallel.distributed import pick_device, world_from_env
-from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
+from pipeline.run_context import RunContext
+from pipeline.run_dir import fresh_dir, replace_dir, write_json
 from pipeline.search import results as pictures
 from pipeline.search.searcher import Searcher, image_files, open_image
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, rd: RunDir) -> None:
+def run(cfg: Config, ctx: RunContext) -> None:
+    rd = ctx.run
     files = image_files(cfg.search.images)
-    searcher = Searcher(rd.root, device=pick_device(cfg.device, world_from_env()), batch_size=cfg.eval.batch_size)
+    searcher = Searcher(rd.root, device=ctx.device, batch_size=cfg.eval.batch_size)
     found = searcher.search(files, cfg.search.k)
     out = fresh_dir(rd.root / "search.tmp")
     write_json(out / "results.json", {"index": str(searcher.folder), "fingerprint": searcher.meta["fingerprint"],

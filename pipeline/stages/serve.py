@@ -7,17 +7,16 @@ import logging
 import uvicorn
 
 from pipeline.config import Config
-from pipeline.parallel.distributed import pick_device, world_from_env
-from pipeline.run_dir import RunDir
+from pipeline.run_context import RunContext
 from pipeline.search.searcher import Searcher
 from pipeline.search.server import create_app
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, rd: RunDir) -> None:
+def run(cfg: Config, ctx: RunContext) -> None:
     s = cfg.serve
-    searcher = Searcher(rd.root, device=pick_device(cfg.device, world_from_env()))
+    searcher = Searcher(ctx.run.root, device=ctx.device)
     app = create_app(searcher, s.k, s.max_megapixels, s.max_bytes)
     log.info("serving %s (%d items, %s) on http://%s:%d: POST /search (image bytes), GET /health",
              searcher.folder, searcher.index.index.ntotal, searcher.index.kind, s.host, s.port)

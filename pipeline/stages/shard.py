@@ -11,7 +11,8 @@ from pipeline.config import Config
 from pipeline.data.converters import LeftOut, convert
 from pipeline.data.shards import write_split
 from pipeline.data.val_split import hold_out_classes
-from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
+from pipeline.run_context import RunContext
+from pipeline.run_dir import fresh_dir, replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ def report_left_out(left_out: LeftOut | None) -> dict:
     return {kind: {"count": len(names), "names": names[:NAMED]} for kind, names in found.items()}
 
 
-def run(cfg: Config, rd: RunDir) -> None:
+def run(cfg: Config, ctx: RunContext) -> None:
+    rd = ctx.run
     converted = convert(cfg.data, cfg.data.seed)
     left_out = report_left_out(getattr(converted, "left_out", None))
     splits = hold_out_classes(converted, cfg.data.val_classes, cfg.data.seed)

@@ -15,12 +15,10 @@ import time
 
 from pipeline import tracking
 from pipeline.config import Config
-from pipeline.data.epoch_rules import build_sampler
 from pipeline.data.loader import train_loader
 from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import train_transform
 from pipeline.parallel import checkpoint, distributed, preemption
-from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.parallel.engine import build_engine
 from pipeline.parallel.shares import check_processes, check_shares
 from pipeline.losses import build_loss, set_step
@@ -28,10 +26,11 @@ from pipeline.losses.protocol import wants_unnormalized
 from pipeline.models import accounting
 from pipeline.models.encoders import architecture, build_encoder
 from pipeline.progress import StepProgress
+from pipeline.run_context import RunContext
 from pipeline.run_dir import RunDir
-from pipeline.train.optim import build_optimizer, resolve_epochs
+from pipeline.train.optim import build_optimizer, resolve_epochs, sampler_of
 from pipeline.train.resume import restore_best, resume
-from pipeline.train.selection import ReloadBest, validate_on_epochs
+from pipeline.train.selection import ReloadBest, on_epochs
 from pipeline.train.step_metrics import StepMetrics
 from pipeline.train.two_pass import two_pass_step
 from pipeline.train.validation import Best, Validator
@@ -39,22 +38,19 @@ from pipeline.train.validation import Best, Validator
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
-    t = cfg.train
-    world = world_from_env()
+def train(cfg: Config, ctx: RunContext, stop: preemption.StopRequest) -> None:
+    """`cfg` as the runner resolved it: train.max_steps already decided by train.epochs where set."""
+    t, world, device, rd = cfg.train, ctx.world, ctx.device, ctx.run
     check_processes(cfg.parallel.name, world.size)  # the runner checked both already; kept for direct callers
     check_shares(t, world.size)
     preemption.log_slurm_restart()
-    device = pick_device(cfg.device, world)
     index = ShardIndex.load(rd.shards / "train")
-    sampler, clock = build_sampler(t.sampler, index.labels, t.global_batch, t.samples_per_class, cfg.seed,
-                                   t.small_classes, t.redraw_pk)
-    t, epochs = resolve_epochs(t, len(index.labels), clock)  # train.epochs -> max_steps
+    sampler, clock = sampler_of(cfg, index.labels)
+    resolved, epochs = resolve_epochs(t, len(index.labels), clock)  # the epoch facts for meta.json
+    assert resolved.max_steps == t.max_steps, "train.epochs must be resolved by the runner (optim.with_steps)"
     log.info("train.sampler=%s: %s steps per epoch, %d steps", t.sampler, epochs["steps_per_epoch"], t.max_steps)
-    cfg = dataclasses.replace(cfg, train=t)
-    validator = Validator(cfg, rd, device) if t.val_every or t.val_every_epochs else None  # checks the split first
-    if validator:
-        validate_on_epochs(validator, clock, t.val_every_epochs, t.max_steps)
+    validator = (Validator(cfg, ctx, on_epochs(clock, t.val_every_epochs, t.max_steps))  # checks the split first
+                 if t.val_every or t.val_every_epochs else None)
     reload = ReloadBest(clock, t.reload_best_at, rd.checkpoints)
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
     loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), model.dim, cfg.seed).to(device)

@@ -21,12 +21,14 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.config import TrainConfig
-from pipeline.data.epoch_rules import FixedEpochs
+from pipeline.config import Config, TrainConfig
+from pipeline.data.epoch_rules import FixedEpochs, build_sampler
+from pipeline.data.shards import ShardIndex
 
 
 def steps_per_epoch(cfg: TrainConfig, train_images: int) -> int:
@@ -41,6 +43,21 @@ def resolve_epochs(cfg: TrainConfig, train_images: int, clock=None) -> tuple[Tra
         cfg = dataclasses.replace(cfg, max_steps=clock.epoch_start(cfg.epochs))
     return cfg, {"sampler": cfg.sampler, "train_images": train_images, "steps_per_epoch": clock.describe(cfg.epochs),
                  "epochs": cfg.epochs, "max_steps": cfg.max_steps}
+
+
+def sampler_of(cfg: Config, labels):
+    """(the training sampler, its epochs) for the run's training labels."""
+    t = cfg.train
+    return build_sampler(t.sampler, labels, t.global_batch, t.samples_per_class, cfg.seed, t.small_classes, t.redraw_pk)
+
+
+def with_steps(cfg: Config, shards: Path) -> Config:
+    """The config with train.max_steps decided by train.epochs over the training shards (the runner's
+    resolution, before any stage is fingerprinted); unchanged without epochs or before the shards exist."""
+    if cfg.train.epochs is None or not (shards / "train" / "index.json").is_file():
+        return cfg
+    labels = ShardIndex.load(shards / "train").labels
+    return dataclasses.replace(cfg, train=resolve_epochs(cfg.train, len(labels), sampler_of(cfg, labels)[1])[0])
 
 
 def lr_factor(cfg: TrainConfig, per_epoch=1):

@@ -17,21 +17,22 @@ the last checkpoint's.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from pipeline.parallel import checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def validate_on_epochs(validator, clock, every_epochs: int, last: int) -> None:
-    """Make `validator` due after epochs 1, 1 + every_epochs, ... and at the last step."""
+def on_epochs(clock, every_epochs: int, last: int) -> Callable[[int], bool] | None:
+    """The validator's rule: due after epochs 1, 1 + every_epochs, ... and at the last step (None: off)."""
     if every_epochs <= 0:
-        return
+        return None
 
     def due(step: int) -> bool:
         epoch = clock.epoch_of(step)
         return step == last or (step == clock.epoch_start(epoch) and epoch > 0 and (epoch - 1) % every_epochs == 0)
-    validator.due = due
+    return due
 
 
 class ReloadBest:
@@ -42,12 +43,12 @@ class ReloadBest:
         self.folder = folder
 
     def before(self, step: int, engine, loss_fn, best) -> None:
-        """Collective: every rank loads its part."""
+        """Collective: every rank loads its part, through the engine (any backend)."""
         if step not in self.steps or best.checkpoint is None:
             return
         path = self.folder / best.checkpoint
-        checkpoint.load_dcp(path, engine.module)
-        if loss_fn.state_dict() and (path / "loss").is_dir():
+        engine.load_weights(path)
+        if loss_fn.state_dict() and (path / "loss").is_dir():  # replicated on every rank, saved through DCP
             checkpoint.load_dcp(path / "loss", loss_fn)
         log.info("step %d: weights of the best checkpoint %s (%s %.4f) loaded back", step, best.checkpoint,
                  best.metric, best.value)

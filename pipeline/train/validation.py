@@ -17,9 +17,9 @@ meta.json, so a resumed run keeps the best so far and knows which step it last v
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -31,8 +31,8 @@ from pipeline.parallel import distributed
 from pipeline.errors import UserError
 from pipeline.eval.inference import embed_split
 from pipeline.eval.metrics import retrieval_metrics
-from pipeline.protocols import Evaluation
-from pipeline.run_dir import RunDir
+from pipeline.protocols import Evaluation, Protocol
+from pipeline.run_context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,13 @@ VAL_SPLIT = "val"
 MIN_CLASSES = 5  # a validation split with fewer classes ranks checkpoints poorly (recall@1 saturates)
 
 
-def evaluation(cfg: Config, available: list[str]) -> Evaluation:
+def evaluation(cfg: Config, available: list[str], proto: Protocol) -> Evaluation:
     """The query (and gallery) split that validation embeds, from train.val_split; says in the log
     when it is the test split."""
     choice = cfg.train.val_split
     if choice == "auto":
         choice = VAL_SPLIT if VAL_SPLIT in available else "test"
     if choice == "test":
-        proto = protocols.resolve(cfg.data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery)
         protocols.check_splits(proto, available, "the shards")
         chosen = proto.evaluations[0]
         log.warning("validation runs on the test split (%s): the best checkpoint is chosen on the classes the eval "
@@ -65,21 +64,26 @@ def evaluation(cfg: Config, available: list[str]) -> Evaluation:
 
 
 class Validator:
-    def __init__(self, cfg: Config, rd: RunDir, device):
-        available = list(json.loads((rd.shards / "summary.json").read_text())["splits"])
-        self.evaluation = evaluation(cfg, available)
-        self.ks = protocols.resolve(cfg.data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery).ks
-        self.every, self.last = cfg.train.val_every, cfg.train.max_steps
-        self.shards, self.device, self.precision = rd.shards, device, cfg.train.precision
+    """`due(step)`: every train.val_every steps and at the last, or the given rule (the recipes' epochs:
+    pipeline/train/selection.py)."""
+
+    def __init__(self, cfg: Config, ctx: RunContext, due: Callable[[int], bool] | None = None):
+        splits = ctx.splits
+        self.evaluation = evaluation(cfg, list(splits), ctx.protocol)
+        self.ks = ctx.protocol.ks
+        self.every, self.last, self.rule = cfg.train.val_every, cfg.train.max_steps, due
+        self.shards, self.device, self.precision = ctx.run.shards, ctx.device, cfg.train.precision
         self.transform, self.batch_size, self.workers = eval_transform(cfg.model, cfg.data.eval_resize), cfg.eval.batch_size, cfg.data.workers
         self.hint = _too_small_hint(cfg)
-        self.classes = json.loads((rd.shards / "summary.json").read_text())["splits"][self.evaluation.query]["classes"]
+        self.classes = splits[self.evaluation.query]["classes"]
         self.saturated = False
         if self.classes < MIN_CLASSES:
             log.warning("validation on %s has %d classes (fewer than %d): it ranks checkpoints poorly and `best` may "
                         "be an early step; %s", self.evaluation.query, self.classes, MIN_CLASSES, self.hint)
 
     def due(self, step: int) -> bool:
+        if self.rule is not None:
+            return self.rule(step)
         return self.every > 0 and (step % self.every == 0 or step == self.last)
 
     def run(self, model) -> dict[str, float]:
