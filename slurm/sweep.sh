@@ -3,7 +3,7 @@
 #   bash slurm/sweep.sh --out SWEEP [--throttle N] [--sbatch-option=value ...] GRID... -- key=value...
 #   bash slurm/sweep.sh --out runs/losses --throttle 4 --partition=gpu --gpus-per-node=1 \
 #       loss=rsk,margin seed=0,1,2 -- data=glyphs train.max_steps=1000
-# The grid, the run folders (SWEEP/<run>) and the summary are tools/sweep.py's (see pipeline/sweep.py).
+# The grid, the run folders (SWEEP/<run>) and the summary are tools/sweep.py's (see pipeline/sweep/).
 # First a job that shards once for the runs that shard the same data (e.g. seeds with data.seed fixed)
 # and copies the shards to the others (tools/sweep.py --share-shards); then, after it however it ended
 # (a task whose shards are missing shards for itself), one array task per run not yet finished (a

@@ -30,10 +30,10 @@ def run_pipeline(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def run_torchrun(nproc: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N pipeline/run.py ...` (a free port, gloo on the CPU)."""
+def run_torchrun(nproc: int, *args: str, check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N pipeline/run.py ...` (a free port, gloo on the CPU), from `cwd`."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run([*launcher, str(REPO / "pipeline" / "run.py"), *args], cwd=REPO, capture_output=True,
+    proc = subprocess.run([*launcher, str(REPO / "pipeline" / "run.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")

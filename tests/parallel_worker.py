@@ -171,8 +171,28 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
             state = again.full_state_dict()
             if world.is_main:
                 torch.save(state, out / f"{backend}-reloaded.pt")
+            weights_only(out, backend, folder, again, share)
         distributed.barrier()
     distributed.shutdown()
+
+
+def weights_only(out: Path, backend: str, folder: Path, reloaded, share: slice) -> None:
+    """Engine.load_weights (ReloadBest's road): a fresh engine steps away from the start, loads the
+    checkpoint's weights alone, and takes one more step beside the fully reloaded engine `reloaded`
+    (SGD has no state, so both steps must agree: under ZeRO the optimizer's fp32 partitions must
+    follow the loaded weights, or the step would overwrite them)."""
+    model, batches, loss_fn = problem(VARIANTS[0])
+    fresh = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
+    images, labels = batches[0]
+    two_pass_step(fresh, images[share], labels[share], loss_fn, CHUNK, SEED, 0)
+    fresh.load_weights(folder)
+    loaded = {k: v.clone() for k, v in fresh.full_state_dict().items()}  # DDP's are the live tensors
+    for engine in (fresh, reloaded):
+        two_pass_step(engine, images[share], labels[share], loss_fn, CHUNK, SEED, STEPS)
+    stepped = [fresh.full_state_dict(), reloaded.full_state_dict()]
+    if distributed.rank() == 0:
+        torch.save({"loaded": loaded, "stepped": stepped[0], "reference": stepped[1]},
+                   out / f"{backend}-weights-only.pt")
 
 
 def clipped(out: Path, backend: str, share: slice) -> None:

@@ -186,6 +186,17 @@ def test_engine_checkpoint_reloads_the_weights(worker_out, backend):
     assert not torch.equal(saved["head.1.weight"], start["head.1.weight"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_loads_the_weights_alone(worker_out, backend):
+    """What ReloadBest does, under every backend: the weights of the checkpoint, and a next step from them."""
+    saved = torch.load(worker_out / f"{backend}-{VARIANTS[0]}.pt")
+    found = torch.load(worker_out / f"{backend}-weights-only.pt")
+    for name, tensor in saved.items():
+        assert torch.equal(found["loaded"][name], tensor), name
+        assert torch.allclose(found["stepped"][name], found["reference"][name], rtol=0, atol=1e-6), name
+    assert not torch.equal(found["stepped"]["head.1.weight"], saved["head.1.weight"])
+
+
 def test_transformer_blocks_found():
     model, _, _ = problem("plain")
     assert transformer_blocks(model) == list(model.backbone.blocks)
@@ -226,7 +237,8 @@ def exported_weights_close(run, reference):
 
 
 def test_stage_all_zero3_under_torchrun(digits_run, tmp_path):
-    run_torchrun(2, "stage=all", f"run_dir={tmp_path}", "parallel=zero3", *SMALL)
+    """Started from outside the repository: the default ds_configs/zero3.json is found all the same."""
+    run_torchrun(2, "stage=all", f"run_dir={tmp_path}", "parallel=zero3", *SMALL, cwd=tmp_path)
     meta = json.loads((tmp_path / "checkpoints" / "step_6" / "meta.json").read_text())
     assert meta["format"] == "deepspeed" and meta["parallel"] == "zero3"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "latest", "step_3", "step_6"]

@@ -1,4 +1,4 @@
-"""Sweeps (pipeline/sweep.py, tools/sweep.py): the grid, the runs, skipping and rerunning, the summary.
+"""Sweeps (pipeline/sweep/, tools/sweep.py): the grid, the runs, skipping and rerunning, the summary.
 
 The summary is checked against means and standard deviations computed here, with Python's
 statistics module, from each run's own eval/metrics.json and eval/diagnostics.json."""

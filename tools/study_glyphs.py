@@ -45,7 +45,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from pipeline import sweep, sweep_plots  # noqa: E402
+from pipeline.sweep import grid as sweep  # noqa: E402
+from pipeline.sweep import plots as sweep_plots  # noqa: E402
 from pipeline.run_dir import RunDir  # noqa: E402
 
 # Multi-similarity: normalized softmax over these 1,558 classes of ~4 images stayed at chance (loss

@@ -1,4 +1,5 @@
-"""Run a grid of pipeline runs on this machine and summarise them over seeds (pipeline/sweep.py).
+"""Run a grid of pipeline runs on this machine (pipeline/sweep/grid.py) and summarise them over seeds
+(pipeline/sweep/summary.py).
 
     python tools/sweep.py --out SWEEP [--jobs N] GRID... -- key=value...
         e.g.  --out runs/losses loss=rsk,margin seed=0,1,2 -- data=glyphs train.max_steps=300
@@ -27,7 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from pipeline import sweep  # noqa: E402
+from pipeline.sweep import grid as sweep  # noqa: E402
+from pipeline.sweep import summary as sweep_summary  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 RUNNING = 3  # --args: the run is being written by another process (its line on stderr)
@@ -133,7 +135,7 @@ def main(argv: list[str]) -> int:
                   f"{len(todo)} to run, {options.jobs} at a time", flush=True)
             share_shards(runs, todo, fixed, out)
             run_all(todo, fixed, out, options.jobs)
-        summary, status = sweep.aggregate(out)
+        summary, status = sweep_summary.aggregate(out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

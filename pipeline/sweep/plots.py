@@ -1,4 +1,4 @@
-"""A sweep's figures (PNG, Agg), from its summary (pipeline/sweep.py):
+"""A sweep's figures (PNG, Agg), from its summary (pipeline/sweep/summary.py):
 
     summary.png   one panel per metric of the finetuned model: a bar per setting, error bar = std,
                   a dashed line at the frozen encoder's mean where the runs evaluated it
