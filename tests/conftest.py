@@ -21,6 +21,12 @@ SMALL = ["model.depth=2", "model.embed_dim=32", "train.global_batch=32", "train.
          "train.max_steps=6", "train.checkpoint_every=3", "train.warmup_steps=2", "eval.batch_size=128"]
 
 
+# Several processes compared with one, at the stage level, train with SGD (momentum 0.9): AdamW's per-element
+# normalisation hides a uniform error in the gradient's scale (a sum over ranks instead of their mean);
+# SGD's update is proportional to the gradient, so such an error moves it by its whole size.
+SGD = ["train.optimizer=sgd", "train.lr=0.05", "train.head_lr=0.05", "train.weight_decay=0"]
+
+
 def run_pipeline(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """`python pipeline/run.py ...` as a user runs it, in a subprocess."""
     proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), *args], cwd=REPO,
@@ -38,6 +44,31 @@ def run_torchrun(nproc: int, *args: str, check: bool = True, cwd: Path = REPO) -
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def sgd_run(tmp_path_factory) -> Path:
+    """The one-process reference for the stage-level multi-process comparisons: SMALL + SGD, exported."""
+    run_dir = tmp_path_factory.mktemp("sgd_run")
+    run_pipeline("stage=export", f"run_dir={run_dir}", *SMALL, *SGD)
+    return run_dir
+
+
+def updates_close(run: Path, reference: Path) -> None:
+    """The update of `run` (its exported weights minus the initial ones) equals `reference`'s within 1e-3
+    of the largest update: rounding differs between process counts, a wrong gradient scale or batch share
+    moves the update by its own size."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import load_config
+    from pipeline.models.encoders import build_encoder
+
+    cfg = load_config(SMALL)
+    start = build_encoder(cfg.model, cfg.seed).state_dict()
+    got, ref = load_file(run / "export" / "model.safetensors"), load_file(reference / "export" / "model.safetensors")
+    largest = max((ref[k] - start[k]).abs().max().item() for k in ref)
+    worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst < 1e-3 * largest, f"update differs from one process's by {worst:.2e} (largest update {largest:.2e})"
 
 
 @pytest.fixture(scope="session")

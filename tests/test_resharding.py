@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import SMALL, run_pipeline, run_torchrun
+from conftest import SGD, SMALL, run_pipeline, run_torchrun, updates_close
 from parallel_worker import CHUNK, SEED, problem
 from resharding_worker import WRITTEN_STEPS, adamw, batch
-from test_parallel import crash_after_step_3, exported_weights_close, torchrun_script
+from test_parallel import crash_after_step_3, torchrun_script
 
 from pipeline.parallel import checkpoint, zero_universal
 from pipeline.parallel.engine import Engine
@@ -124,16 +124,16 @@ def test_another_backend_family_is_refused(written):
             checkpoint.load(last, engine, parallel=parallel)
 
 
-def test_pipeline_one_process_checkpoint_resumes_on_two_under_fsdp2(digits_run, tmp_path):
-    """`stage=all` ran in one process (parallel=none); its step-3 checkpoint resumes under torchrun
+def test_pipeline_one_process_checkpoint_resumes_on_two_under_fsdp2(sgd_run, tmp_path):
+    """A run in one process (parallel=none); its step-3 checkpoint resumes under torchrun
     with 2 FSDP2 processes and ends where the one process ended."""
-    shutil.copytree(digits_run / "shards", tmp_path / "shards")
-    shutil.copytree(digits_run / "stages", tmp_path / "stages")
-    shutil.copytree(digits_run / "checkpoints", tmp_path / "checkpoints")
+    shutil.copytree(sgd_run / "shards", tmp_path / "shards")
+    shutil.copytree(sgd_run / "stages", tmp_path / "stages")
+    shutil.copytree(sgd_run / "checkpoints", tmp_path / "checkpoints")
     crash_after_step_3(tmp_path)
-    proc = run_torchrun(2, "stage=export", f"run_dir={tmp_path}", "parallel=fsdp2", *SMALL)
+    proc = run_torchrun(2, "stage=export", f"run_dir={tmp_path}", "parallel=fsdp2", *SMALL, *SGD)
     assert "resuming from" in proc.stderr and "step 6/6" in proc.stderr
-    exported_weights_close(tmp_path, digits_run)
+    updates_close(tmp_path, sgd_run)
 
 
 @pytest.mark.slow
@@ -146,23 +146,23 @@ def test_two_process_checkpoint_resumes_on_four(written):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["zero1", "zero2", "zero3"])
-def test_pipeline_zero_checkpoint_resumes_on_one_process(digits_run, tmp_path, parallel):
+def test_pipeline_zero_checkpoint_resumes_on_one_process(sgd_run, tmp_path, parallel):
     """A 2-process ZeRO run's step-3 checkpoint, resumed by one process through the universal
     conversion, ends where one process on the whole run ends."""
-    run_torchrun(2, "stage=finetune", f"run_dir={tmp_path}", f"parallel={parallel}", *SMALL)
+    run_torchrun(2, "stage=finetune", f"run_dir={tmp_path}", f"parallel={parallel}", *SMALL, *SGD)
     crash_after_step_3(tmp_path)
-    proc = run_pipeline("stage=export", f"run_dir={tmp_path}", f"parallel={parallel}", *SMALL)
+    proc = run_pipeline("stage=export", f"run_dir={tmp_path}", f"parallel={parallel}", *SMALL, *SGD)
     assert "written by 2 processes, resuming on 1: converting it to a DeepSpeed universal checkpoint" in proc.stderr
     assert "step 6/6" in proc.stderr
-    exported_weights_close(tmp_path, digits_run)
+    updates_close(tmp_path, sgd_run)
 
 
 @pytest.mark.slow
-def test_pipeline_fsdp2_checkpoint_resumes_on_four_and_on_one(digits_run, tmp_path):
-    run_torchrun(2, "stage=finetune", f"run_dir={tmp_path}", "parallel=fsdp2", *SMALL)
+def test_pipeline_fsdp2_checkpoint_resumes_on_four_and_on_one(sgd_run, tmp_path):
+    run_torchrun(2, "stage=finetune", f"run_dir={tmp_path}", "parallel=fsdp2", *SMALL, *SGD)
     crash_after_step_3(tmp_path)
-    run_torchrun(4, "stage=export", f"run_dir={tmp_path}", "parallel=fsdp2", *SMALL)
-    exported_weights_close(tmp_path, digits_run)
+    run_torchrun(4, "stage=export", f"run_dir={tmp_path}", "parallel=fsdp2", *SMALL, *SGD)
+    updates_close(tmp_path, sgd_run)
     crash_after_step_3(tmp_path)
-    run_pipeline("stage=export", f"run_dir={tmp_path}", "parallel=none", *SMALL)
-    exported_weights_close(tmp_path, digits_run)
+    run_pipeline("stage=export", f"run_dir={tmp_path}", "parallel=none", *SMALL, *SGD)
+    updates_close(tmp_path, sgd_run)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, SMALL, run_pipeline, training_processes
+from conftest import REPO, SGD, SMALL, run_pipeline, training_processes, updates_close
 from slurm_cluster import (
     ONE_NODE,
     completed,
@@ -31,12 +31,11 @@ from slurm_cluster import (
     wait_for_end,
     wait_until,
 )
-from test_parallel import exported_weights_close
 
 from pipeline.parallel.checkpoint import damage
 
-# recipe=none: the job scripts pass recipe=rsk, and the jobs are compared with plain runs.
-TINY = ["model=tiny", "data=digits", "recipe=none", *SMALL]
+# recipe=none: the job scripts pass recipe=rsk, and the jobs are compared with plain runs (SGD: conftest.SGD).
+TINY = ["model=tiny", "data=digits", "recipe=none", *SMALL, *SGD]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,21 +70,21 @@ def fsdp2_straight(tmp_path_factory) -> Path:
     return tmp
 
 
-def test_zero3_job_across_two_nodes_matches_a_plain_run(straight, digits_run):
+def test_zero3_job_across_two_nodes_matches_a_plain_run(straight, sgd_run):
     log = (straight / "job.out").read_text()
     assert "2 node(s) x 1 process(es), torchrun" in log and "launch: pipeline/run.py exited with status 0" in log
     assert ranks_by_node(straight / "run") == {"0": "node1", "1": "node2"}
     meta = json.loads((straight / "run" / "checkpoints" / "step_6" / "meta.json").read_text())
     assert (meta["format"], meta["parallel"], meta["world_size"]) == ("deepspeed", "zero3", 2)
-    exported_weights_close(straight / "run", digits_run)
+    updates_close(straight / "run", sgd_run)
 
 
-def test_accelerate_fsdp2_job_across_two_nodes_matches_a_plain_run(fsdp2_straight, digits_run):
+def test_accelerate_fsdp2_job_across_two_nodes_matches_a_plain_run(fsdp2_straight, sgd_run):
     assert "2 node(s) x 1 process(es), accelerate" in (fsdp2_straight / "job.out").read_text()
     assert ranks_by_node(fsdp2_straight / "run") == {"0": "node1", "1": "node2"}
     meta = json.loads((fsdp2_straight / "run" / "checkpoints" / "step_6" / "meta.json").read_text())
     assert (meta["format"], meta["parallel"], meta["world_size"]) == ("dcp", "fsdp2", 2)
-    exported_weights_close(fsdp2_straight / "run", digits_run)
+    updates_close(fsdp2_straight / "run", sgd_run)
 
 
 def paused_after_first_checkpoint(run: Path, job_id: str, output: Path) -> list:
@@ -202,33 +201,33 @@ def resumed(tmp_path: Path, finished: Path, options: list[str], *args: str, env:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_two_node_checkpoint_resumed_on_one_node(backend, straight, fsdp2_straight, digits_run, tmp_path):
+def test_two_node_checkpoint_resumed_on_one_node(backend, straight, fsdp2_straight, sgd_run, tmp_path):
     """Written by 2 processes on 2 nodes, resumed by 1 process on 1 node: DeepSpeed's universal
     checkpoint for ZeRO-3, DCP's resharding for FSDP2."""
     finished = (straight if backend == "zero3" else fsdp2_straight) / "run"
     log = resumed(tmp_path, finished, ONE_NODE, f"parallel={backend}")
     assert "1 node(s) x 1 process(es)" in log and "resuming from" in log
     assert ("DeepSpeed universal checkpoint" in log) == (backend == "zero3")
-    exported_weights_close(tmp_path / "run", digits_run)
+    updates_close(tmp_path / "run", sgd_run)
 
 
 @pytest.fixture(scope="module")
 def one_process_zero3(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("zero3_one_process")
-    run_pipeline("stage=finetune", f"run_dir={run}", "parallel=zero3", *SMALL)
+    run_pipeline("stage=finetune", f"run_dir={run}", "parallel=zero3", *SMALL, *SGD)
     return run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend, per_node", [("zero3", 2), ("fsdp2", 1)])
-def test_one_process_checkpoint_resumed_on_two_nodes(backend, per_node, one_process_zero3, digits_run, tmp_path):
+def test_one_process_checkpoint_resumed_on_two_nodes(backend, per_node, one_process_zero3, sgd_run, tmp_path):
     """Written by 1 process (ZeRO-3, or parallel=none's DCP), resumed on 2 nodes: ZeRO-3 by 2 processes
     on each (4 in all), FSDP2 by 1 on each."""
-    finished = one_process_zero3 if backend == "zero3" else digits_run
+    finished = one_process_zero3 if backend == "zero3" else sgd_run
     log = resumed(tmp_path, finished, ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"], f"parallel={backend}",
                   env=user_env(NPROC_PER_NODE=str(per_node)))
     assert f"2 node(s) x {per_node} process(es)" in log and "resuming from" in log
-    exported_weights_close(tmp_path / "run", digits_run)
+    updates_close(tmp_path / "run", sgd_run)
 
 
 @pytest.mark.slow
