@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SMALL, run_pipeline, run_torchrun
 
-from pipeline import run_lock, sweep
+from pipeline import run_lock
+from pipeline.sweep import grid as sweep
 from pipeline.errors import UserError
 
 HOLD = "import sys, time; from pipeline import run_lock; run_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)"

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from slurm_cluster import completed, require_cluster, user_env
 
-from pipeline import sweep
+from pipeline.sweep import grid as sweep
 from pipeline.config import load_config
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))

@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import REPO
 from scipy.stats import ttest_ind
 
-from pipeline import sweep
+from pipeline.sweep import grid as sweep
 
 spec = importlib.util.spec_from_file_location("study_glyphs", REPO / "tools" / "study_glyphs.py")
 study = importlib.util.module_from_spec(spec)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SMALL, training_processes
 
-from pipeline import sweep
+from pipeline.sweep import grid as sweep
+from pipeline.sweep import summary
 from pipeline.errors import UserError
 
 TINY = ["data=digits", *SMALL]
@@ -62,7 +63,7 @@ def test_bad_grids_fail_before_anything_runs(grid, fixed, message):
 
 def test_best_validation_reads_what_there_is(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    assert sweep.best_validation(path) == {}
+    assert summary.best_validation(path) == {}
     lines = [{"step": 2, "time": 0.0, "name": "val/recall@1", "value": 0.5},
              {"step": 2, "time": 0.0, "name": "train/loss", "value": 0.1},
              {"step": 4, "time": 0.0, "name": "val/recall@1", "value": 0.7},
@@ -70,7 +71,7 @@ def test_best_validation_reads_what_there_is(tmp_path):
              {"step": 6, "time": 0.0, "name": "val/recall@1", "value": 0.6},
              {"step": 6, "time": 0.0, "name": "val/loss", "value": 0.4}]
     path.write_text("\n".join(json.dumps(line) for line in lines) + '\n{"step": 8, "na')  # cut mid-write
-    assert sweep.best_validation(path) == {"best val/recall@1": 0.7, "best val/loss": 0.3}
+    assert summary.best_validation(path) == {"best val/recall@1": 0.7, "best val/loss": 0.3}
 
 
 def expected_statistics(runs: list[Path]) -> dict[str, dict]:
