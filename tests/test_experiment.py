@@ -91,6 +91,15 @@ def test_stage_config_on_a_run_names_the_run_as_the_source(custom_run):
     assert "eval.nmi: False    # command line" in proc.stdout.splitlines()
 
 
+def test_epochs_become_steps_before_the_stages_are_fingerprinted(custom_run):
+    """Issue 34: train.epochs is turned into train.max_steps where the config is resolved, from the run's
+    training shards (and the sampler's epochs), so stage=config shows the steps that will run."""
+    train_images = json.loads((custom_run / "shards" / "summary.json").read_text())["splits"]["train"]["images"]
+    proc = run_pipeline("stage=config", f"run_dir={custom_run}", "train.epochs=3")
+    steps = 3 * max(1, train_images // 16)  # train.global_batch=16, the P x K sampler's fixed epochs
+    assert f"train.max_steps: {steps}    # train.epochs=3 over {custom_run / 'shards' / 'train'}" in proc.stdout.splitlines()
+
+
 def test_a_checkpoint_typo_is_found_before_any_work(tmp_path):
     run = tmp_path / "run"
     proc = run_pipeline("stage=eval", f"run_dir={run}", "eval.models=[checkpoint]", "eval.checkpoint=bestt",
