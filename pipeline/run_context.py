@@ -30,7 +30,7 @@ class RunContext:
         """The runner's one resolution (also for tools and tests that call a stage directly)."""
         world = world_from_env() if world is None else world
         return cls(world, pick_device(cfg.device, world), RunDir(cfg.run_dir if run_dir is None else run_dir),
-                   protocols.resolve(cfg.data.name, cfg.eval.ks, cfg.eval.split, cfg.eval.gallery))
+                   cfg.protocol())
 
     @property
     def splits(self) -> dict[str, dict]:

@@ -388,7 +388,7 @@ class Config:
                         self.serve, self.track, self.plan):
             section.check()
         one_of(self.device, DEVICES, f"device={self.device}: use auto, cpu or cuda")
-        ks = protocols.resolve(self.data.name, self.eval.ks, self.eval.split, self.eval.gallery).ks
+        ks = self.protocol().ks
         if self.train.best_metric not in val_metric_names(ks):
             raise UserError(f"train.best_metric={self.train.best_metric}: use one of {', '.join(val_metric_names(ks))}")
         self.check_precision()
@@ -396,6 +396,10 @@ class Config:
         if d.eval_resize is not None and d.eval_resize < self.model.image_size:
             raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={self.model.image_size} "
                             "(the eval view is a centre crop of the resized image)")
+
+    def protocol(self) -> protocols.Protocol:
+        """The dataset's evaluation protocol with eval.ks, eval.split and eval.gallery applied."""
+        return protocols.resolve(self.data.name, self.eval.ks, self.eval.split, self.eval.gallery)
 
     def check_precision(self) -> None:
         """train.precision and parallel.param_dtype, and the combinations that contradict each other."""
