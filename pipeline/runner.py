@@ -18,7 +18,7 @@ from pipeline.config.experiment import check_unchanged, describe, finished_stage
 from pipeline.config.inputs import stage_settings
 from pipeline.config.loader import resolve
 from pipeline.config.loader import save as save_config
-from pipeline.parallel import distributed
+from pipeline.parallel import distributed, precision
 from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.parallel.preemption import EXIT_STATUS, Preempted
 from pipeline.errors import UserError
@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.stage == "config":
             return show_config(resolved, rd, world.size)
         check_unchanged(resolved, rd.root, finished_stages(rd.root))
-        distributed.init(world, pick_device(cfg.device, world), cfg.parallel.timeout)
+        device = pick_device(cfg.device, world)
+        distributed.init(world, device, cfg.parallel.timeout)
+        precision.set_tf32(cfg.train.precision, cfg.train.tf32, device)  # before any model: fp32 runs' matmuls
         existing = distributed.broadcast_object(rd.root.is_dir())
         if existing:  # a run directory in use: said at once, before the checks
             lock = take_lock(cfg, rd)

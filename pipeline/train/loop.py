@@ -22,6 +22,7 @@ from pipeline.data.transforms import train_transform
 from pipeline.parallel import checkpoint, distributed, preemption
 from pipeline.parallel.distributed import pick_device, world_from_env
 from pipeline.parallel.engine import build_engine
+from pipeline.parallel.precision import matmul_precision
 from pipeline.parallel.shares import check_processes, check_shares
 from pipeline.losses import build_loss, set_step
 from pipeline.losses.protocol import wants_unnormalized
@@ -138,7 +139,8 @@ def validate_resumed(step: int, validator: Validator, engine, best: Best, tracke
 def mfu_inputs(cfg: Config, device) -> tuple[float, float]:
     """(model FLOPs per image, one device's peak FLOP/s) for perf/mfu: on a GPU, or wherever
     train.peak_tflops is set; (0, 0) otherwise."""
-    peak = accounting.peak_flops(device, cfg.train.peak_tflops)
+    peak = accounting.peak_flops(device, cfg.train.peak_tflops,
+                                 matmul_precision(cfg.train.precision, cfg.train.tf32, device))
     return (accounting.flops_per_image(cfg.model, cfg.train.chunk_size), peak) if peak else (0.0, 0.0)
 
 
