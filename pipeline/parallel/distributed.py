@@ -66,10 +66,26 @@ def world_from_env(env=os.environ) -> World:
 
 def pick_device(name: str, world: World) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no GPU is visible; use device=cpu or device=auto")
+        raise UserError(f"device=cuda but no GPU is visible: {cuda_versions()}; use device=cpu or device=auto")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", world.local_rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+def cuda_versions() -> str:
+    """torch's CUDA and, where nvidia-smi answers, the driver's: a driver older than torch's CUDA is the usual
+    reason a GPU node shows no GPU to torch (the +cu130 wheels need a driver of the R580 series or newer)."""
+    built = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" if torch.version.cuda
+             else f"torch {torch.__version__} is a CPU-only build")
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        smi = ""
+    driver, cuda = (re.search(rf"{key} Version:\s*(\S+)", smi) for key in ("Driver", "CUDA"))
+    if driver is None:
+        return f"{built}; nvidia-smi does not answer (no NVIDIA driver or GPU on this node)"
+    return (f"{built}; nvidia-smi: driver {driver.group(1)}"
+            + (f", which runs CUDA up to {cuda.group(1)}" if cuda else ""))
 
 
 def initialized() -> bool:

@@ -1,0 +1,42 @@
+"""What a GPU node's run needs and this CPU machine can still check: device=cuda without a usable GPU stops
+in one line naming torch's CUDA and the driver's, and work done on rank 0 alone gets the node's cores."""
+import os
+import stat
+
+import pytest
+import torch
+from conftest import run_pipeline
+
+from pipeline.parallel import distributed
+
+SMI_HEADER = """+-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 550.54.15              Driver Version: 550.54.15      CUDA Version: 12.4     |
+|-----------------------------------------+------------------------+----------------------+
+"""
+
+
+def fake_nvidia_smi(folder, monkeypatch) -> None:
+    """An nvidia-smi on PATH that answers as an R550 driver does (too old for a CUDA 13 torch)."""
+    folder.mkdir()
+    smi = folder / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\ncat <<'EOF'\n{SMI_HEADER}EOF\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a usable GPU")
+def test_device_cuda_without_a_gpu_stops_in_one_line_naming_both_versions(tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path / "bin", monkeypatch)
+    proc = run_pipeline("stage=embed", f"run_dir={tmp_path / 'run'}", "device=cuda", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: device=cuda but no GPU is visible: torch {torch.__version__} is built for CUDA {torch.version.cuda}; "
+        "nvidia-smi: driver 550.54.15, which runs CUDA up to 12.4; use device=cpu or device=auto"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a usable GPU")
+def test_device_cuda_without_a_driver_says_nvidia_smi_does_not_answer(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi there
+    with pytest.raises(distributed.UserError, match="nvidia-smi does not answer"):
+        distributed.pick_device("cuda", distributed.World())
