@@ -2,10 +2,11 @@
 in one line naming torch's CUDA and the driver's, and work done on rank 0 alone gets the node's cores."""
 import os
 import stat
+import subprocess
 
 import pytest
 import torch
-from conftest import run_pipeline
+from conftest import REPO, run_pipeline
 
 from pipeline.parallel import distributed
 
@@ -40,3 +41,25 @@ def test_device_cuda_without_a_driver_says_nvidia_smi_does_not_answer(tmp_path, 
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi there
     with pytest.raises(distributed.UserError, match="nvidia-smi does not answer"):
         distributed.pick_device("cuda", distributed.World())
+
+
+def test_a_slurm_job_given_gpus_passes_device_cuda_and_one_without_does_not(tmp_path):
+    """slurm/launch.sh under a stand-in srun and scontrol (no cluster needed): device=cuda comes first, so a
+    device= the user gives still wins."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"srun": 'echo "$@" > "$SRUN_ARGS"', "scontrol": "echo node1"}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+
+    def launched(gpus: str) -> list[str]:
+        env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
+               "SLURM_JOB_NODELIST": "node1", "SLURM_GPUS_ON_NODE": gpus, "SRUN_ARGS": str(tmp_path / "args")}
+        proc = subprocess.run(["bash", "-c", 'source slurm/launch.sh; launch stage=embed "run_dir=$1"', "job",
+                               str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        words = (tmp_path / "args").read_text().split()
+        return words[words.index("pipeline/run.py") + 1:]
+
+    assert launched("8") == ["device=cuda", "stage=embed", f"run_dir={tmp_path / 'run'}"]
+    assert launched("0") == ["stage=embed", f"run_dir={tmp_path / 'run'}"]
