@@ -63,7 +63,7 @@ class DataConfig:
     test_fraction: float = 0.5      # imagefolder: share of classes held out for test (class-disjoint)
     shard_max_count: int = 10_000   # samples per tar shard
     shard_max_size: int = 1 << 30   # bytes per tar shard
-    workers: int = 0                # DataLoader workers for training
+    workers: int = 0                # DataLoader workers per process for training, validation and embedding (embed, eval)
     shard_workers: int = 0          # processes decoding/encoding images in the shard stage (0: none)
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop
     hflip: bool = True              # random horizontal flips (off for digits: a flipped 2 is not a 2)

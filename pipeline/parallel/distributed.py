@@ -77,15 +77,21 @@ def cuda_versions() -> str:
     reason a GPU node shows no GPU to torch (the +cu130 wheels need a driver of the R580 series or newer)."""
     built = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" if torch.version.cuda
              else f"torch {torch.__version__} is a CPU-only build")
+    driver, cuda = nvidia_driver()
+    if driver is None:
+        return f"{built}; nvidia-smi does not answer (no NVIDIA driver or GPU on this node)"
+    return f"{built}; nvidia-smi: driver {driver}" + (f", which runs CUDA up to {cuda}" if cuda else "")
+
+
+def nvidia_driver() -> tuple[str | None, str | None]:
+    """(the NVIDIA driver's version, the newest CUDA it runs) as nvidia-smi prints them; None where it
+    does not answer."""
     try:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         smi = ""
-    driver, cuda = (re.search(rf"{key} Version:\s*(\S+)", smi) for key in ("Driver", "CUDA"))
-    if driver is None:
-        return f"{built}; nvidia-smi does not answer (no NVIDIA driver or GPU on this node)"
-    return (f"{built}; nvidia-smi: driver {driver.group(1)}"
-            + (f", which runs CUDA up to {cuda.group(1)}" if cuda else ""))
+    found = (re.search(rf"{key} Version:\s*(\S+)", smi) for key in ("Driver", "CUDA"))
+    return tuple(m.group(1) if m else None for m in found)
 
 
 def initialized() -> bool:

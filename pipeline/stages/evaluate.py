@@ -44,7 +44,8 @@ def run(cfg: Config, rd: RunDir) -> None:
         model.to(device)
         for split in splits:
             data = embed_split(model, rd.shards / split, eval_transform(model_cfg, cfg.data.eval_resize), cfg.eval.batch_size,
-                               device, desc=f"embed {split} ({name})", precision=cfg.train.precision)
+                               device, desc=f"embed {split} ({name})", workers=cfg.data.workers,
+                               precision=cfg.train.precision)
             if world_from_env().is_main:
                 save_embeddings(rd.embeddings(name) / f"{split}.npz", data)
     distributed.on_main(lambda: write_results(cfg, rd, proto, splits, sources))

@@ -5,7 +5,7 @@ tracker (pipeline/tracking.py) and the progress bar; every train.val_every steps
 validated (pipeline/train/validation.py), and a new best value checkpoints that step and points
 checkpoints/best at it. A run resumes from the newest intact checkpoint (pipeline/train/resume.py).
 A stop request (pipeline/parallel/preemption.py) ends it after a step, with a checkpoint; a validation
-due at that step runs when the run resumes.
+due at that step runs when the run resumes. One that comes during a validation ends it after that validation.
 """
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
                 if validator and validator.due(done) and not stopping:  # stopping: checkpoint first, validate on resume
                     with monitor.timer.phase("validation"):
                         improved = validate(done, validator, engine, best, tracker)
+                    stopping = stop.requested() and done < t.max_steps  # one that came meanwhile: checkpoint now
                 if stopping or improved or done % t.checkpoint_every == 0 or done == t.max_steps:
                     with monitor.timer.phase("checkpoint"):
                         checkpoint.save(rd.checkpoints, done, engine, {**meta, "validation": best.state()},
