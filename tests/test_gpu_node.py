@@ -63,3 +63,29 @@ def test_a_slurm_job_given_gpus_passes_device_cuda_and_one_without_does_not(tmp_
 
     assert launched("8") == ["device=cuda", "stage=embed", f"run_dir={tmp_path / 'run'}"]
     assert launched("0") == ["stage=embed", f"run_dir={tmp_path / 'run'}"]
+
+
+def test_rank_zero_works_alone_with_the_nodes_cores_on_a_gpu_node(monkeypatch):
+    """Under torchrun (OMP_NUM_THREADS=1 per rank) on a GPU node given 3 cores, on_main's work and faiss
+    inside it run on 3 threads, and the rank's own count comes back after; a CPU run keeps its share."""
+    import faiss
+    import numpy as np
+
+    from pipeline.eval import metrics
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    faiss_threads = []
+    monkeypatch.setattr(faiss, "omp_set_num_threads", faiss_threads.append)
+    before = torch.get_num_threads()
+    try:
+        distributed.set_threads(torch.device("cuda", 0))  # touches no GPU
+        torch.set_num_threads(1)
+        inside = distributed.on_main(lambda: (torch.get_num_threads(), metrics.retrieval_metrics(
+            np.eye(4, dtype=np.float32), [0, 0, 1, 1], ks=(1,), nmi=False)["num_queries"]))
+        assert inside == (3, 4) and faiss_threads == [3] and torch.get_num_threads() == 1
+        distributed.set_threads(torch.device("cpu"))
+        assert distributed.on_main(torch.get_num_threads) == torch.get_num_threads()
+    finally:
+        distributed.set_threads(torch.device("cpu"))
+        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ never waits on them there, meets them in a collective only afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sca
 WAIT = timedelta(hours=6)
 _timeout: timedelta | None = None  # parallel.timeout, for the error message
 _waits = 0  # on_main calls so far: each has its own key in the store
+_alone_threads: int | None = None  # torch's threads for rank 0's own work (set_threads), None: unchanged
 
 
 @dataclass(frozen=True)
@@ -162,10 +164,37 @@ def threads_per_process(env=os.environ) -> int | None:
 
 
 def set_threads(device: torch.device) -> None:
-    """The one place the project decides torch's CPU threads (a GPU run's CPU threads only feed it)."""
+    """The one place the project decides torch's CPU threads (a GPU run's CPU threads only feed it, but
+    rank 0's own work on a GPU node gets the node's: main_rank_threads)."""
+    global _alone_threads
     threads = threads_per_process()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
+    _alone_threads = main_rank_threads() if device.type == "cuda" else None
+
+
+def main_rank_threads(env=os.environ) -> int:
+    """Threads for the work rank 0 does alone on a GPU node while the other ranks sleep (on_main: faiss
+    scoring, results, exports): its launcher's allotment (Slurm's --cpus-per-task, else this process's
+    CPU affinity), not the one thread per rank of torchrun's and accelerate's OMP_NUM_THREADS=1. CPU runs
+    keep their share: their threads are the work, and a different count would change float sums."""
+    if "SLURM_CPUS_PER_TASK" in env:
+        return int(env["SLURM_CPUS_PER_TASK"])
+    return len(os.sched_getaffinity(0))
+
+
+@contextlib.contextmanager
+def alone_threads():
+    """torch's threads while rank 0 works alone (faiss follows torch's: pipeline/eval/faiss_device.py)."""
+    if _alone_threads is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(_alone_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def cpu_threads() -> int:
@@ -266,7 +295,8 @@ def on_main(fn: Callable[[], T]) -> T:
     result, error = None, None
     if not initialized() or dist.get_rank() == 0:
         try:
-            result = fn()
+            with alone_threads():
+                result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = e
     if initialized():  # the long wait, on the store: rank 0 only sets the key, whatever the others do
