@@ -347,7 +347,7 @@ class PlanConfig:
     gpus_per_node: int = 8
     gpu: str = "H100-80GB"          # a name of pipeline/plan/gpus.py's table, or any with gpu_memory_gb (and train.peak_tflops)
     gpu_memory_gb: float | None = None  # GiB per GPU; None = the table's
-    mfu: float = 0.3                # share of the peak bf16 FLOP/s the step's FLOPs run at (docs/plan.md says why 0.3)
+    mfu: float = 0.3                # share of the peak FLOP/s (of the run's precision) the step runs at (docs/plan.md: why 0.3)
     bandwidth_gbps: float | None = None  # Gbit/s each GPU sends at; None = NVLink on one node, the NIC between nodes
     train_images: int | None = None  # the training split's images, for the epoch time; None = the dataset's known count
     search: bool = True             # search the largest train.chunk_size that fits

@@ -14,6 +14,7 @@ accelerate it would keep their OMP_NUM_THREADS=1 even where rank 0 has the node'
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -76,7 +77,13 @@ def device_key(device: int) -> str:
         gpu = f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
     else:
         gpu = f"GPU {device}"
-    return f"{gpu}, faiss {faiss.__version__}, driver {nvidia_driver()[0] or 'unknown'}"
+    return f"{gpu}, faiss {faiss.__version__}, driver {_driver()}"
+
+
+@functools.cache
+def _driver() -> str:
+    """Asked of nvidia-smi once per process: every search and k-means asks for the device."""
+    return nvidia_driver()[0] or "unknown"
 
 
 def probe(device: int) -> str | None:
