@@ -24,7 +24,7 @@ from pipeline.config.inputs import stage_settings
 from pipeline.config.loader import resolve
 from pipeline.config.loader import save as save_config
 from pipeline.errors import UserError
-from pipeline.parallel import distributed
+from pipeline.parallel import distributed, precision
 from pipeline.parallel.checkpoint_names import names_run_checkpoint
 from pipeline.parallel.distributed import world_from_env
 from pipeline.parallel.preemption import EXIT_STATUS, Preempted
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         check_unchanged(resolved, rd.root, finished_stages(rd.root))
         ctx = RunContext.resolve(cfg, world)
         distributed.init(world, ctx.device, cfg.parallel.timeout)
+        precision.set_tf32(cfg.train.precision, cfg.train.tf32, ctx.device)  # before any model: fp32 runs' matmuls
         existing = distributed.broadcast_object(rd.root.is_dir())
         if existing:  # a run directory in use: said at once, before the checks
             lock = take_lock(cfg, rd)

@@ -98,13 +98,17 @@ launch() {
     trap on_stop_signal USR1 TERM
     srun_pid=""
     trap end_step USR2
-    echo "launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s) x" \
-         "$NPROC_PER_NODE process(es), $LAUNCHER, rendezvous $MASTER_ADDR:$MASTER_PORT: pipeline/run.py $*"
 
+    # A job given GPUs runs on them or stops in one line (torch's CUDA and the driver's: device=cuda), never
+    # silently on its CPUs as device=auto would where the driver is too old for torch; a device= given wins.
+    local device=()
+    (( ${SLURM_GPUS_ON_NODE:-0} > 0 )) && device=(device=cuda)
+    echo "launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s) x" \
+         "$NPROC_PER_NODE process(es), $LAUNCHER, rendezvous $MASTER_ADDR:$MASTER_PORT: pipeline/run.py ${device[*]:+${device[*]} }$*"
     # srun 22.05 does not pass the job's --cpus-per-task on to its tasks by itself.
     export -f start_node
     srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
-        bash -c 'start_node "$@"' start_node pipeline/run.py "$@" &
+        bash -c 'start_node "$@"' start_node pipeline/run.py "${device[@]}" "$@" &
     srun_pid=$!
     local status=0
     # A trapped signal interrupts `wait`; wait again until srun itself has ended, then take its status.

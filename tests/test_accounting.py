@@ -46,6 +46,9 @@ def test_mfu_and_the_peak_table():
     assert peak_flops_of("NVIDIA H200") == 989e12
     assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops_of("Tesla T4") == 0.0
+    assert peak_flops_of("NVIDIA H100 80GB HBM3", "tf32") == 494.5e12  # the data sheet's 989 "with sparsity", halved
+    assert peak_flops_of("NVIDIA H100 80GB HBM3", "fp32") == 67e12     # CUDA cores: torch's fp32 without TF32
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB", "tf32") == 156e12 and peak_flops_of("NVIDIA L40", "fp32") == 90.5e12
     assert peak_flops(torch.device("cpu")) == 0.0  # no MFU on the CPU unless train.peak_tflops says so
     assert peak_flops(torch.device("cpu"), peak_tflops=2.5) == 2.5e12
 

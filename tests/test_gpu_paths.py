@@ -12,7 +12,7 @@ import torch
 from pipeline.data.loader import _PerBatchTail
 from pipeline.parallel import distributed
 from pipeline.errors import UserError
-from pipeline.eval import metrics
+from pipeline.eval import faiss_device, metrics
 from pipeline.losses import recall_at_k
 from pipeline.models.accounting import peak_flops_of
 
@@ -43,7 +43,7 @@ def test_triton_auto_falls_back_after_one_failed_launch(monkeypatch, caplog):
     assert recall_at_k.pick_kernel("triton", torch.device("cuda", 0)) == "triton"  # asked for: not overridden
 
 
-def test_faiss_uses_the_process_own_gpu(monkeypatch):
+def test_faiss_uses_the_process_own_gpu(monkeypatch, tmp_path):
     """A faiss GPU build on a node of 4 GPUs, this rank on GPU 2: the search index and k-means go to
     GPU 2 alone, never to every GPU."""
     moved = []
@@ -57,6 +57,10 @@ def test_faiss_uses_the_process_own_gpu(monkeypatch):
     monkeypatch.setattr(metrics.faiss, "index_cpu_to_gpu", to_gpu, raising=False)
     monkeypatch.setattr(metrics.faiss, "index_cpu_to_all_gpus", lambda *a, **k: pytest.fail("all GPUs"), raising=False)
     monkeypatch.setattr(metrics, "_gpu_resources", {})
+    monkeypatch.setattr(faiss_device, "probe", lambda device: None)  # the tiny search in a child worked
+    monkeypatch.setattr(faiss_device, "device_key", lambda device: f"GPU {device}")
+    monkeypatch.setattr(faiss_device, "_verdicts", {})
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
     rng = np.random.default_rng(0)

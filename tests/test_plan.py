@@ -189,3 +189,19 @@ def test_unfittable_plan_says_so_in_one_line_and_starts_nothing(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["plan"]  # no config.yaml, shards or checkpoints
     plan = json.loads((run_dir / "plan" / "plan.json").read_text())
     assert plan["fits"] is False and plan["world_size"] == 2 and plan["peak_gb_per_gpu"] > 0.5
+
+
+def test_step_time_uses_the_peak_of_the_precision_that_runs():
+    """One simulation shared by three plans (FLOPs do not depend on the precision): their compute times are
+    in the ratio of the H100's data-sheet peaks, 989 bf16, 494.5 TF32 and 67 fp32 TFLOP/s (dense)."""
+    measured = {}
+    common = ["parallel=ddp", *TINY, "plan.nodes=1", "plan.gpus_per_node=2", "plan.gpu=H100-80GB",
+              "plan.search=false", "plan.train_images=1000", "plan.all_blocks=true"]
+    plans = {name: estimate.plan(load_config([*common, *keys]), log=lambda *a: None, measured=measured)
+             for name, keys in {"bf16": ["train.precision=bf16"], "tf32": ["train.precision=fp32"],
+                                "fp32": ["train.precision=fp32", "train.tf32=false"]}.items()}
+    assert {name: p["precision"]["matmul"] for name, p in plans.items()} == {n: n for n in plans}
+    assert {name: p["peak_tflops"] for name, p in plans.items()} == {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0}
+    bf16 = plans["bf16"]["compute_s"]
+    assert plans["tf32"]["compute_s"] == pytest.approx(bf16 * 989 / 494.5)
+    assert plans["fp32"]["compute_s"] == pytest.approx(bf16 * 989 / 67)

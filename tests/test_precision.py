@@ -144,6 +144,32 @@ def test_resolution():
         assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float32
 
 
+@pytest.fixture
+def tf32_flags_kept():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_applies_to_fp32_runs_on_cuda_only(tf32_flags_kept):
+    """train.tf32: what the matmuls run in (the peak the plan and perf/mfu use), and torch's switches
+    (settable without a GPU), which bf16 runs and the CPU leave as they are."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert precision.matmul_precision("auto", True, cuda) == "bf16"
+    assert precision.matmul_precision("fp32", True, cuda) == "tf32"
+    assert precision.matmul_precision("fp32", False, cuda) == "fp32"
+    assert precision.matmul_precision("auto", True, cpu) == "fp32"  # no TF32 on a CPU
+    assert precision.set_tf32("fp32", True, cuda) == "tf32"
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert precision.set_tf32("fp32", False, cuda) == "fp32"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    precision.set_tf32("bf16", False, cuda)
+    precision.set_tf32("fp32", False, cpu)
+    assert torch.backends.cuda.matmul.allow_tf32  # untouched
+    assert load_config([]).train.tf32 and load_config(["recipe=rsk", "data=cub"]).train.tf32
+
+
 def test_config_checks():
     cfg = load_config(["train.precision=bf16", "parallel=fsdp2", "parallel.param_dtype=bf16"])
     assert (cfg.train.precision, cfg.parallel.param_dtype) == ("bf16", "bf16")

@@ -210,6 +210,28 @@ def test_a_stop_before_validating_validates_on_resume_once(digits_run, tmp_path,
     assert (run / "checkpoints" / "best").read_text() == "step_2"
 
 
+def test_a_stop_during_validation_checkpoints_that_step_before_another(digits_run, tmp_path, monkeypatch):
+    """A stop request that comes while the step's validation runs (after the step's own check) checkpoints
+    that step, its validation recorded, instead of training one more step first."""
+    run = tmp_path / "run"
+    shards_only(digits_run, run)
+    script = Scripted(monkeypatch)
+    stop_file = tmp_path / "stop"
+    monkeypatch.setenv("PIPELINE_STOP_FILE", str(stop_file))
+    validate = Validator.run
+
+    def validate_then_ask_to_stop(validator, model):
+        stop_file.touch()
+        return validate(validator, model)
+    monkeypatch.setattr(Validator, "run", validate_then_ask_to_stop)
+    script.values = [0.5]
+    args = [*SMALL, "train.val_every=2", "train.max_steps=4", "train.keep_checkpoints=5"]
+    assert run_here("stage=finetune", f"run_dir={run}", *args) == EXIT_STATUS
+    assert steps_on_disk(run) == {"step_2"} and (run / "checkpoints" / "latest").read_text() == "step_2"
+    assert json.loads((run / "checkpoints" / "step_2" / "meta.json").read_text())["validation"]["validated"] == 2
+    assert not script.values and val_values(run) == {2: 0.5}
+
+
 def test_training_validates_on_the_held_out_classes(tmp_path):
     """imagefolder with data.val_classes: finetune validates on shards/val (not test), and the logged
     values are those of the step's weights embedding shards/val, computed here by hand."""

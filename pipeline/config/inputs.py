@@ -68,7 +68,7 @@ CLASS = {
     "train.schedule": "train", "train.milestones": "train", "train.gamma": "train", "train.epochs": "train",
     "train.small_classes": "train", "train.decay_norms_biases": "train", "train.rsk_kernel": "train",
     "train.split_loss": "train", "train.sampler": "train", "train.precision": "model", "train.redraw_pk": "train",
-    "train.val_every_epochs": "none", "train.reload_best_at": "train",
+    "train.val_every_epochs": "none", "train.reload_best_at": "train", "train.tf32": "model",
     # loss
     "loss.name": "train", "loss.lr": "train", "loss.simix_per_class": "train", "loss.margin": "train",
     "loss.scale": "train", "loss.beta": "train", "loss.temperature": "train", "loss.p_switch": "train",

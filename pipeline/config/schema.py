@@ -63,7 +63,7 @@ class DataConfig:
     test_fraction: float = 0.5      # imagefolder: share of classes held out for test (class-disjoint)
     shard_max_count: int = 10_000   # samples per tar shard
     shard_max_size: int = 1 << 30   # bytes per tar shard
-    workers: int = 0                # DataLoader workers for training
+    workers: int = 0                # DataLoader workers per process: training, validation, embed and eval
     shard_workers: int = 0          # processes decoding/encoding images in the shard stage (0: none)
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop
     hflip: bool = True              # random horizontal flips (off for digits: a flipped 2 is not a 2)
@@ -155,7 +155,7 @@ class TrainConfig:
     val_split: str = "auto"         # auto (val if the shards have it, else test) | val | test | any split name
     best_metric: str = "val/recall@1"  # checkpoints/best: the checkpoint with the highest value of this
     grad_clip: float = 0.0          # clip the global gradient norm to this; 0 = off
-    peak_tflops: float = 0.0        # a device's peak bf16 TFLOP/s for perf/mfu; 0 = from the GPU's name
+    peak_tflops: float = 0.0        # one device's peak TFLOP/s in the run's matmul precision (bf16/tf32/fp32); 0 = from the GPU's name
     optimizer: str = "adamw"        # adamw | adam (L2 decay added to the gradient) | sgd (momentum 0.9) | radam (decoupled decay)
     schedule: str = "cosine"        # cosine (after warmup, to 0 at max_steps) | step (x gamma at each milestone)
     milestones: list[float] = field(default_factory=list)  # step schedule, in epochs
@@ -166,6 +166,7 @@ class TrainConfig:
     rsk_kernel: str = "auto"        # RS@k smooth ranks: auto (triton on CUDA, else torch) | torch | triton | reference
     split_loss: bool = True         # RS@k (+SiMix) under several processes: each rank computes its own queries' rows
     precision: str = "auto"         # the forward: auto (bf16 on CUDA, fp32 on the CPU) | bf16 (autocast, fp32 weights) | fp32 (pipeline/parallel/precision.py)
+    tf32: bool = True               # fp32 runs on CUDA: matmuls and convolutions in TF32 (pipeline/parallel/precision.py)
     sampler: str = "pk"             # pk | rsk | ibc | roth: the batches and the epoch's length (pipeline/data/epoch_rules.py)
     redraw_pk: bool = False         # sampler=ibc: each epoch draws (P, K) anew among global_batch's divisors (IBC on CUB)
     val_every_epochs: int = 0       # validate at the end of every N-th epoch (the papers' cadence) instead of val_every; 0 = off
@@ -346,7 +347,7 @@ class PlanConfig:
     gpus_per_node: int = 8
     gpu: str = "H100-80GB"          # a name of pipeline/plan/gpus.py's table, or any with gpu_memory_gb (and train.peak_tflops)
     gpu_memory_gb: float | None = None  # GiB per GPU; None = the table's
-    mfu: float = 0.3                # share of the peak bf16 FLOP/s the step's FLOPs run at (docs/plan.md says why 0.3)
+    mfu: float = 0.3                # share of the peak FLOP/s (of the run's precision) the step runs at (docs/plan.md: why 0.3)
     bandwidth_gbps: float | None = None  # Gbit/s each GPU sends at; None = NVLink on one node, the NIC between nodes
     train_images: int | None = None  # the training split's images, for the epoch time; None = the dataset's known count
     search: bool = True             # search the largest train.chunk_size that fits

@@ -21,8 +21,10 @@ query itself) sees the whole gallery.
 
 Scale: faiss holds a float32 copy of the gallery (n x dim); queries are searched CHUNK_ROWS at a
 time (fewer when k is large), so the working memory is chunk x k, never n x n. Search and k-means
-run on the GPU when this faiss build sees one (faiss-gpu), on the CPU otherwise, and fall back to
-the CPU when the GPU refuses (out of memory, k above what GPU search supports).
+run on the GPU when this faiss build sees one (faiss-gpu) and a probe on it in a child process has
+worked (pipeline/eval/faiss_device.py: a build without code for the GPU aborts the process), on the CPU
+otherwise (with as many threads as torch has), and fall back to the CPU when the GPU refuses (out of
+memory, k above what GPU search supports).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import faiss
 import numpy as np
 import torch
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+from pipeline.eval import faiss_device
 
 CHUNK_ROWS = 4096            # queries searched at a time
 _MAX_CHUNK_ELEMENTS = 1 << 25  # fewer rows per chunk when k is large: memory stays rows x k
@@ -49,15 +53,15 @@ _gpu_resources: dict[int, object] = {}  # one faiss.StandardGpuResources per dev
 
 
 def _use_gpu() -> bool:
-    """Search and cluster on GPU whenever this faiss build sees one."""
-    return faiss.get_num_gpus() > 0
+    """Search and cluster on the GPU where this faiss build sees one and a probe on it has worked."""
+    return faiss_device.gpu_device() is not None
 
 
 def _on_own_gpu(index: faiss.Index) -> faiss.Index:
     """`index` on this process's GPU: torch's current device, which pipeline.parallel.distributed sets to the
     rank's own. Not index_cpu_to_all_gpus (nor Kmeans(gpu=True), which calls it): that opens a
     context and copies the data onto every GPU of the node, whose memory the other ranks hold."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    device = faiss_device.gpu_device()
     if device not in _gpu_resources:
         _gpu_resources[device] = faiss.StandardGpuResources()
     return faiss.index_cpu_to_gpu(_gpu_resources[device], device, index)
@@ -165,6 +169,7 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be a non-empty list of positive integers, got {ks}")
+    faiss_device.cpu_threads()
     q = _embeddings(query, "query")
     q_labels = _labels(query_labels, len(q), "query_labels")
     loo = gallery is None

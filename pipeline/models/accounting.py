@@ -2,7 +2,8 @@
 
     mem/peak_gb   GPU: torch.cuda.max_memory_allocated (the caching allocator's peak of live tensors);
                   CPU: the process's peak resident set (Linux's VmHWM); 1 GB = 1e9 bytes.
-    perf/mfu      (GPU only) flops_per_image * images/s / (processes * the device's peak bf16 FLOP/s)
+    perf/mfu      (GPU only) flops_per_image * images/s / (processes * the device's peak FLOP/s in the precision
+                  its matmuls run in: bf16, TF32 or fp32, pipeline/parallel/precision.py's matmul_precision)
 
 MFU follows the usual definition (PaLM, Chowdhery et al. 2022, appendix B; torchtitan): the model's
 forward and backward once per image. The two-pass step also runs a forward without gradients (pass
@@ -25,10 +26,19 @@ from pipeline.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, as torchtitan's get_peak_flops
-# has them; the first name contained in torch.cuda.get_device_name() wins, so variants come first.
-PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                    ("B200", 2250.0), ("GB200", 2500.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
+# Dense peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, per precision of the matmuls (a run's
+# precision: pipeline/parallel/precision.py's matmul_precision): bf16 and TF32 on the tensor cores, plain
+# fp32 on the CUDA cores (torch's default for fp32 matmuls without train.tf32). bf16 as torchtitan's
+# get_peak_flops has it; the sheets print TF32 and bf16 "with sparsity", twice these. B200 and GB200: the
+# HGX B200 / GB200 NVL72 sheets' totals per GPU. The first name contained in the device's name wins, so
+# variants come first.
+#                    name        bf16    tf32    fp32
+PEAK_TFLOPS = (("H100 NVL", (835.0, 417.5, 60.0)), ("H100 PCIe", (756.0, 378.0, 51.0)),
+               ("H100", (989.0, 494.5, 67.0)), ("H200", (989.0, 494.5, 67.0)), ("GH200", (989.0, 494.5, 67.0)),
+               ("B200", (2250.0, 1125.0, 75.0)), ("GB200", (2500.0, 1250.0, 80.0)),
+               ("A100", (312.0, 156.0, 19.5)), ("L40S", (362.0, 183.0, 91.6)), ("L40", (181.0, 90.5, 90.5)),
+               ("L4", (121.0, 60.0, 30.3)))
+PRECISION_COLUMN = {"bf16": 0, "tf32": 1, "fp32": 2}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -85,24 +95,25 @@ def flops_per_image(cfg: ModelConfig, chunk_size: int) -> float:
     return counter.get_total_flops() / chunk_size
 
 
-def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> float:
-    """One device's peak bf16 FLOP/s: train.peak_tflops if set, else the table above; 0 if unknown."""
+def peak_flops(device: torch.device, peak_tflops: float = 0.0, matmul: str = "bf16") -> float:
+    """One device's peak FLOP/s in the matmul precision `matmul` (bf16, tf32, fp32): train.peak_tflops if
+    set, else the table above; 0 if unknown."""
     if peak_tflops > 0:
         return peak_tflops * 1e12
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)
-    peak = peak_flops_of(name)
+    peak = peak_flops_of(name, matmul)
     if not peak:
         log.warning("perf/mfu is not logged: the peak FLOP/s of %s is unknown; set train.peak_tflops", name)
     return peak
 
 
-def peak_flops_of(device_name: str) -> float:
-    """The table's peak bf16 FLOP/s for a CUDA device name; 0 if it is not there. The longest name that
-    the device's contains wins, so "NVIDIA L40" is not an L4, nor "NVIDIA GB200" a B200."""
-    by_length = sorted(PEAK_BF16_TFLOPS, key=lambda entry: -len(entry[0]))
-    return next((tflops * 1e12 for key, tflops in by_length if key in device_name), 0.0)
+def peak_flops_of(device_name: str, matmul: str = "bf16") -> float:
+    """The table's peak FLOP/s in `matmul` precision for a CUDA device name; 0 if it is not there. The
+    longest name that the device's contains wins, so "NVIDIA L40" is not an L4, nor "NVIDIA GB200" a B200."""
+    by_length = sorted(PEAK_TFLOPS, key=lambda entry: -len(entry[0]))
+    return next((peaks[PRECISION_COLUMN[matmul]] * 1e12 for key, peaks in by_length if key in device_name), 0.0)
 
 
 def two_pass_flops(cfg: ModelConfig, chunk_size: int, images: int) -> float:

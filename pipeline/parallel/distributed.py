@@ -14,6 +14,7 @@ never waits on them there, meets them in a collective only afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sca
 WAIT = timedelta(hours=6)
 _timeout: timedelta | None = None  # parallel.timeout, for the error message
 _waits = 0  # on_main calls so far: each has its own key in the store
+_alone_threads: int | None = None  # torch's threads for rank 0's own work (set_threads), None: unchanged
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,32 @@ def world_from_env(env=os.environ) -> World:
 
 def pick_device(name: str, world: World) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no GPU is visible; use device=cpu or device=auto")
+        raise UserError(f"device=cuda but no GPU is visible: {cuda_versions()}; use device=cpu or device=auto")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", world.local_rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+def cuda_versions() -> str:
+    """torch's CUDA and, where nvidia-smi answers, the driver's: a driver older than torch's CUDA is the usual
+    reason a GPU node shows no GPU to torch (the +cu130 wheels need a driver of the R580 series or newer)."""
+    built = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" if torch.version.cuda
+             else f"torch {torch.__version__} is a CPU-only build")
+    driver, cuda = nvidia_driver()
+    if driver is None:
+        return f"{built}; nvidia-smi does not answer (no NVIDIA driver or GPU on this node)"
+    return f"{built}; nvidia-smi: driver {driver}" + (f", which runs CUDA up to {cuda}" if cuda else "")
+
+
+def nvidia_driver() -> tuple[str | None, str | None]:
+    """(the NVIDIA driver's version, the newest CUDA it runs) as nvidia-smi prints them; None where it
+    does not answer."""
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        smi = ""
+    found = (re.search(rf"{key} Version:\s*(\S+)", smi) for key in ("Driver", "CUDA"))
+    return tuple(m.group(1) if m else None for m in found)
 
 
 def initialized() -> bool:
@@ -140,10 +164,37 @@ def threads_per_process(env=os.environ) -> int | None:
 
 
 def set_threads(device: torch.device) -> None:
-    """The one place the project decides torch's CPU threads (a GPU run's CPU threads only feed it)."""
+    """The one place the project decides torch's CPU threads (a GPU run's CPU threads only feed it, but
+    rank 0's own work on a GPU node gets the node's: main_rank_threads)."""
+    global _alone_threads
     threads = threads_per_process()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
+    _alone_threads = main_rank_threads() if device.type == "cuda" else None
+
+
+def main_rank_threads(env=os.environ) -> int:
+    """Threads for the work rank 0 does alone on a GPU node while the other ranks sleep (on_main: faiss
+    scoring, results, exports): its launcher's allotment (Slurm's --cpus-per-task, else this process's
+    CPU affinity), not the one thread per rank of torchrun's and accelerate's OMP_NUM_THREADS=1. CPU runs
+    keep their share: their threads are the work, and a different count would change float sums."""
+    if "SLURM_CPUS_PER_TASK" in env:
+        return int(env["SLURM_CPUS_PER_TASK"])
+    return len(os.sched_getaffinity(0))
+
+
+@contextlib.contextmanager
+def alone_threads():
+    """torch's threads while rank 0 works alone (faiss follows torch's: pipeline/eval/faiss_device.py)."""
+    if _alone_threads is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(_alone_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def cpu_threads() -> int:
@@ -244,7 +295,8 @@ def on_main(fn: Callable[[], T]) -> T:
     result, error = None, None
     if not initialized() or dist.get_rank() == 0:
         try:
-            result = fn()
+            with alone_threads():
+                result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = e
     if initialized():  # the long wait, on the store: rank 0 only sets the key, whatever the others do

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from pipeline.config import Config
 from pipeline.config.backends import backend as described
+from pipeline.models.accounting import peak_flops_of
+from pipeline.parallel.precision import matmul_precision
 from pipeline.parallel.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.plan import gpus
@@ -212,10 +216,15 @@ def bandwidth_gbps(cfg: Config, gpu: gpus.GPU) -> float:
     return bw
 
 
+def matmul(cfg: Config) -> str:
+    """What the run's matmuls compute in on a GPU (bf16, tf32, fp32): the peak its step time is planned at."""
+    return matmul_precision(cfg.train.precision, cfg.train.tf32, torch.device("cuda"))
+
+
 def peak_flops(cfg: Config, gpu: gpus.GPU) -> float:
-    peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops > 0 else gpu.peak_flops
+    peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops > 0 else peak_flops_of(gpu.name, matmul(cfg))
     if not peak:
-        raise UserError(f"the peak bf16 FLOP/s of {gpu.name} is unknown; set train.peak_tflops")
+        raise UserError(f"the peak {matmul(cfg)} FLOP/s of {gpu.name} is unknown; set train.peak_tflops")
     return peak
 
 
@@ -265,7 +274,8 @@ def plan(cfg: Config, log=print, measured: dict[int, Measurement] | None = None)
         "world_size": world, "nodes": cfg.plan.nodes, "gpus_per_node": cfg.plan.gpus_per_node, "gpu": gpu.name,
         "gpu_memory_gb": gpu.memory_gib, "model": cfg.model.name, "parallel": cfg.parallel.name,
         "global_batch": cfg.train.global_batch, "chunk_size": cfg.train.chunk_size,
-        "precision": {"autocast": "fp32" if cfg.train.precision == "fp32" else "bf16", "param_dtype": cfg.parallel.param_dtype},
+        "precision": {"autocast": "fp32" if cfg.train.precision == "fp32" else "bf16",
+                      "param_dtype": cfg.parallel.param_dtype, "matmul": matmul(cfg)},
         "fits": first.total <= budget, "peak_gb_per_gpu": first.total / GIB, "tracked_peak_gb": first.tracked / GIB,
         "searched": cfg.plan.search, "largest_chunk": best.chunk if best else None,
         "largest_chunk_peak_gb": best.total / GIB if best else None,

@@ -34,8 +34,8 @@ def markdown(p: dict) -> str:
               f"- FLOPs per step: {p['flops_per_step']:.3e} ({p['flops_per_step_per_gpu']:.3e} per GPU; pass 1, "
               f"the loss, pass 2 with its recomputation, the optimizer; torch.utils.flop_counter)",
               f"- step: {p['step_s']:.2f} s = compute {p['compute_s']:.2f} s at MFU {p['mfu']} of "
-              f"{p['peak_tflops']:.0f} TFLOP/s + communication {p['comm_s']:.2f} s at {p['bandwidth_gbps']:.0f} Gbit/s "
-              f"(not overlapped: an upper bound)",
+              f"{p['peak_tflops']:.0f} TFLOP/s ({p['precision'].get('matmul', 'bf16')}) + communication "
+              f"{p['comm_s']:.2f} s at {p['bandwidth_gbps']:.0f} Gbit/s (not overlapped: an upper bound)",
               f"- epoch: {p['steps_per_epoch']} steps of {p['global_batch']} ({p['train_images']:,} images): "
               f"{p['epoch_h']:.2f} h ({p['epoch_h'] * 60:.1f} min), {p['gpu_hours_per_epoch']:.1f} GPU-hours",
               f"- allowances: {', '.join(f'{k} {v} GiB' for k, v in ALLOWANCE_GIB.items())}, allocator "

@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.eval import faiss_device
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,6 @@ def factory_string(kind: str, n: int, d: int, budget_gb: float) -> str:
     m = max([m for m in _pq_bytes_options(d) if ivfpq_bytes(n, d, m, nlist) <= budget] or [_pq_bytes_options(d)[0]])
     nbits = min(8, max(1, int(math.log2(max(2, n // 4)))))  # PQ needs >= 2^nbits training points
     return f"IVF{nlist},PQ{m}x{nbits}"
-
-
-def _gpu_available() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 @dataclass
@@ -158,10 +155,12 @@ def build(vectors: np.ndarray, kind: str, budget_gb: float, train_rows: np.ndarr
         index.hnsw.efConstruction = 80
     if kind == "ivfpq":  # index_factory turns on polysemous training (minutes of annealing for codes
         index.do_polysemous_training = False  # we never compare by Hamming distance: polysemous_ht stays 0)
-    gpu = use_gpu and kind == "ivfpq" and _gpu_available()
+    faiss_device.cpu_threads()
+    device = faiss_device.gpu_device() if use_gpu and kind == "ivfpq" else None  # probed: see faiss_device
+    gpu = device is not None
     if gpu:  # IVF-PQ trains and adds on the GPU, then comes back to be saved and searched on the CPU
         resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, 0, index)
+        index = faiss.index_cpu_to_gpu(resources, device, index)
     if not index.is_trained:
         index.train(np.ascontiguousarray(vectors[np.sort(train_rows)], dtype=np.float32))
     _add(index, vectors)

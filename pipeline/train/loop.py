@@ -5,7 +5,7 @@ tracker (pipeline/tracking.py) and the progress bar; every train.val_every steps
 validated (pipeline/train/validation.py), and a new best value checkpoints that step and points
 checkpoints/best at it. A run resumes from the newest intact checkpoint (pipeline/train/resume.py).
 A stop request (pipeline/parallel/preemption.py) ends it after a step, with a checkpoint; a validation
-due at that step runs when the run resumes.
+due at that step runs when the run resumes. One that comes during a validation ends it after that validation.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pipeline.data.shards import ShardIndex
 from pipeline.data.transforms import train_transform
 from pipeline.parallel import checkpoint, distributed, preemption
 from pipeline.parallel.engine import build_engine
+from pipeline.parallel.precision import matmul_precision
 from pipeline.parallel.shares import check_processes, check_shares
 from pipeline.losses import build_loss, set_step
 from pipeline.losses.protocol import wants_unnormalized
@@ -90,6 +91,7 @@ def train(cfg: Config, ctx: RunContext, stop: preemption.StopRequest) -> None:
                 if validator and validator.due(done) and not stopping:  # stopping: checkpoint first, validate on resume
                     with monitor.timer.phase("validation"):
                         improved = validate(done, validator, engine, best, tracker)
+                    stopping = stop.requested() and done < t.max_steps  # one that came meanwhile: checkpoint now
                 if stopping or improved or done % t.checkpoint_every == 0 or done == t.max_steps:
                     with monitor.timer.phase("checkpoint"):
                         checkpoint.save(rd.checkpoints, done, engine, {**meta, "validation": best.state()},
@@ -134,7 +136,8 @@ def validate_resumed(step: int, validator: Validator, engine, best: Best, tracke
 def mfu_inputs(cfg: Config, device) -> tuple[float, float]:
     """(model FLOPs per image, one device's peak FLOP/s) for perf/mfu: on a GPU, or wherever
     train.peak_tflops is set; (0, 0) otherwise."""
-    peak = accounting.peak_flops(device, cfg.train.peak_tflops)
+    peak = accounting.peak_flops(device, cfg.train.peak_tflops,
+                                 matmul_precision(cfg.train.precision, cfg.train.tf32, device))
     return (accounting.flops_per_image(cfg.model, cfg.train.chunk_size), peak) if peak else (0.0, 0.0)
 
 
