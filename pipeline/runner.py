@@ -15,6 +15,7 @@ from pipeline import disk, preflight, run_lock, trust
 from pipeline import log as logs
 from pipeline.config import Config
 from pipeline.config.experiment import check_unchanged, describe, finished_stages, ignored_settings, run_dir_of
+from pipeline.config.experiment import check_run_exists
 from pipeline.config.inputs import stage_settings
 from pipeline.config.loader import resolve
 from pipeline.config.loader import save as save_config
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         rd = RunDir(cfg.run_dir)
         if cfg.stage == "config":
             return show_config(resolved, rd, world.size)
+        check_run_exists(cfg)
         check_unchanged(resolved, rd.root, finished_stages(rd.root))
         distributed.init(world, pick_device(cfg.device, world), cfg.parallel.timeout)
         existing = distributed.broadcast_object(rd.root.is_dir())

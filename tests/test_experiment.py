@@ -99,3 +99,32 @@ def test_a_checkpoint_typo_is_found_before_any_work(tmp_path):
     assert proc.stderr.strip() == ("error: eval.checkpoint=bestt is neither latest, best, step_<N> nor a checkpoint "
                                    "folder; did you mean 'best'?")
     assert not run.exists()
+
+
+def test_a_mistyped_run_dir_is_refused_with_the_closest_and_nothing_is_made(tmp_path, capsys):
+    """stage=search on runs/my_shape (one letter missing) used to shard the digits and train the demo."""
+    from pipeline import runner
+    (tmp_path / "runs" / "my_shapes").mkdir(parents=True)
+    (tmp_path / "runs" / "other").mkdir()
+    typo = tmp_path / "runs" / "my_shape"
+    for stage in ("eval", "export", "index", "search", "serve"):
+        assert runner.main([f"stage={stage}", f"run_dir={typo}"]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: run_dir={typo} does not exist, and stage={stage} reads a finished model; did you mean "
+            f"run_dir={tmp_path / 'runs' / 'my_shapes'}? to start a new run use stage=all (or stage=finetune) "
+            f"run_dir={typo}"]
+    assert not typo.exists() and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["my_shapes", "other"]
+    assert runner.main(["stage=eval", f"run_dir={tmp_path / 'nowhere' / 'run'}"]) == 2  # no parent: no suggestion
+    assert "does not exist, and stage=eval reads a finished model; to start a new run" in capsys.readouterr().err
+
+
+def test_only_stages_that_read_this_runs_model_need_its_directory(tmp_path):
+    from pipeline.config.experiment import check_run_exists
+    new = tmp_path / "new"
+    for args in (["stage=finetune"], ["stage=all"], ["stage=embed"], ["stage=eval", "eval.models=[frozen]"],
+                 ["stage=eval", "eval.models=[finetuned]", f"eval.export={tmp_path}"],
+                 ["stage=index", f"index.checkpoint={tmp_path}"]):
+        check_run_exists(resolve([*args, f"run_dir={new}"]).config)  # none refused
+    check_run_exists(resolve(["stage=eval", f"run_dir={tmp_path}"]).config)  # it exists: prerequisites run as today
+    with pytest.raises(Exception, match="does not exist"):
+        check_run_exists(resolve(["stage=eval", "eval.models=[checkpoint]", "eval.checkpoint=best", f"run_dir={new}"]).config)
