@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(rd.logs, world.rank)
         log.info("rank %d of %d on %s (%d torch threads)", world.rank, world.size, socket.gethostname(),
                  distributed.cpu_threads())
-        for note in resolved.notes + ignored_settings(resolved):
+        for note in resolved.notes + ignored_settings(resolved) + distributed.launcher_mismatch(world):
             log.warning(note)
         if world.is_main:
             with disk.writing("the config", rd.root):
