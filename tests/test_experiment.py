@@ -85,10 +85,39 @@ def test_stage_config_shows_each_values_source_and_runs_nothing(tmp_path):
     assert not run.exists()
 
 
-def test_stage_config_on_a_run_names_the_run_as_the_source(custom_run):
+def test_stage_config_on_a_run_names_where_each_value_was_first_set(custom_run):
     proc = run_pipeline("stage=config", f"run_dir={custom_run}", "eval.nmi=false")
-    assert "data.name: imagefolder    # run_dir" in proc.stdout.splitlines()
-    assert "eval.nmi: False    # command line" in proc.stdout.splitlines()
+    assert "data.name: imagefolder    # preset data=imagefolder" in proc.stdout.splitlines()
+    assert "data.image_size: 16    # command line" in proc.stdout.splitlines()
+    assert "eval.nmi: False    # command line (stage=config)" in proc.stdout.splitlines()
+
+
+def test_sources_last_and_per_command_settings_are_not_saved(tmp_path):
+    """The first command's sources survive later commands (which used to relabel every key 'run_dir');
+    a search's images and port are not saved, and the run's export.onnx is what its export set."""
+    from pipeline.config.experiment import describe
+    from pipeline.config.loader import save
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save(resolve(["stage=all", f"run_dir={run}", "data=digits", "train.lr=0.5"], run_dir=run), run)
+    save(resolve(["stage=export", f"run_dir={run}", "export.onnx=true"], run_dir=run), run)
+    search = resolve(["stage=search", f"run_dir={run}", "search.images=q.png", "serve.port=9", "force=true",
+                      "plan.gpu=A100-40GB"], run_dir=run)
+    assert search.config.export.onnx and search.config.search.images == "q.png"
+    save(search, run)
+    saved = OmegaConf.load(run / "config.yaml")
+    assert (saved.search.images, saved.serve.port, saved.plan.gpu, saved.force) == (None, 8080, "H100-80GB", False)
+    shown = resolve(["stage=config", f"run_dir={run}"], run_dir=run)
+    lines = describe(shown).splitlines()
+    assert "train.lr: 0.5    # command line" in lines
+    assert "data.name: digits    # preset data=digits" in lines
+    assert "export.onnx: True    # command line (stage=export)" in lines  # unchanged by the search
+    assert "search.images: None" in lines and "serve.port: 8080" in lines and "plan.gpu: H100-80GB" in lines
+    assert not shown.config.force
+    later = resolve(["stage=export", f"run_dir={run}", "export.onnx=false"], run_dir=run)
+    assert "export.onnx: False    # command line (stage=export)" in describe(later).splitlines()
+    assert later.sources["train.lr"] == "command line"
 
 
 def test_a_checkpoint_typo_is_found_before_any_work(tmp_path):
