@@ -72,8 +72,8 @@ def launcher_mismatch(world: World, env=os.environ) -> list[str]:
     accelerate_several = "ACCELERATE_MIXED_PRECISION" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env
     if asked > world.size or (world.size == 1 and accelerate_several):
         wanted = f"{asked} processes" if asked > world.size else "several processes"
-        return [f"the launcher was asked for {wanted} but this is rank {world.rank} of {world.size}: add --multi_gpu to "
-                f"accelerate launch (or use torchrun --nproc_per_node N); see docs/parallel.md"]
+        return [f"the launcher was asked for {wanted} but this is rank {world.rank} of {world.size}: add --multi_gpu "
+                f"to accelerate launch (or use torchrun --nproc_per_node N); see docs/parallel.md"]
     return []
 
 
