@@ -2,7 +2,7 @@
 
     from pipeline.search import Searcher
     searcher = Searcher("runs/demo")                       # run_dir/index, with the model that built it
-    results = searcher.search(["query.jpg"], k=5)          # per image: [{key, label, path, score, id}, ...]
+    results = searcher.search(["query.jpg"], k=5)          # per image: [{key, label, class, path, score, id}, ...]
 
 The model is reloaded from where the index says it came from (the export, or a checkpoint) and its
 fingerprint compared with the index's: an index built with other weights is refused, in one line.
