@@ -20,6 +20,7 @@ from pipeline import disk, preflight, run_lock, trust
 from pipeline import log as logs
 from pipeline.config import Config
 from pipeline.config.experiment import check_unchanged, describe, finished_stages, ignored_settings, run_dir_of
+from pipeline.config.experiment import check_run_exists
 from pipeline.config.inputs import stage_settings
 from pipeline.config.loader import resolve
 from pipeline.config.loader import save as save_config
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         rd = RunDir(cfg.run_dir)
         if cfg.stage == "config":
             return show_config(resolved, rd, world.size)
+        check_run_exists(cfg)
         check_unchanged(resolved, rd.root, finished_stages(rd.root))
         ctx = RunContext.resolve(cfg, world)
         distributed.init(world, ctx.device, cfg.parallel.timeout)
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(rd.logs, world.rank)
         log.info("rank %d of %d on %s (%d torch threads)", world.rank, world.size, socket.gethostname(),
                  distributed.cpu_threads())
-        for note in resolved.notes + ignored_settings(resolved):
+        for note in resolved.notes + ignored_settings(resolved) + distributed.launcher_mismatch(world):
             log.warning(note)
         if world.is_main:
             with disk.writing("the config", rd.root):

@@ -94,3 +94,19 @@ def test_our_reduce_scatter_uses_the_current_api():
                 dist.reduce_scatter_tensor(x.new_empty(3, 2), x)
     finally:
         distributed.shutdown()
+
+
+def test_a_launcher_that_started_fewer_processes_than_asked_is_named():
+    """accelerate launch --num_processes 2 without --multi_gpu runs one plain process: its environment
+    (as accelerate 1.x sets it) has MASTER_PORT but no WORLD_SIZE. torchrun's has WORLD_SIZE."""
+    one = distributed.World()
+    accelerate = {"ACCELERATE_USE_CPU": "False", "ACCELERATE_MIXED_PRECISION": "no"}
+    assert distributed.launcher_mismatch(one, accelerate) == []  # --num_processes 1
+    [line] = distributed.launcher_mismatch(one, {**accelerate, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert "asked for several processes but this is rank 0 of 1: add --multi_gpu" in line
+    torchrun = {**accelerate, "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1"}
+    assert distributed.launcher_mismatch(distributed.world_from_env(torchrun), torchrun) == []
+    [line] = distributed.launcher_mismatch(one, {"ACCELERATE_NUM_PROCESSES": "4"})
+    assert "asked for 4 processes but this is rank 0 of 1" in line
+    assert distributed.launcher_mismatch(distributed.World(0, 4), {"ACCELERATE_NUM_PROCESSES": "4"}) == []
+    assert distributed.launcher_mismatch(one, {}) == []

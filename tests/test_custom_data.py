@@ -136,3 +136,7 @@ def test_a_batch_needing_more_classes_than_the_split_has_warns_with_the_numbers(
     with caplog.at_level(logging.INFO):
         PKSampler(labels, 108, 4, seed=0)
     assert not caplog.records
+    with caplog.at_level(logging.INFO):  # the digits demo: 32 groups of 5 classes with 180 images each
+        sampler = PKSampler(np.repeat(np.arange(5), 180), 128, 4, seed=0)
+    assert not caplog.records
+    assert len(set(sampler.batch(0).tolist())) == 128  # distinct images: nothing worth a warning

@@ -85,10 +85,39 @@ def test_stage_config_shows_each_values_source_and_runs_nothing(tmp_path):
     assert not run.exists()
 
 
-def test_stage_config_on_a_run_names_the_run_as_the_source(custom_run):
+def test_stage_config_on_a_run_names_where_each_value_was_first_set(custom_run):
     proc = run_pipeline("stage=config", f"run_dir={custom_run}", "eval.nmi=false")
-    assert "data.name: imagefolder    # run_dir" in proc.stdout.splitlines()
-    assert "eval.nmi: False    # command line" in proc.stdout.splitlines()
+    assert "data.name: imagefolder    # preset data=imagefolder" in proc.stdout.splitlines()
+    assert "data.image_size: 16    # command line" in proc.stdout.splitlines()
+    assert "eval.nmi: False    # command line (stage=config)" in proc.stdout.splitlines()
+
+
+def test_sources_last_and_per_command_settings_are_not_saved(tmp_path):
+    """The first command's sources survive later commands (which used to relabel every key 'run_dir');
+    a search's images and port are not saved, and the run's export.onnx is what its export set."""
+    from pipeline.config.experiment import describe
+    from pipeline.config.loader import save
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save(resolve(["stage=all", f"run_dir={run}", "data=digits", "train.lr=0.5"], run_dir=run), run)
+    save(resolve(["stage=export", f"run_dir={run}", "export.onnx=true"], run_dir=run), run)
+    search = resolve(["stage=search", f"run_dir={run}", "search.images=q.png", "serve.port=9", "force=true",
+                      "plan.gpu=A100-40GB"], run_dir=run)
+    assert search.config.export.onnx and search.config.search.images == "q.png"
+    save(search, run)
+    saved = OmegaConf.load(run / "config.yaml")
+    assert (saved.search.images, saved.serve.port, saved.plan.gpu, saved.force) == (None, 8080, "H100-80GB", False)
+    shown = resolve(["stage=config", f"run_dir={run}"], run_dir=run)
+    lines = describe(shown).splitlines()
+    assert "train.lr: 0.5    # command line" in lines
+    assert "data.name: digits    # preset data=digits" in lines
+    assert "export.onnx: True    # command line (stage=export)" in lines  # unchanged by the search
+    assert "search.images: None" in lines and "serve.port: 8080" in lines and "plan.gpu: H100-80GB" in lines
+    assert not shown.config.force
+    later = resolve(["stage=export", f"run_dir={run}", "export.onnx=false"], run_dir=run)
+    assert "export.onnx: False    # command line (stage=export)" in describe(later).splitlines()
+    assert later.sources["train.lr"] == "command line"
 
 
 def test_epochs_become_steps_before_the_stages_are_fingerprinted(custom_run):
@@ -108,3 +137,32 @@ def test_a_checkpoint_typo_is_found_before_any_work(tmp_path):
     assert proc.stderr.strip() == ("error: eval.checkpoint=bestt is neither latest, best, step_<N> nor a checkpoint "
                                    "folder; did you mean 'best'?")
     assert not run.exists()
+
+
+def test_a_mistyped_run_dir_is_refused_with_the_closest_and_nothing_is_made(tmp_path, capsys):
+    """stage=search on runs/my_shape (one letter missing) used to shard the digits and train the demo."""
+    from pipeline import runner
+    (tmp_path / "runs" / "my_shapes").mkdir(parents=True)
+    (tmp_path / "runs" / "other").mkdir()
+    typo = tmp_path / "runs" / "my_shape"
+    for stage in ("eval", "export", "index", "search", "serve"):
+        assert runner.main([f"stage={stage}", f"run_dir={typo}"]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: run_dir={typo} does not exist, and stage={stage} reads a finished model; did you mean "
+            f"run_dir={tmp_path / 'runs' / 'my_shapes'}? to start a new run use stage=all (or stage=finetune) "
+            f"run_dir={typo}"]
+    assert not typo.exists() and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["my_shapes", "other"]
+    assert runner.main(["stage=eval", f"run_dir={tmp_path / 'nowhere' / 'run'}"]) == 2  # no parent: no suggestion
+    assert "does not exist, and stage=eval reads a finished model; to start a new run" in capsys.readouterr().err
+
+
+def test_only_stages_that_read_this_runs_model_need_its_directory(tmp_path):
+    from pipeline.config.experiment import check_run_exists
+    new = tmp_path / "new"
+    for args in (["stage=finetune"], ["stage=all"], ["stage=embed"], ["stage=eval", "eval.models=[frozen]"],
+                 ["stage=eval", "eval.models=[finetuned]", f"eval.export={tmp_path}"],
+                 ["stage=index", f"index.checkpoint={tmp_path}"]):
+        check_run_exists(resolve([*args, f"run_dir={new}"]).config)  # none refused
+    check_run_exists(resolve(["stage=eval", f"run_dir={tmp_path}"]).config)  # it exists: prerequisites run as today
+    with pytest.raises(Exception, match="does not exist"):
+        check_run_exists(resolve(["stage=eval", "eval.models=[checkpoint]", "eval.checkpoint=best", f"run_dir={new}"]).config)

@@ -205,3 +205,40 @@ def test_step_time_uses_the_peak_of_the_precision_that_runs():
     bf16 = plans["bf16"]["compute_s"]
     assert plans["tf32"]["compute_s"] == pytest.approx(bf16 * 989 / 494.5)
     assert plans["fp32"]["compute_s"] == pytest.approx(bf16 * 989 / 67)
+
+
+def test_plan_on_the_default_digits_with_a_plain_gpu_name(capsys):
+    """The digits' size is known (it used to fail after the simulation), plan.gpu=h100 is H100-80GB, the
+    GPU-hours have two significant figures (they printed 0.0), and a larger chunk that fits and sends
+    fewer bytes is named as the one to set."""
+    from pipeline.plan import report
+    from pipeline.stages import plan
+
+    cfg = load_config(["stage=plan", "parallel=fsdp2", *TINY, "plan.gpu=h100", "plan.gpus_per_node=2",
+                       "plan.search=false", "run_dir=/nonexistent/run"])
+    measured = {}
+    p = estimate.plan(cfg, log=lambda line: None, measured=measured)
+    assert (p["gpu"], p["train_images"], p["steps_per_epoch"]) == ("H100-80GB", 901, 901 // 32)
+    hours = report.markdown(p).split(" GPU-hours")[0].rsplit(" ", 1)[1]
+    assert float(hours) == pytest.approx(p["gpu_hours_per_epoch"], rel=0.05) and float(hours) > 0
+    assert p["suggested_chunk"] is None  # not searched
+    wider = estimate.measure(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunk_size=16)), 16)
+    assert estimate.suggested_chunk(cfg, measured[8], wider) == 16  # fsdp2 gathers the weights once per chunk
+    assert estimate.suggested_chunk(cfg, wider, measured[8]) is None
+    assert "set train.chunk_size=16 (it fits" in report.verdict({**p, "suggested_chunk": 16})
+    assert report.significant(0.00031234) == "0.00031" and report.significant(1234.5) == "1,200"
+    with pytest.raises(Exception, match="could be A100-40GB or A100-80GB"):
+        plan.run(load_config(["stage=plan", *TINY, "plan.gpus_per_node=2", "plan.gpu=a100"]))
+    capsys.readouterr()
+
+
+def test_a_plan_without_a_training_size_fails_before_simulating(tmp_path):
+    cfg = load_config(["stage=plan", "data=glyphs", *TINY, "plan.gpus_per_node=2", f"run_dir={tmp_path}"])
+    measured = {}
+    with pytest.raises(Exception, match="data=glyphs has no known size; run stage=shard on this run_dir first"):
+        estimate.plan(cfg, log=lambda line: None, measured=measured)
+    assert measured == {}
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "summary.json").write_text(json.dumps({"dataset": "glyphs", "splits": {"train": {"images": 640}}}))
+    from pipeline.plan.dataset_size import train_images
+    assert train_images(cfg) == 640

@@ -1,6 +1,7 @@
 """stage=index, stage=search, stage=serve and the ONNX export on one small digits run (one run
 directory for the module: shard, 2 training steps, export with export.onnx=true, a flat index)."""
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -53,9 +54,49 @@ def queries(run) -> Path:
 
 
 @pytest.fixture(scope="module")
-def searched(run, queries) -> dict:
-    run_pipeline("stage=search", f"run_dir={run}", *ARGS, "index.kind=flat", f"search.images={queries}", f"search.k={K}")
+def search_output(run, queries) -> str:
+    """stage=search's stdout."""
+    return run_pipeline("stage=search", f"run_dir={run}", *ARGS, "index.kind=flat", f"search.images={queries}",
+                        f"search.k={K}").stdout
+
+
+@pytest.fixture(scope="module")
+def searched(run, search_output) -> dict:
     return json.loads((run / "search" / "results.json").read_text())
+
+
+def test_the_results_table_goes_to_stdout_with_class_names(run, searched, search_output):
+    """Piped, stdout is the table alone; each hit names its class as the eval pictures do (the digits have
+    no names: 'class 3'); the log file keeps the table too."""
+    lines = search_output.splitlines()
+    assert lines[0].split() == ["query", "rank", "score", "class", "key", "path"] and len(lines) == 1 + 6 * K
+    hits = [r for q in searched["queries"] for r in q["results"]]
+    assert [h["class"] for h in hits] == [f"class {h['label']}" for h in hits]
+    assert all(f"class {h['label']}" in line for h, line in zip(hits, lines[1:]))
+    assert lines[1] in (run / "logs" / "rank0.log").read_text()
+
+
+def test_search_results_name_a_folders_classes(tmp_path):
+    from pipeline.data.converters import Record
+    from pipeline.data.shards import write_split
+    from pipeline.search.searcher import class_names
+    from pipeline.stages.search import table
+
+    records = [Record(f"k{i}", i % 2, Image.new("RGB", (8, 8), (i, 0, 0)), {"class": ["cat", "dog"][i % 2]})
+               for i in range(4)]
+    write_split(records, tmp_path / "gallery", "test", 8, "png", max_count=10, max_size=1 << 20)
+    assert class_names(tmp_path / "gallery") == {0: "cat", 1: "dog"} and class_names(tmp_path / "elsewhere") == {}
+    hit = {"score": 0.5, "class": "dog", "key": "k1", "path": "dog/1.png", "label": 1}
+    assert "dog" in table([Path("q.png")], [[hit]]).splitlines()[1]
+
+
+def test_the_export_is_world_readable_and_its_log_names_where_it_is_kept(run):
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "model.onnx"):
+        assert (run / "export" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    log = (run / "logs" / "rank0.log").read_text()
+    assert f"ONNX: {run / 'export' / 'model.onnx'} (onnxruntime vs torch" in log and "export.tmp" not in log
 
 
 def torch_embeddings(run: Path, images: list[Image.Image]) -> np.ndarray:
@@ -251,22 +292,15 @@ def test_http_bad_requests_get_a_4xx_and_the_service_keeps_serving(server, searc
 
 
 def onnx_embeddings(export: Path, files: list[Path]) -> np.ndarray:
-    """docs/search.md's recipe: onnxruntime, numpy and PIL only, the preprocessing from config.json."""
-    import onnxruntime
-
-    prep = json.loads((export / "config.json").read_text())["preprocessing"]
-    batch = []
-    for f in files:
-        image = Image.open(f).convert("RGB")
-        w, h = image.size  # the shorter side to prep["resize"], the longer in proportion (rounded down)
-        size = (prep["resize"], int(prep["resize"] * h / w)) if w <= h else (int(prep["resize"] * w / h), prep["resize"])
-        image = image.resize(size, Image.BILINEAR)
-        left, top = round((image.width - prep["crop"]) / 2), round((image.height - prep["crop"]) / 2)
-        image = image.crop((left, top, left + prep["crop"], top + prep["crop"]))
-        x = (np.asarray(image, dtype=np.float32) / 255 - prep["mean"]) / prep["std"]
-        batch.append(x.transpose(2, 0, 1))
-    session = onnxruntime.InferenceSession(str(export / "model.onnx"))
-    return session.run(None, {"images": np.stack(batch).astype(np.float32)})[0]
+    """docs/exported-model.md's ONNX recipe as it stands there (onnxruntime, numpy and PIL only, the
+    preprocessing from config.json), on `export` and `files` instead of its example paths."""
+    doc = (REPO / "docs" / "exported-model.md").read_text()
+    recipe = doc[doc.index("## ONNX"):].split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"runs/demo/export/' in recipe and '["a.jpg", "b.jpg"]' in recipe
+    recipe = recipe.replace('"runs/demo/export/', f'"{export}/').replace('["a.jpg", "b.jpg"]', repr([str(f) for f in files]))
+    scope: dict = {}
+    exec(compile(recipe, "docs/exported-model.md", "exec"), scope)
+    return scope["embeddings"]
 
 
 def test_onnx_export_of_the_run_matches_torch_without_project_code(run, queries):

@@ -210,3 +210,35 @@ def test_loader_batches_equal_the_per_image_transform(tmp_path):
     assert images.dtype == torch.float32
     torch.testing.assert_close(images, torch.stack(expected), rtol=0, atol=0)
     assert labels.tolist() == [int(index.labels[i]) for i, _ in pairs]
+
+
+def test_shard_workers_are_chosen_from_the_cores_and_images():
+    from pipeline.data.shards import auto_workers
+    assert auto_workers(160, cores=16) == 0 and auto_workers(None, cores=16) == 0  # small or unknown: none
+    assert auto_workers(100_000, cores=2) == 0  # the main process needs the one other core
+    assert auto_workers(5_000, cores=16) == 5 and auto_workers(100_000, cores=16) == 8 and auto_workers(100_000, cores=4) == 3
+
+
+def test_the_shard_stage_writes_the_same_tars_whatever_the_workers(tmp_path, caplog):
+    """data.shard_workers unset (auto: none for 48 images), 0 and 2 give byte-identical shards (two splits:
+    a pool of workers is started per split)."""
+    import logging
+
+    from pipeline.config import load_config
+    from pipeline.run_dir import RunDir
+    from pipeline.stages import shard
+    from test_validation import image_folder
+
+    image_folder(tmp_path / "images", classes=8, per_class=6)
+    tars = {}
+    for workers in (None, 0, 2):
+        run = tmp_path / f"run{workers}"
+        args = ["data=imagefolder", f"data.root={tmp_path / 'images'}", "data.image_size=16", "data.shard_max_count=10",
+                "data.val_classes=0"]
+        cfg = load_config(args + ([] if workers is None else [f"data.shard_workers={workers}"]))
+        assert cfg.data.shard_workers == workers
+        with caplog.at_level(logging.INFO):
+            shard.run(cfg, RunDir(run))
+        tars[workers] = {p.relative_to(run): p.read_bytes() for p in sorted((run / "shards").rglob("*.tar"))}
+    assert len(tars[0]) > 2 and tars[None] == tars[0] == tars[2]
+    assert "shard test: 0 worker process(es) for 24 images (data.shard_workers sets it)" in caplog.messages

@@ -2,6 +2,7 @@
 was made from, and its settings can be seen, with their sources, before anything runs."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -70,3 +71,36 @@ def ignored_settings(resolved) -> list[str]:
         return [f"eval.checkpoint={cfg.eval.checkpoint} is only used with eval.models listing checkpoint "
                 f"(e.g. eval.models=[frozen,finetuned,checkpoint]); eval.models={cfg.eval.models}"]
     return []
+
+
+READS_MODEL = ("eval", "export", "index", "search", "serve")  # stages that read a model this run trained
+
+
+def _own(checkpoint: str | None) -> bool:
+    """A checkpoint name of this run (latest, best, step_<N>), not a path elsewhere."""
+    return checkpoint is None or checkpoint in ("latest", "best") or checkpoint.startswith("step_")
+
+
+def reads_own_model(cfg: Config) -> bool:
+    """Whether the command's stage reads a model trained in its run directory (not one from elsewhere)."""
+    if cfg.stage == "export":
+        return True
+    if cfg.stage == "eval":
+        e = cfg.eval
+        return ("finetuned" in e.models and e.export is None) or ("checkpoint" in e.models and _own(e.checkpoint))
+    return cfg.stage in READS_MODEL and _own(cfg.index.checkpoint)
+
+
+def check_run_exists(cfg: Config) -> None:
+    """A stage that reads this run's finished model, on a run directory that does not exist, is most
+    likely a mistyped name: refuse in one line, naming the closest existing one, instead of training
+    the default run from scratch under the new name. Nothing is created."""
+    root = Path(cfg.run_dir)
+    if root.exists() or not reads_own_model(cfg):
+        return
+    parent = root.parent
+    siblings = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+    near = difflib.get_close_matches(root.name, siblings, n=1, cutoff=0.6)
+    hint = f"did you mean run_dir={parent / near[0]}? " if near else ""
+    raise UserError(f"run_dir={cfg.run_dir} does not exist, and stage={cfg.stage} reads a finished model; {hint}"
+                    f"to start a new run use stage=all (or stage=finetune) run_dir={cfg.run_dir}")

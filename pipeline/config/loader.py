@@ -8,7 +8,10 @@ every value is checked (pipeline/config/schema.py) before the config is returned
 A run directory is an experiment: `resolve(args, run_dir=...)` starts from the run's saved
 `config.yaml` (what its last command resolved) and applies only what this command gives: its
 dotted keys, and the values of the presets and recipe it names. Precedence: defaults < presets <
-recipe < the run's saved config < this command's presets, recipe and keys.
+recipe < the run's saved config < this command's presets, recipe and keys. Each value keeps the source
+it was first set with (config_sources.json); a later command's own keys are labelled with its stage.
+Per-command settings (PER_COMMAND, PER_COMMAND_SECTIONS: search, serve, plan, force, lock) are
+neither saved with the run nor taken from it.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ from pipeline.run_dir import write_json
 
 PRESETS = Path(__file__).parent.parent / "presets"
 GROUPS = ("data", "model", "parallel", "loss", "track")  # groups that presets fill
-PER_COMMAND = ("stage", "run_dir", "force")  # never taken from a run's saved config
+# Settings of one command, not of the experiment: never saved with the run nor taken from its saved
+# config (where and what a search or a server answers, a plan of another cluster, force, lock).
+PER_COMMAND = ("stage", "run_dir", "force", "lock")
+PER_COMMAND_SECTIONS = ("search", "serve", "plan")
 SAVED = "config.yaml"  # in the run directory
 SOURCES = "config_sources.json"  # beside it: the presets the run was made with, each value's source
 COMMAND_LINE = "command line"
@@ -44,6 +50,11 @@ class Resolved:
     saved: dict[str, Any] | None = None             # the run's saved config, flat (None: a new run directory)
     notes: list[str] = field(default_factory=list)  # decisions worth a log line (e.g. max_steps over epochs)
     presets: dict[str, str] = field(default_factory=dict)  # group -> the preset the values came from
+
+
+def per_command(key: str) -> bool:
+    """A key that only this command uses (PER_COMMAND, PER_COMMAND_SECTIONS)."""
+    return key in PER_COMMAND or key.split(".", 1)[0] in PER_COMMAND_SECTIONS
 
 
 def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
@@ -103,7 +114,7 @@ def resolve(args: list[str], run_dir: Path | None = None) -> Resolved:
     """The config of `args`, over the saved config of `run_dir` where it has one (see the module doc)."""
     chosen, overrides = _parse_args(args)
     given_now = dict(chosen)  # the presets and recipe named on this command
-    saved, saved_presets = _saved(run_dir)
+    saved, saved_presets, saved_sources = _saved(run_dir)
     for group, name in saved_presets.items():
         chosen.setdefault(group, name)  # a recipe's `when` matches the presets the run was made with
     recipe = _recipe(chosen, given_now)
@@ -130,7 +141,9 @@ def resolve(args: list[str], run_dir: Path | None = None) -> Resolved:
         cfg.recipe = chosen["recipe"]
         sources["recipe"] = COMMAND_LINE if "recipe" in given_now else sources["recipe"]
     if saved is not None:
-        cfg = _merge(cfg, {k: v for k, v in saved.items() if k not in PER_COMMAND}, "run_dir", sources, flat=True)
+        kept = {k: v for k, v in saved.items() if not per_command(k)}
+        cfg = _merge(cfg, kept, "run_dir", sources, flat=True)
+        sources.update({k: saved_sources[k] for k in kept if k in saved_sources})  # where each was first set
         for label, block in later:
             given |= set(flatten(block))
             cfg = _merge(cfg, block, label, sources, error=label)
@@ -144,6 +157,8 @@ def resolve(args: list[str], run_dir: Path | None = None) -> Resolved:
     if config.data.seed is None:  # resolved here, so that the saved config and the fingerprints say which
         config.data.seed = config.seed
     config.check()
+    if saved is not None:  # a later command's own keys, marked as such
+        sources.update({k: f"{sources[k]} (stage={config.stage})" for k in given if k in sources})
     chosen.pop("recipe", None)
     return Resolved(config, sources, given, saved, notes, chosen)
 
@@ -179,25 +194,31 @@ def _merge(cfg: DictConfig, block: dict, label: str, sources: dict[str, str], er
     return cfg
 
 
-def _saved(run_dir: Path | None) -> tuple[dict | None, dict[str, str]]:
-    """The run's saved config (flat, known keys only) and the presets it was made with."""
+def _saved(run_dir: Path | None) -> tuple[dict | None, dict[str, str], dict[str, str]]:
+    """The run's saved config (flat, known keys only), the presets it was made with and each value's source."""
     if run_dir is None or not (Path(run_dir) / SAVED).is_file():
-        return None, {}
+        return None, {}, {}
     path = Path(run_dir) / SAVED
     try:
         saved = flatten(OmegaConf.load(path))
-        made_with = json.loads((Path(run_dir) / SOURCES).read_text())["presets"] if (Path(run_dir) / SOURCES).is_file() else {}
-    except (OmegaConfBaseException, yaml.YAMLError, OSError, ValueError, KeyError) as e:
+        made = json.loads((Path(run_dir) / SOURCES).read_text()) if (Path(run_dir) / SOURCES).is_file() else {}
+        made_with, sources = made.get("presets", {}), made.get("sources", {})
+    except (OmegaConfBaseException, yaml.YAMLError, OSError, ValueError, AttributeError) as e:
         raise UserError(f"{path} cannot be read ({e}); fix or remove it (it holds the run's settings)") from None
     known = set(valid_keys())
-    return {k: v for k, v in saved.items() if k in known}, made_with
+    return {k: v for k, v in saved.items() if k in known}, made_with, sources
 
 
 def save(resolved: Resolved, run_dir: Path) -> None:
-    """config.yaml (the resolved config) and config_sources.json (the presets it was made with, and
-    where each value came from), so that the next command on the run starts from them."""
-    (Path(run_dir) / SAVED).write_text(to_yaml(resolved.config))
-    write_json(Path(run_dir) / SOURCES, {"presets": resolved.presets, "sources": resolved.sources})
+    """config.yaml (the resolved config, less the per-command settings: their defaults) and
+    config_sources.json (the presets it was made with, and where each value came from), so that the
+    next command on the run starts from them."""
+    defaults = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)
+                if f.name in PER_COMMAND_SECTIONS or f.name in ("force", "lock")}
+    sources = {k: "default" if per_command(k) and k not in ("stage", "run_dir") else v
+               for k, v in resolved.sources.items()}
+    (Path(run_dir) / SAVED).write_text(to_yaml(dataclasses.replace(resolved.config, **defaults)))
+    write_json(Path(run_dir) / SOURCES, {"presets": resolved.presets, "sources": sources})
 
 
 def _recipe(chosen: dict[str, str], given_now: dict[str, str]) -> dict | None:

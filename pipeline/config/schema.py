@@ -64,7 +64,7 @@ class DataConfig:
     shard_max_count: int = 10_000   # samples per tar shard
     shard_max_size: int = 1 << 30   # bytes per tar shard
     workers: int = 0                # DataLoader workers per process: training, validation, embed and eval
-    shard_workers: int = 0          # processes decoding/encoding images in the shard stage (0: none)
+    shard_workers: int | None = None  # processes decoding/encoding images in the shard stage (0: none; None: auto)
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop
     hflip: bool = True              # random horizontal flips (off for digits: a flipped 2 is not a 2)
     val_classes: float = 0.1        # training classes held out as shards/val: < 1 a fraction, >= 1 a count; 0 none

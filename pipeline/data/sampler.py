@@ -36,7 +36,10 @@ class PKSampler:
             raise UserError(f"train.small_classes=skip leaves {len(self.classes)} of {len(classes)} classes with at least "
                             f"train.samples_per_class={samples_per_class} images; lower samples_per_class or use repeat")
         groups = batch_size // samples_per_class
-        if groups > len(self.classes):
+        # A class in several groups of a batch is harmless while it has the images to fill them with distinct
+        # samples (the digits demo: 32 groups of 5 classes, 180 images each); warned only when images repeat.
+        per_class = -(-groups // len(self.classes)) * samples_per_class
+        if groups > len(self.classes) and any(len(m) < per_class for m in self.members):
             log.warning("train.global_batch=%d / train.samples_per_class=%d needs %d classes per batch but the training "
                         "split has %d: some classes appear in several groups of one batch; lower train.global_batch "
                         "to %d or raise train.samples_per_class", batch_size, samples_per_class, groups,

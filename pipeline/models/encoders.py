@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -129,12 +130,21 @@ def exported_start(cfg: ModelConfig) -> Path | None:
     return folder
 
 
+def _usual_mode(path: Path) -> None:
+    """safetensors writes its file private (0600, a renamed temporary file): give it the mode of the other
+    files the export writes, 0666 less the umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def export(model: nn.Module, cfg: ModelConfig, out: Path) -> None:
     """`model.safetensors` (backbone + head) + `config.json` (the model config, with its normalisation
     resolved) + for transformers models `backbone_config.json`: all that rebuilds the encoder."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _usual_mode(out / "model.safetensors")
     mean, std = preprocessing(cfg)
     (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "mean": mean, "std": std}, indent=2))
     if getattr(model, "saved_config", None) is not None:

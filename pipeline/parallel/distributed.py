@@ -66,6 +66,19 @@ def world_from_env(env=os.environ) -> World:
     return World()
 
 
+def launcher_mismatch(world: World, env=os.environ) -> list[str]:
+    """One warning line when the launcher was asked for more processes than the world has: e.g.
+    `accelerate launch --num_processes 2` without `--multi_gpu` runs one plain process (accelerate sets
+    MASTER_PORT for several processes but no WORLD_SIZE)."""
+    asked = int(env.get("ACCELERATE_NUM_PROCESSES") or 0)
+    accelerate_several = "ACCELERATE_MIXED_PRECISION" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env
+    if asked > world.size or (world.size == 1 and accelerate_several):
+        wanted = f"{asked} processes" if asked > world.size else "several processes"
+        return [f"the launcher was asked for {wanted} but this is rank {world.rank} of {world.size}: add --multi_gpu "
+                f"to accelerate launch (or use torchrun --nproc_per_node N); see docs/parallel.md"]
+    return []
+
+
 def pick_device(name: str, world: World) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device=cuda but no GPU is visible: {cuda_versions()}; use device=cpu or device=auto")

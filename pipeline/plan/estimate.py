@@ -29,6 +29,7 @@ from pipeline.parallel.precision import matmul_precision
 from pipeline.parallel.shares import check_shares
 from pipeline.errors import UserError
 from pipeline.plan import gpus
+from pipeline.plan.dataset_size import train_images
 from pipeline.plan.depth import at_depth, extrapolate, full_depth, simulated_depths
 from pipeline.plan.simulate import Measurement, fake_group, simulate
 
@@ -43,9 +44,6 @@ ALLOWANCE_GIB = {"CUDA context": 0.6, "NCCL buffers": 0.5}
 # The caching allocator reserves more than its live tensors (block rounding, split blocks that cannot
 # be reused): 10 % of the tracked peak, torchtitan's and FSDP2 users' usual reserved/allocated gap.
 FRAGMENTATION = 0.10
-# Images in the training split (the standard class-disjoint splits): SOP 59,551 (Oh Song et al. 2016),
-# CUB-200-2011 first 100 classes 5,864, Cars196 first 98 classes 8,054, In-Shop train 25,882.
-TRAIN_IMAGES = {"sop": 59551, "cub": 5864, "cars": 8054, "inshop": 25882}
 MAX_RUNS = 8  # fake runs (chunk sizes) the search may make
 
 
@@ -228,12 +226,12 @@ def peak_flops(cfg: Config, gpu: gpus.GPU) -> float:
     return peak
 
 
-def train_images(cfg: Config) -> int:
-    if cfg.plan.train_images:
-        return cfg.plan.train_images
-    if cfg.data.name not in TRAIN_IMAGES:
-        raise UserError(f"the training split of data={cfg.data.name} has no known size; set plan.train_images")
-    return TRAIN_IMAGES[cfg.data.name]
+def suggested_chunk(cfg: Config, now: Measurement, best: Measurement | None) -> int | None:
+    """The largest chunk that fits, where it is larger than train.chunk_size and each GPU sends fewer bytes
+    per step with it (fewer chunks: fewer weight gathers under fsdp2 and zero3, gradient reductions under zero2)."""
+    if best is None or best.chunk <= now.chunk:
+        return None
+    return best.chunk if sum(bytes_sent(cfg, best).values()) < sum(bytes_sent(cfg, now).values()) else None
 
 
 def plan(cfg: Config, log=print, measured: dict[int, Measurement] | None = None) -> dict:
@@ -244,6 +242,7 @@ def plan(cfg: Config, log=print, measured: dict[int, Measurement] | None = None)
     check_shares(cfg.train, world)
     gpu = gpus.gpu(cfg.plan.gpu, cfg.plan.gpu_memory_gb)
     budget = gpu.memory_gib * GIB
+    _ = train_images(cfg), bandwidth_gbps(cfg, gpu), peak_flops(cfg, gpu)  # a missing input fails before simulating
     runs: list[float] = []
 
     def measure_fit(chunk: int) -> Fit:
@@ -287,6 +286,7 @@ def plan(cfg: Config, log=print, measured: dict[int, Measurement] | None = None)
         "peak_tflops": peak_flops(cfg, gpu) / 1e12,
         "compute_s": compute_s, "comm_s": comm_s, "step_s": step_s,
         "train_images": train_images(cfg), "steps_per_epoch": steps,
+        "suggested_chunk": suggested_chunk(cfg, m, measured[best.chunk] if best else None),
         "epoch_h": steps * step_s / 3600, "gpu_hours_per_epoch": steps * step_s / 3600 * world,
         "simulation_s": runs, "blocks": depth,
         "blocks_simulated": list(simulated_depths(cfg, depth) or []) if depth else None,

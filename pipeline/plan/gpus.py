@@ -31,8 +31,20 @@ GPUS = {g.name: g for g in (
 )}
 
 
+def known_name(name: str) -> str | None:
+    """The table's name for `name`: the same in any case, or the one name it begins (h100 -> H100-80GB);
+    a prefix of several (a100) is refused, naming them."""
+    exact = [k for k in GPUS if k.lower() == name.lower()]
+    found = exact or [k for k in GPUS if k.lower().startswith(name.lower())]
+    if len(found) > 1:
+        raise UserError(f"plan.gpu={name} could be {' or '.join(found)}; name one")
+    return found[0] if found else None
+
+
 def gpu(name: str, memory_gb: float | None = None) -> GPU:
-    """The table's GPU of that name; plan.gpu_memory_gb overrides its memory or stands for any other GPU."""
+    """The table's GPU of that name (any case, or a unique prefix); plan.gpu_memory_gb overrides its memory
+    or stands for any other GPU."""
+    name = known_name(name) or name
     if name in GPUS:
         known = GPUS[name]
         return known if memory_gb is None else GPU(known.name, memory_gb, known.nvlink_gbps, known.network_gbps)

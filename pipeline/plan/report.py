@@ -2,9 +2,25 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pipeline.plan.estimate import ALLOWANCE_GIB, FRAGMENTATION
+
+
+def significant(x: float, digits: int = 2) -> str:
+    """x to `digits` significant figures, without an exponent: 0.00031, 3.1, 1,200."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    rounded = float(f"{x:.{digits}g}")
+    return f"{rounded:,.{max(0, digits - 1 - math.floor(math.log10(abs(rounded))))}f}"
+
+
+def advice(p: dict) -> str:
+    """The chunk to set, where a larger one fits and sends fewer bytes per step."""
+    if not p.get("suggested_chunk"):
+        return ""
+    return f"; set train.chunk_size={p['suggested_chunk']} (it fits, and fewer chunks per step send fewer bytes)"
 
 
 def verdict(p: dict) -> str:
@@ -14,9 +30,9 @@ def verdict(p: dict) -> str:
     largest = (f"largest chunk that fits: {p['largest_chunk']} ({p['largest_chunk_peak_gb']:.1f} GiB)"
                if p["largest_chunk"] else "no chunk fits" if p["searched"] else "largest chunk not searched (plan.search=false)")
     if p["fits"]:
-        return f"{head}: fits, {p['peak_gb_per_gpu']:.1f} of {p['gpu_memory_gb']:.1f} GiB per GPU; {largest}"
+        return f"{head}: fits, {p['peak_gb_per_gpu']:.1f} of {p['gpu_memory_gb']:.1f} GiB per GPU; {largest}{advice(p)}"
     return (f"{head}: does NOT fit, {p['peak_gb_per_gpu']:.1f} GiB per GPU needed, {p['gpu_memory_gb']:.1f} GiB there; "
-            f"{largest}")
+            f"{largest}{advice(p)}")
 
 
 def markdown(p: dict) -> str:
@@ -33,11 +49,12 @@ def markdown(p: dict) -> str:
     lines += ["", f"- parameters: {p['parameters']:,} ({p['trainable']:,} trainable)",
               f"- FLOPs per step: {p['flops_per_step']:.3e} ({p['flops_per_step_per_gpu']:.3e} per GPU; pass 1, "
               f"the loss, pass 2 with its recomputation, the optimizer; torch.utils.flop_counter)",
-              f"- step: {p['step_s']:.2f} s = compute {p['compute_s']:.2f} s at MFU {p['mfu']} of "
+              f"- step: {significant(p['step_s'])} s = compute {significant(p['compute_s'])} s at MFU {p['mfu']} of "
               f"{p['peak_tflops']:.0f} TFLOP/s ({p['precision'].get('matmul', 'bf16')}) + communication "
-              f"{p['comm_s']:.2f} s at {p['bandwidth_gbps']:.0f} Gbit/s (not overlapped: an upper bound)",
+              f"{significant(p['comm_s'])} s at {p['bandwidth_gbps']:.0f} Gbit/s (not overlapped: an upper bound)",
               f"- epoch: {p['steps_per_epoch']} steps of {p['global_batch']} ({p['train_images']:,} images): "
-              f"{p['epoch_h']:.2f} h ({p['epoch_h'] * 60:.1f} min), {p['gpu_hours_per_epoch']:.1f} GPU-hours",
+              f"{significant(p['epoch_h'])} h ({significant(p['epoch_h'] * 60)} min), "
+              f"{significant(p['gpu_hours_per_epoch'])} GPU-hours",
               f"- allowances: {', '.join(f'{k} {v} GiB' for k, v in ALLOWANCE_GIB.items())}, allocator "
               f"fragmentation {FRAGMENTATION:.0%} of the tracked peak (pipeline/plan/estimate.py says why)",
               f"- simulated on fake tensors in {sum(p['simulation_s']):.0f} s ({len(p['simulation_s'])} chunk sizes, 2 steps each; "

@@ -69,5 +69,4 @@ def write(model: nn.Module, model_cfg: ModelConfig, folder: Path, resize: int | 
     config["onnx"] = {"file": "model.onnx", "input": "images", "output": "embeddings", "opset": OPSET,
                       "max_abs_diff_vs_torch": diff}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    log.info("ONNX: %s (onnxruntime vs torch: max abs difference %.1e)", path, diff)
     return diff

@@ -25,6 +25,6 @@ def draw(queries: list[Image.Image], names: list[str], results: list[list[dict]]
         for c, hit in enumerate(hits, start=1):
             axes[r, c].set_axis_on()
             tile(axes[r, c], gallery_image(hit["id"]), "green" if hit["label"] == majority else "red",
-                  f"{hit['score']:.3f} (class {hit['label']})")
+                  f"{hit['score']:.3f} ({hit.get('class', 'class ' + str(hit['label']))[:14]})")
     fig.suptitle(f"the top {k} results of each query; green: the most common class among them", fontsize=9)
     save_figure(fig, path)

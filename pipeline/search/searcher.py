@@ -2,7 +2,7 @@
 
     from pipeline.search import Searcher
     searcher = Searcher("runs/demo")                       # run_dir/index, with the model that built it
-    results = searcher.search(["query.jpg"], k=5)          # per image: [{key, label, path, score, id}, ...]
+    results = searcher.search(["query.jpg"], k=5)          # per image: [{key, label, class, path, score, id}, ...]
 
 The model is reloaded from where the index says it came from (the export, or a checkpoint) and its
 fingerprint compared with the index's: an index built with other weights is refused, in one line.
@@ -74,6 +74,15 @@ def image_files(spec) -> list[Path]:
     return files
 
 
+def class_names(shards: Path) -> dict[int, str]:
+    """label -> the dataset's name for it (an image folder's folder names), as the gallery's shard index
+    holds them (pipeline/data/shards.py); empty where the dataset has none or the shards are elsewhere."""
+    try:
+        return {int(k): v for k, v in json.loads((shards / "index.json").read_text()).get("class_names", {}).items()}
+    except (OSError, ValueError):
+        return {}
+
+
 class Searcher:
     """A run's index with the model that built it. `search` is thread-safe (torch and faiss only read)."""
 
@@ -97,6 +106,7 @@ class Searcher:
         self.index = VectorIndex.load(folder)
         with np.load(folder / "items.npz") as items:
             self.keys, self.labels, self.paths = items["keys"], items["labels"], items["paths"]
+        self.class_names = class_names(self.gallery)
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -108,12 +118,14 @@ class Searcher:
         return np.concatenate(out) if out else np.zeros((0, self.meta["embed_dim"]), np.float32)
 
     def search(self, images: ImageLike | Iterable[ImageLike], k: int = 5) -> list[list[dict]]:
-        """Per query image, its k nearest gallery items, best first: key, label, path, score, id."""
+        """Per query image, its k nearest gallery items, best first: key, label, class, path, score, id."""
         single = isinstance(images, (str, Path, bytes, Image.Image))
         return self.search_embeddings(self.embed([images] if single else list(images)), k)
 
     def search_embeddings(self, embeddings: np.ndarray, k: int) -> list[list[dict]]:
         scores, ids = self.index.search(embeddings, k)
-        return [[{"key": str(self.keys[i]), "label": int(self.labels[i]), "path": str(self.paths[i]),
-                  "score": float(s), "id": int(i)} for s, i in zip(row_scores, row_ids) if i >= 0]
+        name = lambda label: self.class_names.get(label, f"class {label}")  # noqa: E731
+        return [[{"key": str(self.keys[i]), "label": int(self.labels[i]), "class": name(int(self.labels[i])),
+                  "path": str(self.paths[i]), "score": float(s), "id": int(i)}
+                 for s, i in zip(row_scores, row_ids) if i >= 0]
                 for row_scores, row_ids in zip(scores, ids)]

@@ -1,7 +1,7 @@
 """The HTTP service of stage=serve (FastAPI, run by uvicorn):
 
     POST /search?k=5   body: the image's bytes, Content-Type: image/* (or application/octet-stream)
-                       -> {"k": 5, "results": [{"key", "label", "path", "score", "id"}, ...]}
+                       -> {"k": 5, "results": [{"key", "label", "class", "path", "score", "id"}, ...]}
     GET  /health       -> {"status": "ok", "items": n, "kind": "flat", "fingerprint": "..."}
 
 A bad request gets a 4xx whose body is one line, {"error": "..."}: 415 for another content type,

@@ -24,8 +24,10 @@ def run(cfg: Config, ctx: RunContext) -> None:
     export(model, cfg.model, tmp)
     if cfg.export.onnx:  # model.onnx, checked against torch, + its preprocessing in config.json
         from pipeline.search import onnx_export
-        onnx_export.write(model, cfg.model, tmp, cfg.data.eval_resize)
+        diff = onnx_export.write(model, cfg.model, tmp, cfg.data.eval_resize)
     write_json(tmp / "source.json", {"checkpoint": str(chosen.resolve()), "step": loaded.step})  # for the report
     replace_dir(tmp, rd.export)
     log.info("exported %s (export.checkpoint=%s) -> %s", chosen.name, cfg.export.checkpoint,
              rd.export / "model.safetensors")
+    if cfg.export.onnx:  # named where it is kept, not in export.tmp/
+        log.info("ONNX: %s (onnxruntime vs torch: max abs difference %.1e)", rd.export / "model.onnx", diff)

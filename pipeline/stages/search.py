@@ -1,6 +1,7 @@
 """search: the query images search.images (a file, a folder, a list) against run_dir/index ->
-a table on the log, run_dir/search/results.json (per query: its top search.k with key, label, path,
-score) and run_dir/search/results.png. The same from Python: `Searcher(run_dir).search(images, k)`."""
+a table on stdout (and in the log file), run_dir/search/results.json (per query: its top search.k
+with key, label, class name, path, score) and run_dir/search/results.png. The same from Python:
+`Searcher(run_dir).search(images, k)`."""
 from __future__ import annotations
 
 import logging
@@ -27,14 +28,15 @@ def run(cfg: Config, ctx: RunContext) -> None:
     shards = ShardIndex.load(searcher.gallery)
     pictures.draw([open_image(f) for f in files], [str(f) for f in files], found, shards.image, out / "results.png")
     replace_dir(out, rd.root / "search")
-    log.info("search: %d queries, top %d each -> %s\n%s", len(files), cfg.search.k, rd.root / "search" / "results.json",
-             table(files, found))
+    log.info("search: %d queries, top %d each -> %s", len(files), cfg.search.k, rd.root / "search" / "results.json")
+    log.info("\n%s", table(files, found), extra={"file_only": True})
+    print(table(files, found), flush=True)  # stdout, so that it can be piped
 
 
 def table(files, found) -> str:
-    lines = [f"{'query':<28}{'rank':>5}  {'score':>7}  {'label':>6}  {'key':<24}path"]
+    lines = [f"{'query':<28}{'rank':>5}  {'score':>7}  {'class':<20}  {'key':<24}path"]
     for f, hits in zip(files, found):
         for rank, hit in enumerate(hits, start=1):
             lines.append(f"{str(f.name if rank == 1 else '')[:27]:<28}{rank:>5}  {hit['score']:>7.4f}  "
-                         f"{hit['label']:>6}  {hit['key'][:23]:<24}{hit['path']}")
+                         f"{hit['class'][:19]:<20}  {hit['key'][:23]:<24}{hit['path']}")
     return "\n".join(lines)
