@@ -51,6 +51,21 @@ def test_cosine_schedule_is_unchanged():
     assert lrs(cfg, 1, 20) == pytest.approx(expected, rel=1e-12)
 
 
+def test_warmup_fraction_is_that_share_of_each_runs_steps():
+    """Issue 40: batch 128 and 1,024 for 15 epochs of the glyphs' 12,266 images warm up over 5% of their
+    own steps (1,425 -> 71, 165 -> 8), against the formula written out here."""
+    for batch, warm in ((128, 71), (1024, 8)):
+        cfg, _ = resolve_epochs(TrainConfig(lr=1.0, global_batch=batch, epochs=15, warmup_steps=10, warmup_fraction=0.05),
+                                train_images=12266)
+        n = cfg.max_steps
+        expected = [(s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (n - warm))) for s in range(n)]
+        assert lrs(cfg, 1, n) == pytest.approx(expected, rel=1e-12), batch
+    tiny = TrainConfig(lr=1.0, max_steps=4, warmup_fraction=0.05)   # 0.2 steps: still one warmup step
+    assert lrs(tiny, 1, 1) == [1.0]
+    with pytest.raises(UserError, match="train.warmup_fraction=1"):
+        TrainConfig(warmup_fraction=1.0).check()
+
+
 def one_step(kind: str, wd=0.1, lr=0.01):
     model = nn.Linear(3, 2, bias=False)
     with torch.no_grad():
