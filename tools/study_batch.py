@@ -387,9 +387,9 @@ def figure(arms: dict[str, tuple[int, list[Path], bool]], path: Path) -> None:
 
 def report(out: Path) -> str:
     state = bracket_state(out)
-    lines = ["## A fair test of the large batch: results (issue 40)", "",
+    lines = ["### Results", "",
              f"Made by `python tools/study_batch.py --out {out}`: the protocol and rule pre-registered above. "
-             "Cells: mean ± sample std (n runs).", "", "### The learning-rate bracket (seed 0, loss=rsk)", "",
+             "Cells: mean ± sample std (n runs).", "", "#### The learning-rate bracket (seed 0, loss=rsk)", "",
              "| batch | lr | final val recall@1 | best val recall@1 | test recall@1 | test map@r | |",
              "|---|---|---|---|---|---|---|"]
     for batch, c in state.items():
@@ -414,7 +414,7 @@ def report(out: Path) -> str:
               f"{LARGE // SMALL} x; the ladders' steps are x2 and x2.8).", ""]
     runs = {(loss, b): {s: confirm_run(out, b, lr[b], loss, s) for s in SEEDS} for loss in LOSSES for b in (SMALL, LARGE)}
     found = {arm: {s: metrics_of(p) for s, p in paths.items() if done(p)} for arm, paths in runs.items()}
-    lines += ["### Confirmation (seeds 1, 2, 3; the last step's weights on the 1,108 test classes)", "",
+    lines += ["#### Confirmation (seeds 1, 2, 3; the last step's weights on the 1,108 test classes)", "",
               "| loss | batch | lr | test recall@1 | test map@r | final val recall@1 | beyond k=16, start | beyond k=16, end |",
               "|---|---|---|---|---|---|---|---|"]
     share_rows = {}
@@ -427,7 +427,7 @@ def report(out: Path) -> str:
     lines += ["", "\"Beyond k=16\": the share of (query, positive) pairs of the seed's first-epoch training batches "
               "whose positive ranks beyond 16 (the query counted, as in training), with the frozen encoder (start) "
               "and the final weights (end): pipeline/eval/positives_beyond_k.py.", "",
-              f"### The decision ({LARGE:,} minus {SMALL}, Welch's two-sided test)", ""]
+              f"#### The decision ({LARGE:,} minus {SMALL}, Welch's two-sided test)", ""]
     inside = all(c.inside for c in state.values())
     for loss, role in (("rsk", "primary"), ("rsk_simix", "the same pair with SiMix")):
         small, large = found[loss, SMALL], found[loss, LARGE]
@@ -437,7 +437,7 @@ def report(out: Path) -> str:
         lines.append(f"- **{loss}** ({role}): test recall@1 {fmt_diff(d, p)} -> **{decide(d, p, inside, complete)}**; "
                      f"MAP@R {fmt_diff(dm, pm)}.")
     lines += ["", f"Both chosen lrs inside their grids: {'yes' if inside else 'no'}.", "",
-              "### Equal steps and equal images (validation recall@1 from the curves, mean over seeds)", "",
+              "#### Equal steps and equal images (validation recall@1 from the curves, mean over seeds)", "",
               f"| loss | batch {LARGE:,} at its last step | batch {SMALL} at the same step | "
               f"batch {SMALL} at the same images | batch {SMALL} at its last step |", "|---|---|---|---|---|"]
     for loss in LOSSES:
