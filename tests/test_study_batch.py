@@ -142,7 +142,8 @@ def test_plan_bracket_extension_and_report(tmp_path, capsys):
     assert cells[6] == f"{statistics.mean(start):.4f} ± {statistics.stdev(start):.4f} (3)"
     assert cells[7] == f"{statistics.mean(end):.4f} ± {statistics.stdev(end):.4f} (3)"
     # equal steps: batch 1,024's last step is 165, between batch 128's validations at 95 and 190
-    curve = lambda final, e: final - 0.01 * (EPOCHS - 1 - e)  # noqa: E731
+    def curve(final, e):  # _run's validation after epoch e + 1
+        return final - 0.01 * (EPOCHS - 1 - e)
     f128 = statistics.mean(0.7 + t / 10 for t in small)
     f1024 = statistics.mean(0.7 + t / 10 for t in large)
     at165 = np.interp(165, [95, 190], [curve(f128, 0), curve(f128, 1)])

@@ -38,11 +38,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-import study_glyphs  # noqa: E402  (the pretraining, the benchmark and the frozen run)
-import sweep as sweep_tool  # noqa: E402  (tools/sweep.py: starting a run, sharing shards)
+import study_glyphs  # the pretraining, the benchmark and the frozen run
+import sweep as sweep_tool  # tools/sweep.py: starting a run, sharing shards
 
-from pipeline.sweep import grid as sweep  # noqa: E402
-from pipeline.sweep import summary as sweep_summary  # noqa: E402
+from pipeline.sweep import grid as sweep
+from pipeline.sweep import summary as sweep_summary
 
 EPOCHS = 15
 PROTOCOL = [*study_glyphs.BENCHMARK, "stage=eval", "eval.models=[finetuned]", f"train.epochs={EPOCHS}",
@@ -372,9 +372,10 @@ def figure(arms: dict[str, tuple[int, list[Path], bool]], path: Path) -> None:
         if not steps:
             continue
         if main:  # the batch by colour, SiMix dashed
-            style = dict(lw=2, marker="o", ms=3, color="C0" if batch == SMALL else "C3", ls="--" if "simix" in label else "-")
+            style = {"lw": 2, "marker": "o", "ms": 3, "color": "C0" if batch == SMALL else "C3",
+                     "ls": "--" if "simix" in label else "-"}
         else:
-            style = dict(lw=0.8, alpha=0.7, color=f"C{(i + 4) % 10}", ls=":" if batch == SMALL else "-.")
+            style = {"lw": 0.8, "alpha": 0.7, "color": f"C{(i + 4) % 10}", "ls": ":" if batch == SMALL else "-."}
         for ax, scale in zip(axes, (1, batch)):
             ax.plot([s * scale for s in steps], values, label=label, **style)
     for ax, xlabel in zip(axes, ("optimizer steps", "images seen")):
@@ -388,8 +389,8 @@ def figure(arms: dict[str, tuple[int, list[Path], bool]], path: Path) -> None:
 def report(out: Path) -> str:
     state = bracket_state(out)
     lines = ["### Results", "",
-             f"Made by `python tools/study_batch.py --out {out}`: the protocol and rule pre-registered above. "
-             "Cells: mean ± sample std (n runs).", "", "#### The learning-rate bracket (seed 0, loss=rsk)", "",
+             (f"Made by `python tools/study_batch.py --out {out}`: the protocol and rule pre-registered above. "
+             "Cells: mean ± sample std (n runs)."), "", "#### The learning-rate bracket (seed 0, loss=rsk)", "",
              "| batch | lr | final val recall@1 | best val recall@1 | test recall@1 | test map@r | |",
              "|---|---|---|---|---|---|---|"]
     for batch, c in state.items():
@@ -405,13 +406,13 @@ def report(out: Path) -> str:
         return "\n".join(lines + ["The bracket is not finished: no lr is chosen yet.", ""])
     frozen = out / "frozen" / "eval" / "metrics.json"
     if frozen.is_file():
-        lines += [f"The frozen encoder (the start of every run): test recall@1 "
-                  f"{json.loads(frozen.read_text())['frozen']['recall@1']:.4f}.", ""]
+        lines += [(f"The frozen encoder (the start of every run): test recall@1 "
+                  f"{json.loads(frozen.read_text())['frozen']['recall@1']:.4f}."), ""]
     lr = {b: c.lr for b, c in state.items()}
     ratio = float(lr[LARGE]) / float(lr[SMALL])
-    lines += [f"Chosen: batch {SMALL} at {lr[SMALL]}, batch {LARGE} at {lr[LARGE]}: the large batch's lr is "
+    lines += [(f"Chosen: batch {SMALL} at {lr[SMALL]}, batch {LARGE} at {lr[LARGE]}: the large batch's lr is "
               f"{ratio:.2g} x the small one's (square-root scaling: {math.sqrt(LARGE / SMALL):.2g} x; linear: "
-              f"{LARGE // SMALL} x; the ladders' steps are x2 and x2.8).", ""]
+              f"{LARGE // SMALL} x; the ladders' steps are x2 and x2.8)."), ""]
     runs = {(loss, b): {s: confirm_run(out, b, lr[b], loss, s) for s in SEEDS} for loss in LOSSES for b in (SMALL, LARGE)}
     found = {arm: {s: metrics_of(p) for s, p in paths.items() if done(p)} for arm, paths in runs.items()}
     lines += ["#### Confirmation (seeds 1, 2, 3; the last step's weights on the 1,108 test classes)", "",
@@ -424,9 +425,9 @@ def report(out: Path) -> str:
         lines.append(f"| {loss} | {b} | {lr[b]} | " + " | ".join(
             fmt([m[k] for m in metrics.values() if m.get(k) is not None])
             for k in ("recall@1", "map@r", "final val/recall@1")) + f" | {fmt(start)} | {fmt(end)} |")
-    lines += ["", "\"Beyond k=16\": the share of (query, positive) pairs of the seed's first-epoch training batches "
+    lines += ["", ("\"Beyond k=16\": the share of (query, positive) pairs of the seed's first-epoch training batches "
               "whose positive ranks beyond 16 (the query counted, as in training), with the frozen encoder (start) "
-              "and the final weights (end): pipeline/eval/positives_beyond_k.py.", "",
+              "and the final weights (end): pipeline/eval/positives_beyond_k.py."), "",
               f"#### The decision ({LARGE:,} minus {SMALL}, Welch's two-sided test)", ""]
     inside = all(c.inside for c in state.values())
     for loss, role in (("rsk", "primary"), ("rsk_simix", "the same pair with SiMix")):
@@ -438,8 +439,8 @@ def report(out: Path) -> str:
                      f"MAP@R {fmt_diff(dm, pm)}.")
     lines += ["", f"Both chosen lrs inside their grids: {'yes' if inside else 'no'}.", "",
               "#### Equal steps and equal images (validation recall@1 from the curves, mean over seeds)", "",
-              f"| loss | batch {LARGE:,} at its last step | batch {SMALL} at the same step | "
-              f"batch {SMALL} at the same images | batch {SMALL} at its last step |", "|---|---|---|---|---|"]
+              (f"| loss | batch {LARGE:,} at its last step | batch {SMALL} at the same step | "
+              f"batch {SMALL} at the same images | batch {SMALL} at its last step |"), "|---|---|---|---|---|"]
     for loss in LOSSES:
         big, small = mean_curve(list(runs[loss, LARGE].values())), mean_curve(list(runs[loss, SMALL].values()))
         if not big[0] or not small[0]:
