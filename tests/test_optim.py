@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
-from pipeline.train.optim import build_optimizer, resolve_epochs
+from pipeline.train.optim import build_optimizer, lr_factor, resolve_epochs
 
 
 def lrs(cfg: TrainConfig, per_epoch: int, steps: int) -> list[float]:
@@ -49,6 +49,23 @@ def test_cosine_schedule_is_unchanged():
     cfg = TrainConfig(lr=1.0, max_steps=20, warmup_steps=4)
     expected = [(s + 1) / 4 if s < 4 else 0.5 * (1 + math.cos(math.pi * (s - 4) / 16)) for s in range(20)]
     assert lrs(cfg, 1, 20) == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_fraction_is_that_share_of_each_runs_steps():
+    """Issue 40: batch 128 and 1,024 for 15 epochs of the glyphs' 12,266 images warm up over 5% of their
+    own steps (1,425 -> 71, 165 -> 8), against the formula written out here."""
+    for batch, warm in ((128, 71), (1024, 8)):
+        cfg, _ = resolve_epochs(TrainConfig(lr=1.0, global_batch=batch, epochs=15, warmup_steps=10, warmup_fraction=0.05),
+                                train_images=12266)
+        n = cfg.max_steps
+        expected = [(s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (n - warm))) for s in range(n)]
+        factor = lr_factor(cfg)  # batch 1,024 through the optimizer too; 1,425 optimizer steps would cost 2 s
+        got = lrs(cfg, 1, n) if batch == 1024 else [factor(s) for s in range(n)]
+        assert got == pytest.approx(expected, rel=1e-12), batch
+    tiny = TrainConfig(lr=1.0, max_steps=4, warmup_fraction=0.05)   # 0.2 steps: still one warmup step
+    assert lrs(tiny, 1, 1) == [1.0]
+    with pytest.raises(UserError, match="train.warmup_fraction=1"):
+        TrainConfig(warmup_fraction=1.0).check()
 
 
 def one_step(kind: str, wd=0.1, lr=0.01):

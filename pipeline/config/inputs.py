@@ -60,7 +60,7 @@ CLASS = {
     # train
     "train.max_steps": "train", "train.global_batch": "train", "train.chunk_size": "train",
     "train.samples_per_class": "train", "train.lr": "train", "train.head_lr": "train", "train.weight_decay": "train",
-    "train.warmup_steps": "train", "train.checkpoint_every": "none", "train.keep_checkpoints": "none",
+    "train.warmup_steps": "train", "train.warmup_fraction": "train", "train.checkpoint_every": "none", "train.keep_checkpoints": "none",
     "train.ks": "train", "train.tau_rank": "train", "train.tau_count": "train",
     "train.include_query_in_rank": "train", "train.log_every": "none", "train.requeue": "none",
     "train.trust_checkpoint": "none", "train.val_every": "none", "train.val_split": "none",

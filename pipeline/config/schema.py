@@ -142,6 +142,7 @@ class TrainConfig:
     head_lr: float | None = 1e-3    # the new embedding head learns faster than the backbone; None = train.lr
     weight_decay: float = 0.05
     warmup_steps: int = 10
+    warmup_fraction: float = 0.0    # > 0: the warmup is this share of max_steps (rounded, at least 1), instead of warmup_steps
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -191,6 +192,9 @@ class TrainConfig:
         one_of(self.rsk_kernel, KERNELS, f"train.rsk_kernel={self.rsk_kernel} is unknown; use one of {', '.join(KERNELS)}")
         if self.val_every < 0:
             raise UserError(f"train.val_every={self.val_every}: give a number of steps, or 0 to not validate")
+        if not 0 <= self.warmup_fraction < 1:
+            raise UserError(f"train.warmup_fraction={self.warmup_fraction}: give a share of the steps in [0, 1), "
+                            "e.g. 0.05, or 0 to use train.warmup_steps")
         one_of(self.sampler, SAMPLERS, f"train.sampler={self.sampler}: use one of {', '.join(SAMPLERS)}")
         if self.redraw_pk and self.sampler != "ibc":
             raise UserError("train.redraw_pk=true is IBC's per-epoch (P, K) draw: set train.sampler=ibc, or redraw_pk=false")

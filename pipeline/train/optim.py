@@ -4,7 +4,7 @@
                      weight_decay, as the RS@k and Roth et al. code with --opt adam) | sgd (momentum 0.9, Roth
                      et al. main.py:166) | radam (decoupled decay: IBC's RAdam.py:69-70 is torch's
                      RAdam(decoupled_weight_decay=True))
-    train.schedule   cosine: linear warmup, then cosine to 0 at max_steps | step: linear warmup, then the lr is
+    train.schedule   cosine: linear warmup (train.warmup_steps, or train.warmup_fraction of max_steps), then cosine to 0 at max_steps | step: linear warmup, then the lr is
                      multiplied by train.gamma at each of train.milestones (epochs), as torch's MultiStepLR
                      stepped once per epoch (the papers' loops: RS@k main.py:313-314, Roth main.py:299-300)
 
@@ -60,11 +60,19 @@ def with_steps(cfg: Config, shards: Path) -> Config:
     return dataclasses.replace(cfg, train=resolve_epochs(cfg.train, len(labels), sampler_of(cfg, labels)[1])[0])
 
 
+def warmup_steps(cfg: TrainConfig) -> int:
+    """train.warmup_steps, or train.warmup_fraction of max_steps where set (a share, whatever the batch)."""
+    if cfg.warmup_fraction > 0:
+        return max(1, round(cfg.warmup_fraction * cfg.max_steps))
+    return cfg.warmup_steps
+
+
 def lr_factor(cfg: TrainConfig, per_epoch=1):
     """step -> multiplier of the base learning rates (torch LambdaLR). per_epoch: steps per epoch, or the
     sampler's epochs (epoch_rules: an epoch's length may vary)."""
     clock = FixedEpochs(per_epoch) if isinstance(per_epoch, int) else per_epoch
     milestones = [clock.step_of(m) for m in cfg.milestones]
+    cfg = dataclasses.replace(cfg, warmup_steps=warmup_steps(cfg))
 
     def factor(step: int) -> float:
         warm = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
