@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from pipeline import disk, trust
 from pipeline.parallel import distributed
@@ -45,10 +45,17 @@ BEST = "best"
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 
+def _options(model: nn.Module) -> StateDictOptions | None:
+    """A LoRA model (pipeline/models/lora.py) saves and loads only what trains: its frozen base is
+    rebuilt from the config and seed, so its checkpoints stay small."""
+    adapters = getattr(model, "trains_only_adapters", False)
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if adapters else None
+
+
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler=None) -> dict:
     if optimizer is None:
-        return {"model": get_state_dict(model, [])[0]}
-    model_state, optim_state = get_state_dict(model, optimizer)
+        return {"model": get_state_dict(model, [], options=_options(model))[0]}
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
     return {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict()}
 
 
@@ -60,7 +67,8 @@ def save_dcp(folder: Path, model: nn.Module, optimizer, scheduler) -> None:
 def load_dcp(folder: Path, model: nn.Module, optimizer=None, scheduler=None, no_dist: bool = False) -> None:
     state = _state(model, optimizer, scheduler)
     trust.load_dcp(folder, state, no_dist)
-    set_state_dict(model, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+    set_state_dict(model, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {}),
+                   options=_options(model))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
 

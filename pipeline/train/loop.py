@@ -29,6 +29,7 @@ from pipeline.models import accounting
 from pipeline.models.encoders import architecture, build_encoder
 from pipeline.progress import StepProgress
 from pipeline.run_dir import RunDir
+from pipeline.train.compile import compile_blocks
 from pipeline.train.optim import build_optimizer, resolve_epochs
 from pipeline.train.resume import restore_best, resume
 from pipeline.train.selection import ReloadBest, validate_on_epochs
@@ -57,6 +58,7 @@ def train(cfg: Config, rd: RunDir, stop: preemption.StopRequest) -> None:
         validate_on_epochs(validator, clock, t.val_every_epochs, t.max_steps)
     reload = ReloadBest(clock, t.reload_best_at, rd.checkpoints)
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
+    compile_blocks(model, t.compile)  # train.compile: torch.compile of each block, in place
     loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), model.dim, cfg.seed).to(device)
     model.unnormalized_in_training = wants_unnormalized(loss_fn)
     loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg, clock))
