@@ -189,3 +189,21 @@ def test_unfittable_plan_says_so_in_one_line_and_starts_nothing(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["plan"]  # no config.yaml, shards or checkpoints
     plan = json.loads((run_dir / "plan" / "plan.json").read_text())
     assert plan["fits"] is False and plan["world_size"] == 2 and plan["peak_gb_per_gpu"] > 0.5
+
+
+@pytest.mark.parametrize("parallel", ["none", "fsdp2"])
+def test_lora_counts_the_frozen_base_as_weights_only(parallel):
+    """model.lora.rank > 0 (issue 39): every weight is held, but gradients and AdamW's two moments (and
+    its 4-byte step per tensor) only for the adapters and the head."""
+    from pipeline.models.encoders import build_encoder
+
+    cfg = load_config([f"parallel={parallel}", "model.depth=2", "model.embed_dim=32", "train.global_batch=4",
+                       "train.chunk_size=2", "model.lora.rank=4"])
+    model = build_encoder(cfg.model, cfg.seed)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+    assert 0 < sum(trainable) < total / 10
+    m = fake(cfg, 1, 2, steps=1)
+    states = ("Gradient", "Parameter", "Optstate") if parallel == "none" else ("Sharded Grad", "Sharded Param", "OptState")
+    assert m.phase_at_peak["optimizer"][states[0]] == 4 * sum(trainable)
+    assert m.at_end[states[1]] == 4 * total and m.at_end[states[2]] == 8 * sum(trainable) + 4 * len(trainable)
