@@ -34,7 +34,8 @@ CLIP = 1.0  # below both steps' gradient norms (about 8.8 and 1.6): every step i
 # The plain model with another loss: RS@k + SiMix split across the ranks (virtual queries shared out
 # too), and RS@k computed whole on every rank (the path of every loss that does not split).
 LOSS_VARIANTS = ("simix", "whole_loss")
-# What trains and at which lr (issue 39), through the finetune stage's optimizer factory: weights and losses saved.
+# What trains and at which lr (issue 39), through the finetune stage's optimizer factory: layer_decay saves
+# weights and losses; lora also its checkpoint (of what trains only) exported and reloaded, as `plain`.
 OPTION_VARIANTS = ("layer_decay", "lora")
 PRECISION_VARIANTS = {"bf16": "fp32", "bf16_comm": "bf16"}  # variant -> parallel.param_dtype, under train.precision=bf16
 
@@ -161,7 +162,7 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
         state = engine.full_state_dict()
         if world.is_main:
             (out / f"{backend}-{variant}.losses.json").write_text(json.dumps(losses))
-        if variant in LOSS_VARIANTS + OPTION_VARIANTS:
+        if variant in LOSS_VARIANTS + ("layer_decay",):
             if world.is_main:
                 torch.save(state, out / f"{backend}-{variant}.pt")
             distributed.barrier()
@@ -181,13 +182,14 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
             exported, _, _ = problem(variant)
             checkpoint.load_weights(folder, exported)
             torch.save(exported.state_dict(), out / f"{backend}-{variant}-exported.pt")
-        if variant == VARIANTS[0]:
+        if variant in (VARIANTS[0], "lora"):
             model, _, _ = problem(variant)
-            again = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
+            again = build_engine(model, optimizer_for(variant), ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
             again.load(folder)
             state = again.full_state_dict()
             if world.is_main:
-                torch.save(state, out / f"{backend}-reloaded.pt")
+                torch.save(state, out / (f"{backend}-reloaded.pt" if variant == VARIANTS[0] else
+                                         f"{backend}-{variant}-reloaded.pt"))
         distributed.barrier()
     distributed.shutdown()
 
