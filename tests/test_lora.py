@@ -122,3 +122,17 @@ def test_bad_settings_are_one_line():
         load_config(["stage=all", "run_dir=runs/x", "model.lora.rank=8", "model.trainable_blocks=2"])
     cfg = load_config(["stage=all", "run_dir=runs/x", "model.lora.rank=8", "model.lora.targets=[qkv,proj]"])
     assert cfg.model.lora.rank == 8 and list(cfg.model.lora.targets) == ["qkv", "proj"]
+
+
+def test_a_lora_checkpoint_is_refused_by_another_model_config(tmp_path):
+    from pipeline.models.encoders import architecture
+    from pipeline.parallel import checkpoint
+
+    folder = tmp_path / "step_1"
+    folder.mkdir()
+    (folder / "meta.json").write_text(__import__("json").dumps({"model": architecture(TOWERS["timm"])}))
+    plain = TOWERS["timm"].__class__(**{**TOWERS["timm"].__dict__, "lora": LoraConfig()})
+    assert "lora" not in architecture(plain)  # checkpoints without LoRA record what they always did
+    with pytest.raises(UserError, match=r"differs in model.lora\)"):
+        checkpoint._meta(folder, architecture(plain))
+    checkpoint._meta(folder, architecture(TOWERS["timm"]))

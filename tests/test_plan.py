@@ -204,6 +204,7 @@ def test_lora_counts_the_frozen_base_as_weights_only(parallel):
     trainable = [p.numel() for p in model.parameters() if p.requires_grad]
     assert 0 < sum(trainable) < total / 10
     m = fake(cfg, 1, 2, steps=1)
-    states = ("Gradient", "Parameter", "Optstate") if parallel == "none" else ("Sharded Grad", "Sharded Param", "OptState")
+    whole, sharded = ("Gradient", "Parameter", "Optstate"), ("Sharded Grad", "Sharded Param", "OptState")
+    states = whole if parallel == "none" else sharded
     assert m.phase_at_peak["optimizer"][states[0]] == 4 * sum(trainable)
     assert m.at_end[states[1]] == 4 * total and m.at_end[states[2]] == 8 * sum(trainable) + 4 * len(trainable)

@@ -49,7 +49,9 @@ ARCHITECTURE = ("family", "arch", "image_size", "patch_size", "depth", "width", 
 
 
 def architecture(cfg: ModelConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ARCHITECTURE}
+    """Plus model.lora's settings where LoRA is on (its parameters' names; a plain checkpoint stays as it was)."""
+    lora = {"lora": dataclasses.asdict(cfg.lora)} if cfg.lora.rank else {}
+    return {k: getattr(cfg, k) for k in ARCHITECTURE} | lora
 
 
 def freeze(backbone: Backbone, trainable_blocks: int) -> None:

@@ -208,7 +208,8 @@ def _meta(path: Path, expect_model: dict | None, expect_data: dict | None = None
         raise UserError(f"checkpoint {path} was trained on other data ({made}); use another run_dir, or force=true "
                         f"to start over")
     if expect_model is not None and meta.get("model") != expect_model:
-        diff = sorted(k for k in expect_model if meta.get("model", {}).get(k) != expect_model[k])
+        made = meta.get("model", {})
+        diff = sorted(k for k in {**made, **expect_model} if made.get(k) != expect_model.get(k))
         raise UserError(f"checkpoint {path} was made by another model config (differs in model.{', model.'.join(diff)}); "
                         f"use another run_dir, or force=true to start over")
     return meta
