@@ -4,8 +4,9 @@ the weights of a fresh engine that loaded the engine's checkpoint, and those the
 consolidates from it. Variant `clip`: the plain problem with train.grad_clip=CLIP, whose global
 gradient norms (before clipping) it saves too. Variants `bf16` and `bf16_comm`: the plain problem
 with train.precision=bf16, and fp32 or bf16 weights gathered (parallel.param_dtype), whose weights,
-checkpoint and the dtype of a weight inside the forward it saves (PRECISION_VARIANTS). The loss variants (LOSS_VARIANTS) save their weights
-and losses only.
+checkpoint and the dtype of a weight inside the forward it saves (PRECISION_VARIANTS). The loss
+variants (LOSS_VARIANTS) and those of what trains (OPTION_VARIANTS: train.layer_decay, model.lora)
+save their weights and losses only.
 
     torchrun --nproc_per_node 2 tests/parallel_worker.py OUT_DIR ddp,zero1,... plain,frozen_ckpt,clip [ddp:simix,...]
 """
@@ -17,12 +18,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import ModelConfig, ParallelConfig  # noqa: E402
+from pipeline.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from pipeline.config.schema import LoraConfig  # noqa: E402
 from pipeline.parallel import checkpoint, distributed  # noqa: E402
 from pipeline.parallel.distributed import world_from_env  # noqa: E402
 from pipeline.parallel.engine import DeepSpeedEngine, build_engine, deepspeed_config  # noqa: E402
 from pipeline.losses import RecallAtK, RecallAtKSiMix, set_step  # noqa: E402
 from pipeline.models.encoders import build_encoder  # noqa: E402
+from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.train.two_pass import two_pass_step  # noqa: E402
 
 GLOBAL, CHUNK, SEED, STEPS, LR = 16, 4, 5, 2, 0.5
@@ -31,6 +34,9 @@ CLIP = 1.0  # below both steps' gradient norms (about 8.8 and 1.6): every step i
 # The plain model with another loss: RS@k + SiMix split across the ranks (virtual queries shared out
 # too), and RS@k computed whole on every rank (the path of every loss that does not split).
 LOSS_VARIANTS = ("simix", "whole_loss")
+# What trains and at which lr (issue 39), through the finetune stage's optimizer factory: layer_decay saves
+# weights and losses; lora also its checkpoint (of what trains only) exported and reloaded, as `plain`.
+OPTION_VARIANTS = ("layer_decay", "lora")
 PRECISION_VARIANTS = {"bf16": "fp32", "bf16_comm": "bf16"}  # variant -> parallel.param_dtype, under train.precision=bf16
 
 
@@ -42,9 +48,12 @@ def make_loss(variant: str):
 
 def problem(variant: str):
     """The model (drop-path on), the batches of each step, the loss. `frozen_ckpt`: the patch
-    embedding and the first block frozen, activation checkpointing on."""
+    embedding and the first block frozen, activation checkpointing on. `lora`: peft's adapters (with
+    their dropout) on every block's projections, the base frozen, activation checkpointing on."""
     frozen_ckpt = variant == "frozen_ckpt"
-    cfg = ModelConfig(patch_size=8, depth=2, embed_dim=24, drop_path=0.2, grad_checkpointing=frozen_ckpt)
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.2) if variant == "lora" else LoraConfig()
+    cfg = ModelConfig(patch_size=8, depth=2, embed_dim=24, drop_path=0.2, lora=lora,
+                      grad_checkpointing=frozen_ckpt or variant == "lora")
     model = build_encoder(cfg, seed=0).train()
     if frozen_ckpt:
         for part in (model.backbone.patch_embed, model.backbone.blocks[0]):
@@ -65,6 +74,15 @@ def sgd(model: torch.nn.Module):
     differ between any two exact methods; SGD keeps the comparison about the gradients."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0)
+
+
+def optimizer_for(variant: str):
+    """The optimizer factory of a variant: `sgd`, or the stage's own (SGD, train.layer_decay=0.5: a
+    parameter group per layer) for `layer_decay`."""
+    if variant == "layer_decay":
+        train = TrainConfig(optimizer="sgd", lr=LR, head_lr=LR, layer_decay=0.5, weight_decay=0.0, warmup_steps=0)
+        return lambda model: build_optimizer(model, train)
+    return sgd
 
 
 def local_numel(module: torch.nn.Module) -> int:
@@ -131,7 +149,7 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
             continue
         model, batches, loss_fn = problem(variant)
         full = sum(p.numel() for p in model.parameters())
-        engine = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
+        engine = build_engine(model, optimizer_for(variant), ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
         if world.is_main:
             (out / f"{backend}-{variant}.numel").write_text(f"{local_numel(engine.module)} {full}")
         counter = SyncCounter(engine, backend) if variant == VARIANTS[0] else None
@@ -144,7 +162,7 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
         state = engine.full_state_dict()
         if world.is_main:
             (out / f"{backend}-{variant}.losses.json").write_text(json.dumps(losses))
-        if variant in LOSS_VARIANTS:
+        if variant in LOSS_VARIANTS + ("layer_decay",):
             if world.is_main:
                 torch.save(state, out / f"{backend}-{variant}.pt")
             distributed.barrier()
@@ -164,14 +182,16 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
             exported, _, _ = problem(variant)
             checkpoint.load_weights(folder, exported)
             torch.save(exported.state_dict(), out / f"{backend}-{variant}-exported.pt")
-        if variant == VARIANTS[0]:
+        if variant in (VARIANTS[0], "lora"):
             model, _, _ = problem(variant)
-            again = build_engine(model, sgd, ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
+            again = build_engine(model, optimizer_for(variant), ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
             again.load(folder)
             state = again.full_state_dict()
             if world.is_main:
-                torch.save(state, out / f"{backend}-reloaded.pt")
-            weights_only(out, backend, folder, again, share)
+                torch.save(state, out / (f"{backend}-reloaded.pt" if variant == VARIANTS[0] else
+                                         f"{backend}-{variant}-reloaded.pt"))
+            if variant == VARIANTS[0]:
+                weights_only(out, backend, folder, again, share)
         distributed.barrier()
     distributed.shutdown()
 

@@ -10,7 +10,7 @@ from functools import lru_cache
 import pytest
 import torch
 from conftest import REPO, SGD, SMALL, run_torchrun, updates_close
-from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, VARIANTS, problem, sgd
+from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, VARIANTS, optimizer_for, problem, sgd
 from safetensors.torch import load_file
 
 from pipeline.config import TrainConfig
@@ -25,6 +25,9 @@ BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
 # The loss variants (SiMix split across ranks; RS@k computed whole on every rank) run on DDP by default;
 # the loss path does not depend on the backend, the other backends run them in the slow set.
 DEFAULT_LOSS_COMBOS = tuple(f"ddp:{v}" for v in LOSS_VARIANTS)
+# What trains (issue 39): parameter groups per layer under a partitioning backend and a sharding one;
+# LoRA (peft's adapters with dropout, the base frozen) under each kind of backend.
+OPTION_COMBOS = ("zero2:layer_decay", "fsdp2:layer_decay", "ddp:lora", "zero3:lora", "fsdp2:lora")
 
 
 def torchrun_script(nproc: int, script: str, *args: str) -> None:
@@ -39,7 +42,7 @@ def worker_out(tmp_path_factory):
     """One torchrun launch runs every backend and variant (the start-up is most of the cost)."""
     out = tmp_path_factory.mktemp("parallel")
     torchrun_script(2, "tests/parallel_worker.py", str(out), ",".join(BACKENDS), ",".join(VARIANTS + ("clip",)),
-                    ",".join(DEFAULT_LOSS_COMBOS))
+                    ",".join(DEFAULT_LOSS_COMBOS + OPTION_COMBOS))
     return out
 
 
@@ -49,7 +52,7 @@ def one_process(variant: str) -> tuple[dict, dict, list[float]]:
     whole loss: no split). Weights before, after, and the loss of each step."""
     model, batches, loss_fn = problem(variant)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    engine = Engine(model, *sgd(model), torch.device("cpu"))
+    engine = Engine(model, *optimizer_for(variant)(model), torch.device("cpu"))
     losses = []
     for step, (images, labels) in enumerate(batches):
         set_step(loss_fn, step)
@@ -133,6 +136,26 @@ def test_loss_split_or_whole_equals_one_process(worker_out, combo):
     """SiMix split across the 2 ranks (originals and virtual queries shared out) and RS@k computed whole
     on every rank (split_across_ranks=False, the path of the losses that do not split)."""
     assert_equals_one_process(worker_out, *combo.split(":"))
+
+
+@pytest.mark.parametrize("combo", OPTION_COMBOS)
+def test_what_trains_equals_one_process(worker_out, combo):
+    """train.layer_decay's parameter groups (one lr per layer) and model.lora's adapters on 2 processes."""
+    assert_equals_one_process(worker_out, *combo.split(":"))
+
+
+@pytest.mark.parametrize("backend", [c.split(":")[0] for c in OPTION_COMBOS if c.endswith(":lora")])
+def test_lora_checkpoint_exports_and_reloads(worker_out, backend):
+    """A LoRA run's checkpoint: one process consolidates it (ZeRO: zero_to_fp32) into the trained
+    weights, frozen base included, and a fresh engine resumes it; under DCP (ddp, fsdp2) it holds only
+    what trains, far less than the model."""
+    trained = torch.load(worker_out / f"{backend}-lora.pt")
+    for copy in ("exported", "reloaded"):
+        got = torch.load(worker_out / f"{backend}-lora-{copy}.pt")
+        assert set(got) == set(trained) and all(torch.equal(got[n], t) for n, t in trained.items()), copy
+    if backend != "zero3":
+        saved = sum(f.stat().st_size for f in (worker_out / f"checkpoint-{backend}-lora").rglob("*.distcp"))
+        assert saved < sum(4 * t.numel() for t in trained.values()) / 2
 
 
 @pytest.mark.slow

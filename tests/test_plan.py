@@ -242,3 +242,22 @@ def test_a_plan_without_a_training_size_fails_before_simulating(tmp_path):
     (tmp_path / "shards" / "summary.json").write_text(json.dumps({"dataset": "glyphs", "splits": {"train": {"images": 640}}}))
     from pipeline.plan.dataset_size import train_images
     assert train_images(cfg) == 640
+
+
+@pytest.mark.parametrize("parallel", ["none", "fsdp2"])
+def test_lora_counts_the_frozen_base_as_weights_only(parallel):
+    """model.lora.rank > 0 (issue 39): every weight is held, but gradients and AdamW's two moments (and
+    its 4-byte step per tensor) only for the adapters and the head."""
+    from pipeline.models.encoders import build_encoder
+
+    cfg = load_config([f"parallel={parallel}", "model.depth=2", "model.embed_dim=32", "train.global_batch=4",
+                       "train.chunk_size=2", "model.lora.rank=4"])
+    model = build_encoder(cfg.model, cfg.seed)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+    assert 0 < sum(trainable) < total / 10
+    m = fake(cfg, 1, 2, steps=1)
+    whole, sharded = ("Gradient", "Parameter", "Optstate"), ("Sharded Grad", "Sharded Param", "OptState")
+    states = whole if parallel == "none" else sharded
+    assert m.phase_at_peak["optimizer"][states[0]] == 4 * sum(trainable)
+    assert m.at_end[states[1]] == 4 * total and m.at_end[states[2]] == 8 * sum(trainable) + 4 * len(trainable)

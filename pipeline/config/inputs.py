@@ -54,6 +54,8 @@ CLASS = {
     "model.heads": "model", "model.global_pool": "model", "model.embed_dim": "model", "model.head_norm": "model",
     "model.drop_path": "model", "model.grad_checkpointing": "none", "model.trainable_blocks": "model",
     "model.mean": "model", "model.std": "model",
+    # LoRA's B starts at 0: the frozen encoder (stage=embed) is the same with and without adapters
+    "model.lora.rank": "train", "model.lora.alpha": "train", "model.lora.dropout": "train", "model.lora.targets": "train",
     # parallel
     "parallel.name": "none", "parallel.deepspeed_config": "none", "parallel.fsdp_reshard_after_forward": "none",
     "parallel.timeout": "none", "parallel.param_dtype": "none",
@@ -68,7 +70,8 @@ CLASS = {
     "train.schedule": "train", "train.milestones": "train", "train.gamma": "train", "train.epochs": "train",
     "train.small_classes": "train", "train.decay_norms_biases": "train", "train.rsk_kernel": "train",
     "train.split_loss": "train", "train.sampler": "train", "train.precision": "model", "train.redraw_pk": "train",
-    "train.val_every_epochs": "none", "train.reload_best_at": "train", "train.tf32": "model",
+    "train.val_every_epochs": "none", "train.reload_best_at": "train", "train.tf32": "model", "train.layer_decay": "train",
+    "train.compile": "none",  # the same step, to float rounding
     # loss
     "loss.name": "train", "loss.lr": "train", "loss.simix_per_class": "train", "loss.margin": "train",
     "loss.scale": "train", "loss.beta": "train", "loss.temperature": "train", "loss.p_switch": "train",

@@ -95,6 +95,22 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """model.lora: low-rank adapters through peft (pipeline/models/lora.py); rank 0 = off (full finetuning)."""
+    rank: int = 0                   # r of each adapter; 0 = no LoRA
+    alpha: float = 16.0             # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0            # dropout on the adapters' input (replayed in pass 2 of the two-pass step)
+    targets: list[str] | None = None  # peft target_modules names (e.g. [qkv, proj]); None = every Linear (and MultiheadAttention) of each block
+
+    def check(self) -> None:
+        if self.rank < 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.lora.rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}: need rank >= 0 "
+                            "(0 = off), alpha > 0 and 0 <= dropout < 1")
+        if self.targets is not None and not self.targets:
+            raise UserError("model.lora.targets=[] adapts nothing: name modules (e.g. [qkv,proj]) or leave it unset")
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     family: str = "timm"            # timm | open_clip | transformers (see pipeline/models/backbones/)
@@ -113,9 +129,14 @@ class ModelConfig:
     trainable_blocks: int = -1      # -1: all train; N >= 0: only the last N blocks (and what follows them) + head
     mean: list[float] | None = None  # input normalisation; None = the model's own (its weights' preprocessing)
     std: list[float] | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def check(self) -> None:
         one_of(self.family, FAMILIES, f"model.family={self.family} is not supported; use one of {', '.join(FAMILIES)}")
+        self.lora.check()
+        if self.lora.rank and self.trainable_blocks >= 0:
+            raise UserError(f"model.lora.rank={self.lora.rank} trains the adapters of every block and freezes the rest: "
+                            f"leave model.trainable_blocks=-1 (it is {self.trainable_blocks})")
 
 
 @dataclass
@@ -172,6 +193,8 @@ class TrainConfig:
     redraw_pk: bool = False         # sampler=ibc: each epoch draws (P, K) anew among global_batch's divisors (IBC on CUB)
     val_every_epochs: int = 0       # validate at the end of every N-th epoch (the papers' cadence) instead of val_every; 0 = off
     reload_best_at: list[float] = field(default_factory=list)  # epochs at whose start the best checkpoint's weights are loaded back (IBC)
+    compile: bool = False           # torch.compile of each transformer block (pipeline/train/compile.py); parallel=none or ddp
+    layer_decay: float = 1.0        # layer-wise lr decay: block i of L at lr x d^(L-1-i), embeddings d^L, head undecayed; 1.0 = off (pipeline/train/layer_decay.py)
 
     def check(self) -> None:
         """The batch arithmetic, the optimizer and schedule, the kernel: each refused in one line."""
@@ -201,6 +224,8 @@ class TrainConfig:
         if self.val_every_epochs < 0:
             raise UserError(f"train.val_every_epochs={self.val_every_epochs}: give a number of epochs, or 0 to use "
                             "train.val_every")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise UserError(f"train.layer_decay={self.layer_decay}: give a factor in (0, 1] (0.75 is usual; 1.0 = off)")
         if self.reload_best_at and not (self.val_every or self.val_every_epochs):
             raise UserError("train.reload_best_at needs a best checkpoint: set train.val_every_epochs or train.val_every")
 
@@ -397,6 +422,9 @@ class Config:
         if self.train.best_metric not in val_metric_names(ks):
             raise UserError(f"train.best_metric={self.train.best_metric}: use one of {', '.join(val_metric_names(ks))}")
         self.check_precision()
+        if self.train.compile and backend(self.parallel.name).holds_weights:
+            raise UserError(f"train.compile=true compiles each block, whose forward parallel={self.parallel.name} hooks "
+                            f"into (weights gathered per block); use parallel=none or ddp, or train.compile=false")
         d = self.data
         if d.eval_resize is not None and d.eval_resize < self.model.image_size:
             raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={self.model.image_size} "

@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.models import lora
 from pipeline.models.backbones import Backbone, family
 
 
@@ -49,7 +50,9 @@ ARCHITECTURE = ("family", "arch", "image_size", "patch_size", "depth", "width", 
 
 
 def architecture(cfg: ModelConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ARCHITECTURE}
+    """Plus model.lora's settings where LoRA is on (its parameters' names; a plain checkpoint stays as it was)."""
+    lora = {"lora": dataclasses.asdict(cfg.lora)} if cfg.lora.rank else {}
+    return {k: getattr(cfg, k) for k in ARCHITECTURE} | lora
 
 
 def freeze(backbone: Backbone, trainable_blocks: int) -> None:
@@ -85,9 +88,11 @@ def build_encoder(cfg: ModelConfig, seed: int, saved_config: dict | None = None)
     if start is not None:
         model.load_state_dict(load_file(str(start / "model.safetensors")))
     freeze(backbone, cfg.trainable_blocks)
+    lora.apply(model, backbone.blocks, cfg, seed)  # model.lora.rank > 0: peft's adapters, the base frozen
     if cfg.grad_checkpointing:
         backbone.set_grad_checkpointing()
     model.saved_config = backbone.saved_config
+    model.after_blocks = backbone.after_blocks  # the layers after the blocks, for train.layer_decay
     return model
 
 
@@ -154,7 +159,8 @@ def export(model: nn.Module, cfg: ModelConfig, out: Path) -> None:
 def exported_config(folder: Path | str) -> ModelConfig:
     """An export's model config (config.json may hold more: the ONNX file's preprocessing, say)."""
     saved = json.loads((Path(folder) / "config.json").read_text())
-    return ModelConfig(**{f.name: saved[f.name] for f in dataclasses.fields(ModelConfig) if f.name in saved})
+    return ModelConfig(**{f.name: saved[f.name] for f in dataclasses.fields(ModelConfig) if f.name in saved
+                          and f.name != "lora"})  # an export is a plain model (pipeline/models/lora.py)
 
 
 def load_exported(folder: Path | str) -> Embedder:

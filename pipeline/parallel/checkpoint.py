@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from pipeline import disk, trust
 from pipeline.config.backends import TABLE
@@ -47,10 +47,17 @@ BEST = "best"
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 
+def _options(model: nn.Module) -> StateDictOptions | None:
+    """A LoRA model (pipeline/models/lora.py) saves and loads only what trains: its frozen base is
+    rebuilt from the config and seed, so its checkpoints stay small."""
+    adapters = getattr(model, "trains_only_adapters", False)
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if adapters else None
+
+
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler=None) -> dict:
     if optimizer is None:
-        return {"model": get_state_dict(model, [])[0]}
-    model_state, optim_state = get_state_dict(model, optimizer)
+        return {"model": get_state_dict(model, [], options=_options(model))[0]}
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
     return {"model": model_state, "optim": optim_state, "scheduler": scheduler.state_dict()}
 
 
@@ -62,7 +69,8 @@ def save_dcp(folder: Path, model: nn.Module, optimizer, scheduler) -> None:
 def load_dcp(folder: Path, model: nn.Module, optimizer=None, scheduler=None, no_dist: bool = False) -> None:
     state = _state(model, optimizer, scheduler)
     trust.load_dcp(folder, state, no_dist)
-    set_state_dict(model, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+    set_state_dict(model, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {}),
+                   options=_options(model))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
 
@@ -202,7 +210,8 @@ def _meta(path: Path, expect_model: dict | None, expect_data: dict | None = None
         raise UserError(f"checkpoint {path} was trained on other data ({made}); use another run_dir, or force=true "
                         f"to start over")
     if expect_model is not None and meta.get("model") != expect_model:
-        diff = sorted(k for k in expect_model if meta.get("model", {}).get(k) != expect_model[k])
+        made = meta.get("model", {})
+        diff = sorted(k for k in {**made, **expect_model} if made.get(k) != expect_model.get(k))
         raise UserError(f"checkpoint {path} was made by another model config (differs in model.{', model.'.join(diff)}); "
                         f"use another run_dir, or force=true to start over")
     return meta

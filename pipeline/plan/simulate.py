@@ -248,6 +248,21 @@ def flop_counter() -> FlopCounterMode:
     return counter
 
 
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def skip_frozen(tracker: MemTracker, model: nn.Module) -> None:
+    """The trackers hook every parameter's gradient when its module runs, which a frozen parameter
+    refuses (LoRA's base, model.trainable_blocks): those are marked as hooked already (before each
+    `with tracker`, whose exit forgets the marks). A frozen parameter is then counted as a weight
+    only: no gradient, no optimizer state."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+
+
 class _ResetEachCall:
     """engine.model, resetting the tracker's per-module statistics before each call: the trackers
     refuse a root module called more than once per iteration, and the two-pass step calls it once per
@@ -394,6 +409,7 @@ def simulate(cfg: Config, chunk: int, fake: bool = True, steps: int = 2, backend
         for step in range(steps):
             phases, traffic.sent = _Phases(tracker, flops), {}  # the last step's figures are kept
             loss.on_peak = phases.transient
+            skip_frozen(tracker, engine.module)
             with tracker, flops, traffic.counting():
                 set_step(loss.loss, step)
                 two_pass_step(engine, images, labels, step_loss, chunk, cfg.seed, step, phases)

@@ -29,6 +29,7 @@ from pipeline.models.encoders import architecture, build_encoder
 from pipeline.progress import StepProgress
 from pipeline.run_context import RunContext
 from pipeline.run_dir import RunDir
+from pipeline.train.compile import compile_blocks
 from pipeline.train.optim import build_optimizer, resolve_epochs, sampler_of
 from pipeline.train.resume import restore_best, resume
 from pipeline.train.selection import ReloadBest, on_epochs
@@ -54,6 +55,7 @@ def train(cfg: Config, ctx: RunContext, stop: preemption.StopRequest) -> None:
                  if t.val_every or t.val_every_epochs else None)
     reload = ReloadBest(clock, t.reload_best_at, rd.checkpoints)
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
+    compile_blocks(model, t.compile)  # train.compile: torch.compile of each block, in place
     loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), model.dim, cfg.seed).to(device)
     model.unnormalized_in_training = wants_unnormalized(loss_fn)
     loss_state = (loss_fn, *loss_optimizer(loss_fn, cfg, clock))

@@ -8,7 +8,8 @@
                      multiplied by train.gamma at each of train.milestones (epochs), as torch's MultiStepLR
                      stepped once per epoch (the papers' loops: RS@k main.py:313-314, Roth main.py:299-300)
 
-Parameter groups: the embedding head at train.head_lr (None: train.lr, the papers' single group);
+Parameter groups: the embedding head at train.head_lr (None: train.lr, the papers' single group), the
+backbone at train.lr times its layer's train.layer_decay multiplier (pipeline/train/layer_decay.py);
 weight decay on weight matrices only, or on every parameter with train.decay_norms_biases (the papers).
 
 An epoch is the training split's images // train.global_batch steps (at least 1), as Roth et al.'s
@@ -29,6 +30,7 @@ from torch import nn
 from pipeline.config import Config, TrainConfig
 from pipeline.data.epoch_rules import FixedEpochs, build_sampler
 from pipeline.data.shards import ShardIndex
+from pipeline.train.layer_decay import lr_scales
 
 
 def steps_per_epoch(cfg: TrainConfig, train_images: int) -> int:
@@ -101,10 +103,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, per_epoch=1
     """per_epoch: optimizer steps per epoch (steps_per_epoch) or the sampler's epochs, for the milestones."""
     head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    scales = lr_scales(model, cfg.layer_decay)  # train.layer_decay: {} when off
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = head_lr if name.startswith("head.") else cfg.lr
+        lr = head_lr if name.startswith("head.") else cfg.lr * scales.get(name, 1.0)
         decay = cfg.weight_decay if param.ndim > 1 or cfg.decay_norms_biases else 0.0
         groups.setdefault((lr, decay), []).append(param)
     optimizer = _optimizer(cfg.optimizer, [{"params": p, "lr": lr, "weight_decay": wd}
