@@ -8,7 +8,7 @@ the preflight's (pipeline/preflight.py). The choice lists below are the ones the
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline import protocols
@@ -130,6 +130,16 @@ class ModelConfig:
     mean: list[float] | None = None  # input normalisation; None = the model's own (its weights' preprocessing)
     std: list[float] | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "ModelConfig":
+        """From a record of one (dataclasses.asdict, a checkpoint's or export's JSON); keys it does not know
+        are left out, model.lora becomes its dataclass again."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in saved.items() if k in known}
+        if isinstance(values.get("lora"), dict):
+            values["lora"] = LoraConfig(**values["lora"])
+        return cls(**values)
 
     def check(self) -> None:
         one_of(self.family, FAMILIES, f"model.family={self.family} is not supported; use one of {', '.join(FAMILIES)}")

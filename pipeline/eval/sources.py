@@ -97,14 +97,14 @@ def relative(path: Path, root: Path) -> str:
 def load(source: Source, root: Path) -> Loaded:
     """The encoder a Source names, in eval mode on the CPU; relative paths from the run directory `root`."""
     if source.kind == FROZEN:
-        model_cfg = ModelConfig(**source.model)
+        model_cfg = ModelConfig.from_dict(source.model)
         return Loaded(build_encoder(model_cfg, source.seed).eval(), model_cfg, "the encoder before finetuning")
     path = Path(root) / source.path
     if source.kind == "export":
         made = json.loads((path / "source.json").read_text()) if (path / "source.json").is_file() else None
         return Loaded(load_exported(path), exported_config(path), f"exported model `{path}`" + (
             f" (checkpoint `{made['checkpoint']}`, step {made['step']})" if made else ""), path)
-    model_cfg = ModelConfig(**source.model)
+    model_cfg = ModelConfig.from_dict(source.model)
     model = build_encoder(model_cfg, source.seed)
     meta = checkpoint.load_weights(path, model, expect_model=architecture(model_cfg), expect_data=source.data)
     return Loaded(model.eval(), model_cfg, f"checkpoint `{path}` (step {meta['step']})", path, meta["step"])

@@ -159,8 +159,7 @@ def export(model: nn.Module, cfg: ModelConfig, out: Path) -> None:
 def exported_config(folder: Path | str) -> ModelConfig:
     """An export's model config (config.json may hold more: the ONNX file's preprocessing, say)."""
     saved = json.loads((Path(folder) / "config.json").read_text())
-    return ModelConfig(**{f.name: saved[f.name] for f in dataclasses.fields(ModelConfig) if f.name in saved
-                          and f.name != "lora"})  # an export is a plain model (pipeline/models/lora.py)
+    return ModelConfig.from_dict({k: v for k, v in saved.items() if k != "lora"})  # an export is a plain model (lora.py)
 
 
 def load_exported(folder: Path | str) -> Embedder:
