@@ -10,7 +10,7 @@ import statistics
 from conftest import REPO
 from scipy.stats import ttest_ind
 
-from pipeline import sweep
+from pipeline.sweep import grid as sweep
 from pipeline.run_dir import RunDir
 
 spec = importlib.util.spec_from_file_location("study_finetuning", REPO / "tools" / "study_finetuning.py")

@@ -27,6 +27,7 @@ Runs go --jobs at a time across the two batches' folders, one thread each; finis
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -36,13 +37,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
-import study_glyphs  # the pretraining, the benchmark and the frozen run
-import sweep as sweep_tool  # tools/sweep.py: starting a run, sharing shards
+from pipeline.sweep import grid as sweep  # noqa: E402
+from pipeline.sweep import summary as sweep_summary  # noqa: E402
 
-from pipeline.sweep import grid as sweep
-from pipeline.sweep import summary as sweep_summary
+
+def _tool(name: str):
+    """A script of tools/ loaded by path (tools/ on sys.path would make its sweep.py the top-level `sweep`)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study_glyphs = _tool("study_glyphs")  # the pretraining, the benchmark and the frozen run
+sweep_tool = _tool("sweep")  # tools/sweep.py: starting a run, sharing shards
 
 EPOCHS = 15
 PROTOCOL = [*study_glyphs.BENCHMARK, "stage=eval", "eval.models=[finetuned]", f"train.epochs={EPOCHS}",

@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from pipeline import sweep
+from pipeline.sweep import grid as sweep
 from pipeline.run_dir import RunDir
 
 # The glyphs study's protocol and helpers, loaded by path: tools/ on sys.path would put its sweep.py
