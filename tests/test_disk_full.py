@@ -98,9 +98,11 @@ def test_shard_stage_on_a_full_disk_removes_its_tmp(small_disk, monkeypatch, cap
     assert run_here(f"run_dir={run}", *SMALL, "stage=shard") == 2 and filled
     lines = [line for line in capsys.readouterr().err.strip().splitlines() if not re.match(r"\d\d:\d\d:\d\d ", line)]
     assert len(lines) == 1, lines
-    assert lines[0].startswith("error: writing the shard stage's output ") and "failed: no space left on the device" \
-        in lines[0] and lines[0].endswith("free some space or put run_dir on a larger disk, then run the same command again")
-    assert not list(run.rglob("*.tmp")) and not (run / "shards").exists() and not (run / "stages" / "shard.json").exists()
+    assert lines[0].startswith("error: writing the shard stage's output ")
+    assert "failed: no space left on the device" in lines[0]
+    assert lines[0].endswith("free some space or put run_dir on a larger disk, then run the same command again")
+    assert not list(run.rglob("*.tmp")) and not (run / "shards").exists()
+    assert not (run / "stages" / "shard.json").exists()
     assert "Traceback" in (run / "logs" / "rank0.log").read_text()  # the full story is in the log
 
     monkeypatch.setattr(preflight, "check_data", real_check)  # the same full disk, known up front: refused
