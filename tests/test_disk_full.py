@@ -80,12 +80,36 @@ def test_preflight_refuses_checkpoints_that_cannot_fit(small_disk):
     assert not (run / "checkpoints").exists()
 
 
-def test_shard_stage_on_a_full_disk_removes_its_tmp(small_disk):
+def test_shard_stage_on_a_full_disk_removes_its_tmp(small_disk, monkeypatch, capsys):
+    """The preflight's estimate of the shards (~1 MB) passes; the disk then fills before the shard
+    writer runs, so the tars meet ENOSPC: one line, shards.tmp removed, no stage marked done. On a disk
+    already that full the preflight refuses, writing nothing. In process (runner.main): no start-up."""
+    from test_validation import run_here
+
+    from pipeline import preflight
+
     run = small_disk / "run"
-    run.mkdir()
-    fill(small_disk, keep_free=400_000)  # the preflight's estimate of the shards is ~1 MB: it refuses
-    refused = run_pipeline(f"run_dir={run}", *SMALL, "stage=shard", check=False)
-    assert refused.returncode == 2 and "the shards of " in refused.stderr and "free some space" in refused.stderr
+    real_check, filled = preflight.check_data, []
+
+    def check_then_fill(cfg, root):  # the disk fills between the space check and the write
+        real_check(cfg, root)
+        filled.append(fill(small_disk, keep_free=200_000))  # room for the config and the log, not the shards
+    monkeypatch.setattr(preflight, "check_data", check_then_fill)
+    assert run_here(f"run_dir={run}", *SMALL, "stage=shard") == 2 and filled
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not re.match(r"\d\d:\d\d:\d\d ", line)]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: writing the shard stage's output ")
+    assert "failed: no space left on the device" in lines[0]
+    assert lines[0].endswith("free some space or put run_dir on a larger disk, then run the same command again")
+    assert not list(run.rglob("*.tmp")) and not (run / "shards").exists()
+    assert not (run / "stages" / "shard.json").exists()
+    assert "Traceback" in (run / "logs" / "rank0.log").read_text()  # the full story is in the log
+
+    monkeypatch.setattr(preflight, "check_data", real_check)  # the same full disk, known up front: refused
+    assert run_here(f"run_dir={small_disk / 'other'}", *SMALL, "stage=shard") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the shards of ") and "free some space" in lines[0], lines
+    assert not (small_disk / "other").exists()
 
 
 def test_read_only_and_torch_save_failures_are_recognised(tmp_path):
