@@ -91,7 +91,6 @@ def check_reloaded(model: dict, loss: dict, run, args) -> None:
     assert "[shard] complete, skipped" in log and "step 4: weights of the best checkpoint step_2" in log
 
 
-@pytest.mark.slow
 def test_ibc_reloads_the_best_weights_at_the_lr_drop(digits_run, tmp_path, monkeypatch):
     """recipe=ibc's rule (the best weights, the model's and the MPN loss's, loaded back at an lr drop) on a
     small run whose scripted validation peaks at step 2: the step after the drop (step 4) starts from
