@@ -20,7 +20,7 @@ from pipeline.parallel.engine import transformer_blocks
 
 TINY = ["model.image_size=32", "model.patch_size=8", "model.depth=2", "model.width=64", "model.heads=2",
         "model.embed_dim=16", "model.drop_path=0.0"]
-TIMM_TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+TIMM_TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
 # One of each new tower type: (the user's model arguments, the blocks' prefix in the backbone)
 TOWERS = {
@@ -150,7 +150,7 @@ def test_open_clip_timm_tower_checkpoint(arch, tmp_path):
     model_cfg = open_clip.get_model_config(arch)
     with tiny_timm_trunks():
         upstream = open_clip.CLIP(embed_dim=model_cfg["embed_dim"], vision_cfg={**model_cfg["vision_cfg"], "image_size": 32},
-                                  text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
+                                  text_cfg={"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
     save_file(upstream.state_dict(), str(tmp_path / "open_clip_model.safetensors"))
     cfg = user_model("model.family=open_clip", f"model.arch={arch}",
                      f"model.pretrained={tmp_path / 'open_clip_model.safetensors'}", *TINY)
@@ -169,7 +169,7 @@ def siglip2_reference(upstream, x):
                     spatial_shapes=grid).pooler_output
 
 
-HF_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, patch_size=8)
+HF_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256, "patch_size": 8}
 
 
 @pytest.mark.parametrize("arch", ["DINOv3ViTModel", "Siglip2VisionModel", "Aimv2VisionModel"])
@@ -182,8 +182,8 @@ def test_transformers_folder(arch, tmp_path):
     elif arch == "Siglip2VisionModel":
         vision = transformers.Siglip2VisionConfig(**HF_TINY, num_patches=16)
         saved = transformers.Siglip2Model(transformers.Siglip2Config(
-            vision_config=vision.to_dict(), text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                             intermediate_size=64, vocab_size=50000)))
+            vision_config=vision.to_dict(), text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                             "intermediate_size": 64, "vocab_size": 50000}))
         upstream = saved.vision_model
         reference = functools.partial(siglip2_reference, upstream)
     else:

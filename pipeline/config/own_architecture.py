@@ -28,5 +28,6 @@ def own_architecture(config: Config, before: tuple[str, str], sources: dict[str,
         sources[leaf] = label
     if not dropped:
         return []
-    return [f"model.arch={m.arch}: {', '.join(dropped)} of {before[1]} dropped (the architecture's own values apply; "
-            f"give them on the command line to keep them)"]
+    note = (f"model.arch={m.arch}: {', '.join(dropped)} of {before[1]} dropped (the architecture's own values "
+            f"apply; give them on the command line to keep them)")
+    return [note]

@@ -18,6 +18,7 @@ import torch
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.models.backbone import Backbone, hub_name, pretrained_path
+from pipeline.models.transformers.loading import loading_problem
 from pipeline.models.transformers.models import PooledOutput, config_overrides, random_config, spec
 from pipeline.trust import pickle_allowed, refused
 
@@ -60,12 +61,18 @@ def _from_pretrained(cfg: ModelConfig, model_cls, config_cls, overrides: dict):
     try:  # .bin files: torch.load(weights_only=True) unless train.trust_checkpoint=true (pipeline/trust.py)
         trusted = _trusted_bin_weights(Path(where)) if hub_name(cfg) is None else None
         if trusted is None:
-            return model_cls.from_pretrained(where, **overrides)
-        return model_cls.from_pretrained(None, config=config_cls.from_pretrained(where, **overrides), state_dict=trusted)
+            model, info = model_cls.from_pretrained(where, output_loading_info=True, **overrides)
+        else:
+            model, info = model_cls.from_pretrained(None, config=config_cls.from_pretrained(where, **overrides),
+                                                    state_dict=trusted, output_loading_info=True)
     except pickle.UnpicklingError as e:
         raise refused(where, "model.pretrained", e) from None
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"model.pretrained={cfg.pretrained}: {str(e).splitlines()[0]}") from None
+    problem = loading_problem(info)
+    if problem:  # transformers would leave it at random, with a warning only
+        raise UserError(f"model.pretrained={cfg.pretrained} does not fit transformers {cfg.arch}: {problem}")
+    return model
 
 
 def _checkpointing(model):

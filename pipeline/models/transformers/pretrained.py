@@ -1,20 +1,20 @@
 """The preflight's rule for transformers weights: a from_pretrained folder (config.json and weights) of
-a model_type that model.arch loads, whose safetensors names and shapes are those of the model its
-config (with the user's overrides) builds on the meta device; a hub id is checked where the Hugging
-Face cache holds it. A full model's folder (a SigLIP 2 with its text tower) may hold more."""
+a model_type that model.arch loads, whose safetensors weights transformers itself loads onto the
+model its config (with the user's overrides) builds on the meta device, none missing, none of
+another shape; a hub id is checked where the Hugging Face cache holds it. A full model's folder (a
+SigLIP 2 with its text tower) may hold more."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
-
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.models.backbone import hub_name
 from pipeline.models.transformers.build import classes
+from pipeline.models.transformers.loading import loading_problem
 from pipeline.models.transformers.models import config_overrides
-from pipeline.models.weights_file import first_mismatch, meta_state, sharded_index
+from pipeline.models.weights_file import sharded_index
 
 # A transformers from_pretrained folder: its config and one of these weight files.
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -36,11 +36,11 @@ def check_pretrained(cfg: ModelConfig) -> None:
     except (OSError, ValueError):
         raise UserError(f"model.pretrained={cfg.pretrained} has no readable config.json; "
                         f"give a folder written by save_pretrained or a hub snapshot") from None
-    s, model_cls, config_cls = classes(cfg)
+    s, model_cls, _ = classes(cfg)
     if model_type not in s.model_types:
         raise UserError(f"model.pretrained={cfg.pretrained} holds a {model_type} model, not a {cfg.arch}; "
                         f"give that model's folder or change model.arch")
-    _check_fits(cfg, path, model_cls, config_cls.from_pretrained(str(path), **config_overrides(cfg, s)))
+    _check_fits(cfg, path, model_cls, config_overrides(cfg, s))
 
 
 def _cached_snapshot(hub_id: str) -> Path | None:
@@ -50,19 +50,17 @@ def _cached_snapshot(hub_id: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def _check_fits(cfg: ModelConfig, folder: Path, model_cls, config) -> None:
-    files = sharded_index(folder)
-    if not files:
+def _check_fits(cfg: ModelConfig, folder: Path, model_cls, overrides: dict) -> None:
+    """transformers' own loading (its key renaming, a full model's prefix) onto the meta device: what it
+    would leave randomly initialised or could not load."""
+    if not sharded_index(folder):
         return  # .bin weights only: read at the build (they may need train.trust_checkpoint)
-    with torch.device("meta"):
-        model = model_cls(config)
-    found: dict = {}
-    for f in files:
-        found.update(meta_state(f))
-    prefix = model.base_model_prefix + "."
-    expected = model.state_dict()
-    found = {k[len(prefix):] if k.startswith(prefix) and k not in expected else k: v for k, v in found.items()}
-    problem = first_mismatch(expected, found, extra_allowed=True)
+    try:
+        _, info = model_cls.from_pretrained(str(folder), device_map="meta", output_loading_info=True,
+                                            ignore_mismatched_sizes=True, **overrides)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"model.pretrained={cfg.pretrained}: {str(e).splitlines()[0]}") from None
+    problem = loading_problem(info)
     if problem:
         raise UserError(f"model.pretrained={cfg.pretrained} does not fit transformers {cfg.arch}: {problem}; "
                         f"give that model's folder or leave the model's shape keys unset")
