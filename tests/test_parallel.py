@@ -10,7 +10,7 @@ from functools import lru_cache
 import pytest
 import torch
 from conftest import REPO, SMALL, run_torchrun
-from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, VARIANTS, problem, sgd
+from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, TOWER_VARIANTS, VARIANTS, problem, sgd
 from safetensors.torch import load_file
 
 from pipeline.config import TrainConfig
@@ -25,6 +25,7 @@ BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
 # The loss variants (SiMix split across ranks; RS@k computed whole on every rank) run on DDP by default;
 # the loss path does not depend on the backend, the other backends run them in the slow set.
 DEFAULT_LOSS_COMBOS = tuple(f"ddp:{v}" for v in LOSS_VARIANTS)
+TOWER_COMBOS = tuple(f"{b}:{v}" for b in ("fsdp2", "zero3") for v in TOWER_VARIANTS)
 
 
 def torchrun_script(nproc: int, script: str, *args: str) -> None:
@@ -39,7 +40,7 @@ def worker_out(tmp_path_factory):
     """One torchrun launch runs every backend and variant (the start-up is most of the cost)."""
     out = tmp_path_factory.mktemp("parallel")
     torchrun_script(2, "tests/parallel_worker.py", str(out), ",".join(BACKENDS), ",".join(VARIANTS + ("clip",)),
-                    ",".join(DEFAULT_LOSS_COMBOS))
+                    ",".join(DEFAULT_LOSS_COMBOS + TOWER_COMBOS))
     return out
 
 
@@ -133,6 +134,16 @@ def test_loss_split_or_whole_equals_one_process(worker_out, combo):
     """SiMix split across the 2 ranks (originals and virtual queries shared out) and RS@k computed whole
     on every rank (split_across_ranks=False, the path of the losses that do not split)."""
     assert_equals_one_process(worker_out, *combo.split(":"))
+
+
+@pytest.mark.parametrize("combo", TOWER_COMBOS)
+def test_new_tower_under_sharding_equals_one_process(worker_out, combo):
+    """DINOv3 (timm: RoPE, registers) with activation checkpointing and model.trainable_blocks=1, its
+    blocks sharded by FSDP2 or ZeRO-3 over 2 processes: the one-process one-pass step."""
+    start, got = assert_equals_one_process(worker_out, *combo.split(":"))
+    frozen = [n for n in start if n.startswith("backbone.blocks.0.") or n.startswith("backbone.patch_embed.")]
+    assert frozen and all(torch.equal(got[n], start[n]) for n in frozen)
+    assert not torch.equal(got["backbone.blocks.1.attn.qkv.weight"], start["backbone.blocks.1.attn.qkv.weight"])
 
 
 @pytest.mark.slow
