@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import load_config
 from pipeline.config.loader import resolve
+from pipeline.models import accounting
 from pipeline.models.encoders import build_encoder, export, load_exported
 from pipeline.parallel.engine import transformer_blocks
 
@@ -42,7 +43,8 @@ def user_model(*args):
 @pytest.mark.parametrize("tower", list(TOWERS))
 def test_each_tower_freezes_checkpoints_shards_and_exports(tower, tmp_path):
     """trainable_blocks=1 under activation checkpointing: only the last block, what follows it and the
-    head get gradients; FSDP2's block finder sees the tower's blocks; the export rebuilds it."""
+    head get gradients; FSDP2's block finder sees the tower's blocks; the export rebuilds it; its FLOPs
+    count on the meta device (what the plan and the MFU log do)."""
     args, blocks = TOWERS[tower]
     cfg = user_model(*args, *TINY, "model.trainable_blocks=1", "model.grad_checkpointing=true")
     model = build_encoder(cfg, seed=1).train()
@@ -58,6 +60,7 @@ def test_each_tower_freezes_checkpoints_shards_and_exports(tower, tmp_path):
     export(model, cfg, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(load_exported(tmp_path)(x), model.eval()(x))
+    assert accounting.flops_per_image(cfg, 2) > 0
 
 
 def test_model_arch_means_that_architecture():

@@ -3,7 +3,7 @@
 Each takes images (B, 3, H, W) and gives its pooled output: DINOv2's and DINOv3's layer-normed class
 token (DINOv3's register tokens left out), CLIP's post-layernormed class token, SigLIP 2's and AIMv2's
 attention-pooling head. SigLIP 2 is a NaFlex model: it takes patches, a mask and each image's patch
-grid, which `Siglip2Inputs` makes from the images as Siglip2ImageProcessor would (row-major patches,
+grid, which `siglip2_inputs` makes from the images as Siglip2ImageProcessor would (row-major patches,
 each flattened as (patch, patch, channel)); its learned position embeddings are resized to the grid."""
 from __future__ import annotations
 
@@ -90,5 +90,6 @@ def siglip2_inputs(images: torch.Tensor, patch: int) -> dict:
     patches = images[:, :, :gh * patch, :gw * patch].reshape(b, c, gh, patch, gw, patch)
     patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch * patch * c)
     # The grid on the CPU: the embeddings read it with .tolist() (no device sync; works on the meta device).
+    # No mask: every image fills its grid, and an all-ones mask is read with .all() (not on meta or fake tensors).
     return {"pixel_values": patches, "spatial_shapes": torch.tensor([[gh, gw]] * b, device="cpu"),
-            "pixel_attention_mask": torch.ones(b, gh * gw, dtype=torch.long, device=images.device)}
+            "pixel_attention_mask": None}
