@@ -44,6 +44,13 @@ def test_a_model_that_cannot_be_built_is_one_line():
         check("model.family=open_clip", "model.arch=ViT-Q-99")
     with pytest.raises(UserError, match="trainable_blocks=9 but the backbone has 2 blocks"):
         check("model.depth=2", "model.trainable_blocks=9")
+    with pytest.raises(UserError, match="open_clip RN50 has no ViT image tower"):
+        check("model.family=open_clip", "model.arch=RN50")
+    with pytest.raises(UserError, match="timm resnet18 has no transformer blocks"):
+        check("model.arch=resnet18")
+    with pytest.raises(UserError, match="not a supported transformers model; use one of Dinov2Model, CLIPVisionModel, "
+                                        "DINOv3ViTModel, Siglip2VisionModel, Aimv2VisionModel"):
+        check("model.family=transformers", "model.arch=facebook/dinov3-vits16-pretrain-lvd1689m")
 
 
 def test_open_clip_checkpoint_of_another_size(tmp_path):

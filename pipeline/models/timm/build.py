@@ -40,6 +40,11 @@ def model_name(cfg: ModelConfig) -> str:
     return name
 
 
+def not_a_vit(cfg: ModelConfig) -> str:
+    return (f"timm {cfg.arch} has no transformer blocks (model.blocks); this project finetunes ViT-like timm "
+            f"models (ViT, DINOv2/v3, EVA, AIMv2, SigLIP...)")
+
+
 def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
     import timm
 
@@ -58,10 +63,11 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
         if "Unknown model" in str(e):
             raise UserError(f"model.arch={cfg.arch} is not a timm model name (see timm.list_models())") from None
         raise
-    except TypeError as e:  # a shape key the architecture does not take (a ResNet has no depth=...)
+    except TypeError as e:  # a key the architecture does not take: a CNN has no img_size, some ViTs no depth
+        if "img_size" in str(e):
+            raise UserError(not_a_vit(cfg)) from None
         raise UserError(f"timm {cfg.arch} does not take these model keys ({e}); leave them unset") from None
     blocks = getattr(model, "blocks", None)
     if blocks is None or not len(blocks):
-        raise UserError(f"timm {cfg.arch} has no transformer blocks (model.blocks); this project finetunes "
-                        f"ViT-like timm models (ViT, DINOv2/v3, EVA, AIMv2, SigLIP...)")
+        raise UserError(not_a_vit(cfg))
     return Backbone(model, model.num_features, blocks, AFTER_BLOCKS, lambda: model.set_grad_checkpointing(True))
