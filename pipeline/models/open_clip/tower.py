@@ -49,8 +49,12 @@ def build_tower(cfg: ModelConfig) -> nn.Module:
         if cfg.heads:
             vision["head_width"] = vision["width"] // cfg.heads
         context = contextlib.nullcontext()
-    with context:
-        return _build_vision_tower(model_cfg["embed_dim"], vision, quick_gelu=model_cfg.get("quick_gelu", False))
+    try:
+        with context:
+            return _build_vision_tower(model_cfg["embed_dim"], vision, quick_gelu=model_cfg.get("quick_gelu", False))
+    except (AssertionError, TypeError) as e:  # the library's own checks of the shape keys
+        raise UserError(f"open_clip {cfg.arch} cannot be built with these model keys ({e or 'a shape check failed'}); "
+                        f"set model.width, model.heads and model.patch_size to values it takes") from None
 
 
 @contextlib.contextmanager

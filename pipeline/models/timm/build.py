@@ -67,6 +67,9 @@ def build(cfg: ModelConfig, saved_config: dict | None = None) -> Backbone:
         if "img_size" in str(e):
             raise UserError(not_a_vit(cfg)) from None
         raise UserError(f"timm {cfg.arch} does not take these model keys ({e}); leave them unset") from None
+    except AssertionError as e:  # timm's own checks, e.g. a width that the heads do not divide
+        raise UserError(f"timm {cfg.arch} cannot be built with these model keys ({e or 'a shape check failed'}); "
+                        f"set model.width, model.heads and model.patch_size to values it takes") from None
     blocks = getattr(model, "blocks", None)
     if blocks is None or not len(blocks):
         raise UserError(not_a_vit(cfg))
