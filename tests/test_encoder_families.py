@@ -155,11 +155,19 @@ def test_open_clip_timm_tower_checkpoint(arch, tmp_path):
         upstream = open_clip.CLIP(embed_dim=model_cfg["embed_dim"], vision_cfg={**model_cfg["vision_cfg"], "image_size": 32},
                                   text_cfg={"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
     save_file(upstream.state_dict(), str(tmp_path / "open_clip_model.safetensors"))
-    cfg = user_model("model.family=open_clip", f"model.arch={arch}",
-                     f"model.pretrained={tmp_path / 'open_clip_model.safetensors'}", *TINY)
+    args = ["model.family=open_clip", f"model.arch={arch}", f"model.pretrained={tmp_path / 'open_clip_model.safetensors'}",
+            *TINY]
+    cfg = user_model(*args)
     model = build_encoder(cfg, seed=0)
     assert set(model.backbone.state_dict()) == {k[len("visual."):] for k in upstream.state_dict() if k.startswith("visual.")}
     assert_same_embedding(model, upstream.eval().encode_image, torch.randn(2, 3, 32, 32))
+    # Another image size: the position table resampled (a 4x4 grid to 6x6), as timm does for its own weights.
+    larger = build_encoder(user_model(*args, "model.image_size=48"), seed=0)
+    trunk = upstream.visual.trunk
+    prefix = 0 if getattr(trunk, "no_embed_class", False) else trunk.num_prefix_tokens
+    expected = timm.layers.resample_abs_pos_embed(trunk.pos_embed.detach(), new_size=(6, 6), num_prefix_tokens=prefix)
+    torch.testing.assert_close(larger.backbone.trunk.pos_embed.detach(), expected)
+    assert larger.eval()(torch.randn(1, 3, 48, 48)).shape == (1, 16)
 
 
 def siglip2_reference(upstream, x):
