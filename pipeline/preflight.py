@@ -5,33 +5,30 @@ Each check raises a UserError; `problems` runs those the planned stages need and
 message, one line each. The runner prints them and exits with status 2 before it writes anything.
 Checked: the dataset folder and its list files (the converter's own reading), free disk for the
 shards (from a few images encoded as the shard stage does) and for train.keep_checkpoints + 1
-checkpoints, `model.pretrained` (exists, and is in
-the family's format), the DeepSpeed JSON, the global batch / chunk / process arithmetic, and that
-the run directory can be written. The accelerate YAML is checked by slurm/launch.sh, before the
+checkpoints, the model (built on the meta device; `model.pretrained` exists, is in the family's
+format and its names and shapes fit the architecture), the DeepSpeed JSON, the global batch /
+chunk / process arithmetic, and that the run directory can be written. The accelerate YAML is checked by slurm/launch.sh, before the
 launcher reads it.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipeline.config import Config, ModelConfig
 from pipeline.config.backends import backend
+from pipeline.errors import UserError
+from pipeline.models.weights_file import weights_format  # noqa: F401 - the preflight's name for it
 from pipeline.parallel import distributed
 from pipeline.parallel.checkpoint_names import check_checkpoint_spec, check_foreign_checkpoint
 from pipeline.parallel.shares import check_processes, check_shares
-from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
 from pipeline.tracking import check_installed
 
 BUILDS_MODEL = ("embed", "finetune", "export", "eval")
-# A transformers from_pretrained folder: its config and one of these weight files.
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-HF_MODEL_TYPES = {"Dinov2Model": ("dinov2",), "CLIPVisionModel": ("clip", "clip_vision_model")}
 
 
 def passes(cfg: Config, rd: RunDir, processes: int, planned: Callable[[], list[str]]) -> bool:
@@ -48,8 +45,8 @@ def problems(cfg: Config, rd: RunDir, processes: int, stages: list[str]) -> list
     checks: list[Callable[[], None]] = [lambda: check_run_dir(rd.root), lambda: check_installed(cfg.track)]
     if "shard" in stages:
         checks.append(lambda: check_data(cfg, rd.root))
-    if cfg.model.pretrained and any(s in stages for s in BUILDS_MODEL):
-        checks.append(lambda: check_pretrained(cfg.model))
+    if any(s in stages for s in BUILDS_MODEL):
+        checks.append(lambda: check_model(cfg.model))
     if "finetune" in stages:
         checks.append(lambda: check_processes(cfg.parallel.name, processes))
         checks.append(lambda: check_shares(cfg.train, processes))
@@ -105,59 +102,14 @@ def check_data(cfg: Config, root: Path) -> None:
                         f"{free / 1e9:.1f} GB free; free some space or put run_dir on a larger disk")
 
 
-def check_pretrained(cfg: ModelConfig) -> None:
-    """model.pretrained exists and is what the family loads: a weights file (safetensors or
-    torch.save's format) for timm and open_clip, a from_pretrained folder of that model for transformers,
-    or a folder this project exported of the same architecture."""
-    from pipeline.models.backbones import family
-    from pipeline.models.encoders import exported_start, is_exported
+def check_model(cfg: ModelConfig) -> None:
+    """The model can be built and model.pretrained fits it (each family's rules: pipeline/models/<family>/)."""
+    from pipeline.models.model_check import check_model as check
 
-    family(cfg)  # an unknown model.family is its own one-line error
-    path = Path(cfg.pretrained).expanduser()
-    if not path.exists():
-        raise UserError(f"model.pretrained={cfg.pretrained} does not exist; give the local {cfg.family} weights")
-    if is_exported(path):
-        exported_start(cfg)  # this project's export: the architecture must be the same
-    elif cfg.family == "transformers":
-        _check_hf_folder(cfg, path)
-    elif path.is_dir():
-        raise UserError(f"model.pretrained={cfg.pretrained} is a folder; {cfg.family} needs the weights file "
-                        f"(e.g. model.safetensors or open_clip_pytorch_model.bin)")
-    elif weights_format(path) is None:
-        raise UserError(f"model.pretrained={cfg.pretrained} is neither a safetensors file nor a torch.save file; "
-                        f"give the {cfg.family} checkpoint file")
+    check(cfg)
 
 
-def weights_format(path: Path) -> str | None:
-    """'safetensors', 'zip' (torch.save since torch 1.6, numpy .npz), 'pickle' (older torch.save), or None."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
-    if len(head) == 9 and int.from_bytes(head[:8], "little") < size and head[8:9] == b"{":
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04":
-        return "zip"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
-    return None
-
-
-def _check_hf_folder(cfg: ModelConfig, path: Path) -> None:
-    if not path.is_dir():
-        raise UserError(f"model.pretrained={cfg.pretrained} is a file; transformers needs the from_pretrained "
-                        f"folder that holds config.json and the weights")
-    if not any((path / name).is_file() for name in HF_WEIGHTS):
-        raise UserError(f"model.pretrained={cfg.pretrained} has no weights ({', '.join(HF_WEIGHTS)}); "
-                        f"give a folder written by save_pretrained or a hub snapshot")
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        raise UserError(f"model.pretrained={cfg.pretrained} has no readable config.json; "
-                        f"give a folder written by save_pretrained or a hub snapshot") from None
-    expected = HF_MODEL_TYPES.get(cfg.arch)
-    if expected and model_type not in expected:
-        raise UserError(f"model.pretrained={cfg.pretrained} holds a {model_type} model, not a {cfg.arch}; "
-                        f"give that model's folder or change model.arch")
+check_pretrained = check_model  # the name earlier rounds used
 
 
 def check_export_folder(folder: str) -> None:

@@ -37,6 +37,9 @@ LOSS_VARIANTS = ("simix", "whole_loss")
 # What trains and at which lr (issue 39), through the finetune stage's optimizer factory: layer_decay saves
 # weights and losses; lora also its checkpoint (of what trains only) exported and reloaded, as `plain`.
 OPTION_VARIANTS = ("layer_decay", "lora")
+# A new tower type (issue 37): DINOv3 in timm (RoPE, register tokens), activation checkpointing on and
+# only its last block trainable; its blocks are what FSDP2 and ZeRO-3 shard.
+TOWER_VARIANTS = ("dinov3",)
 PRECISION_VARIANTS = {"bf16": "fp32", "bf16_comm": "bf16"}  # variant -> parallel.param_dtype, under train.precision=bf16
 
 
@@ -54,7 +57,14 @@ def problem(variant: str):
     lora = LoraConfig(rank=4, alpha=8.0, dropout=0.2) if variant == "lora" else LoraConfig()
     cfg = ModelConfig(patch_size=8, depth=2, embed_dim=24, drop_path=0.2, lora=lora,
                       grad_checkpointing=frozen_ckpt or variant == "lora")
+    if variant == "dinov3":
+        cfg = ModelConfig(family="timm", arch="vit_small_patch16_dinov3", global_pool="token", patch_size=8, depth=2,
+                          width=64, heads=2, embed_dim=24, drop_path=0.2, grad_checkpointing=True, trainable_blocks=1)
     model = build_encoder(cfg, seed=0).train()
+    if variant == "dinov3":  # layer scales as trained (timm starts them at 1e-5: a class token blind to the image)
+        for name, p in model.named_parameters():
+            if ".gamma_" in name:
+                torch.nn.init.constant_(p, 1.0)
     if frozen_ckpt:
         for part in (model.backbone.patch_embed, model.backbone.blocks[0]):
             part.requires_grad_(False)
@@ -162,7 +172,7 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
         state = engine.full_state_dict()
         if world.is_main:
             (out / f"{backend}-{variant}.losses.json").write_text(json.dumps(losses))
-        if variant in LOSS_VARIANTS + ("layer_decay",):
+        if variant in LOSS_VARIANTS + TOWER_VARIANTS + ("layer_decay",):
             if world.is_main:
                 torch.save(state, out / f"{backend}-{variant}.pt")
             distributed.barrier()

@@ -135,6 +135,6 @@ def test_every_key_is_classified_once():
 
 def test_the_choice_lists_are_what_the_features_build():
     from pipeline.config.schema import FAMILIES
-    from pipeline.models.backbones import families
+    from pipeline.models.families import families
 
     assert tuple(families()) == FAMILIES

@@ -1,7 +1,8 @@
 """Every large preset at its real size (224 px, random weights), on the CPU: the parameter count equals
 the library's own model of that name, the upstream format loads back through model.pretrained, and
-images embed; the two-pass step at full size (ViT-L/14: one process; ViT-g/14: fsdp2 and zero3 on
-2 processes against one). Only the ViT-L/14 forward of one image and the harness on the tiny preset are in the default suite; the rest
+images embed; the two-pass step at full size (the L-size presets: one process; ViT-g/14: fsdp2 and
+zero3 on 2 processes against one); the giants (DINOv3 ViT-7B and H+, PE-Core bigG) counted on the
+meta device. Only the ViT-L/14 forward of one image and the harness on the tiny preset are in the default suite; the rest
 is slow (minutes each; the ViT-g/14 steps need about 17 GiB free, 21 under zero3: the machine to themselves).
 FULL_SIZE_LOG=path appends each step's figures (times, peak memory per rank, update errors) to that
 file as JSON lines."""
@@ -20,13 +21,23 @@ from pipeline.config import ModelConfig, load_config
 from pipeline.parallel import host_memory
 from pipeline.models.encoders import build_encoder
 
-PRESETS = ("vitl14_clip", "dinov2_vitl14", "dinov2_vitl14_hf", "clip_vitl14_hf", "vitg14_clip", "dinov2_vitg14")
+# The 2026 foundations at L size (issue 37): DINOv3 (timm, transformers), SigLIP 2, PE-Core, EVA-02, AIMv2.
+NEW_L = ("dinov3_vitl16", "dinov3_vitl16_hf", "siglip2_so400m14", "siglip2_vitl16_256", "pecore_l14_336", "eva02_l14",
+         "aimv2_l14")
+PRESETS = ("vitl14_clip", "dinov2_vitl14", "dinov2_vitl14_hf", "clip_vitl14_hf", "vitg14_clip", "dinov2_vitg14", *NEW_L)
+# Too large to build on this machine: their counts on the meta device (no memory), against the library's.
+GIANTS = {"dinov3_vit7b16": 6_716_030_976, "dinov3_vith16plus": 840_509_440, "pecore_bigg14_448": 1_882_033_920}
 # The released checkpoints' transformers configs (facebook/dinov2-large, openai/clip-vit-large-patch14).
 HF_CONFIGS = {"dinov2_vitl14_hf": ("Dinov2Model", "Dinov2Config", dict(hidden_size=1024, num_hidden_layers=24,
                                     num_attention_heads=16, patch_size=14, image_size=518, mlp_ratio=4)),
               "clip_vitl14_hf": ("CLIPVisionModel", "CLIPVisionConfig", dict(hidden_size=1024, num_hidden_layers=24,
                                  num_attention_heads=16, intermediate_size=4096, patch_size=14, image_size=224,
-                                 projection_dim=768, hidden_act="quick_gelu"))}
+                                 projection_dim=768, hidden_act="quick_gelu")),
+              # facebook/dinov3-vitl16-pretrain-lvd1689m's config.json (transformers' defaults for the rest:
+              # q and v biases, no k bias, a plain MLP): 4 register tokens, RoPE.
+              "dinov3_vitl16_hf": ("DINOv3ViTModel", "DINOv3ViTConfig", dict(hidden_size=1024, num_hidden_layers=24,
+                                   num_attention_heads=16, intermediate_size=4096, patch_size=16, image_size=224,
+                                   num_register_tokens=4))}
 
 
 def preset(name: str, *args: str) -> ModelConfig:
@@ -107,7 +118,6 @@ def save_upstream(name: str, cfg: ModelConfig, folder) -> tuple[str, dict[str, t
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_at_full_size_loads_upstream_weights(name, tmp_path):
     cfg = preset(name)
-    assert cfg.image_size == 224
     path, picks = save_upstream(name, cfg, tmp_path)  # the upstream model is freed on return
     model = build_encoder(preset(name, f"model.pretrained={path}"), seed=0).eval()
     assert count(model.backbone) == backbone_count(name, cfg)
@@ -115,18 +125,29 @@ def test_preset_at_full_size_loads_upstream_weights(name, tmp_path):
     for key, tensor in picks.items():
         assert torch.equal(state[key], tensor), key
     with torch.no_grad():
-        out = model(torch.randn(4, 3, 224, 224))
+        out = model(torch.randn(4, 3, cfg.image_size, cfg.image_size))
     assert out.shape == (4, cfg.embed_dim) and torch.isfinite(out).all()
     torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vitl14_clip", "dinov2_vitl14", "dinov2_vitl14_hf", "clip_vitl14_hf"])
+@pytest.mark.parametrize("name", ["vitl14_clip", "dinov2_vitl14", "dinov2_vitl14_hf", "clip_vitl14_hf", *NEW_L])
 def test_vitl14_two_pass_step_at_full_size(name, tmp_path):
     """parallel=none, grad checkpointing on, global batch 4 (2 classes x 2), chunk 1: the two-pass
     step equals the one-pass step on the whole batch (per tensor, 1e-2 of the update; 1e-3 over all)."""
     result = run_step(1, name, "none", tmp_path)
     assert result["max_update_error"] <= 1e-2 and result["total_update_error"] <= 1e-3, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(GIANTS))
+def test_giant_preset_has_the_librarys_parameter_count(name):
+    """DINOv3 ViT-7B and ViT-H+, PE-Core bigG: the preset's backbone and the library's model, both on the
+    meta device."""
+    cfg = preset(name)
+    with torch.device("meta"):
+        ours = count(build_encoder(cfg, seed=0).backbone)
+    assert ours == backbone_count(name, cfg) == GIANTS[name]
 
 
 @pytest.fixture(autouse=True)

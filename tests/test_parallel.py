@@ -10,7 +10,7 @@ from functools import lru_cache
 import pytest
 import torch
 from conftest import REPO, SGD, SMALL, run_torchrun, updates_close
-from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, VARIANTS, optimizer_for, problem, sgd
+from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, TOWER_VARIANTS, VARIANTS, optimizer_for, problem, sgd
 from safetensors.torch import load_file
 
 from pipeline.config import TrainConfig
@@ -28,6 +28,7 @@ DEFAULT_LOSS_COMBOS = tuple(f"ddp:{v}" for v in LOSS_VARIANTS)
 # What trains (issue 39): parameter groups per layer under a partitioning backend and a sharding one;
 # LoRA (peft's adapters with dropout, the base frozen) under each kind of backend.
 OPTION_COMBOS = ("zero2:layer_decay", "fsdp2:layer_decay", "ddp:lora", "zero3:lora", "fsdp2:lora")
+TOWER_COMBOS = tuple(f"{b}:{v}" for b in ("fsdp2", "zero3") for v in TOWER_VARIANTS)
 
 
 def torchrun_script(nproc: int, script: str, *args: str) -> None:
@@ -42,7 +43,7 @@ def worker_out(tmp_path_factory):
     """One torchrun launch runs every backend and variant (the start-up is most of the cost)."""
     out = tmp_path_factory.mktemp("parallel")
     torchrun_script(2, "tests/parallel_worker.py", str(out), ",".join(BACKENDS), ",".join(VARIANTS + ("clip",)),
-                    ",".join(DEFAULT_LOSS_COMBOS + OPTION_COMBOS))
+                    ",".join(DEFAULT_LOSS_COMBOS + OPTION_COMBOS + TOWER_COMBOS))
     return out
 
 
@@ -156,6 +157,16 @@ def test_lora_checkpoint_exports_and_reloads(worker_out, backend):
     if backend != "zero3":
         saved = sum(f.stat().st_size for f in (worker_out / f"checkpoint-{backend}-lora").rglob("*.distcp"))
         assert saved < sum(4 * t.numel() for t in trained.values()) / 2
+
+
+@pytest.mark.parametrize("combo", TOWER_COMBOS)
+def test_new_tower_under_sharding_equals_one_process(worker_out, combo):
+    """DINOv3 (timm: RoPE, registers) with activation checkpointing and model.trainable_blocks=1, its
+    blocks sharded by FSDP2 or ZeRO-3 over 2 processes: the one-process one-pass step."""
+    start, got = assert_equals_one_process(worker_out, *combo.split(":"))
+    frozen = [n for n in start if n.startswith("backbone.blocks.0.") or n.startswith("backbone.patch_embed.")]
+    assert frozen and all(torch.equal(got[n], start[n]) for n in frozen)
+    assert not torch.equal(got["backbone.blocks.1.attn.qkv.weight"], start["backbone.blocks.1.attn.qkv.weight"])
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = REPO / "docs" / "layout.md"
 # Packages top down, as docs/layout.md's table has them; a package not named here comes last.
-ORDER = ["", "sweep", "config", "data", "parallel", "models", "models/backbones", "losses", "eval", "train", "stages",
+ORDER = ["", "sweep", "config", "data", "parallel", "models", "models/timm", "models/open_clip", "models/transformers", "losses", "eval", "train", "stages",
          "search", "plan"]
 WIDTH = 120
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import recipe as recipes
+from pipeline.config.own_architecture import own_architecture
 from pipeline.config.schema import Config, closest
 from pipeline.errors import UserError
 from pipeline.run_dir import write_json
@@ -147,13 +148,14 @@ def resolve(args: list[str], run_dir: Path | None = None) -> Resolved:
         for label, block in later:
             given |= set(flatten(block))
             cfg = _merge(cfg, block, label, sources, error=label)
+    before = (cfg.model.family, cfg.model.arch)  # what the presets and the run gave, for own_architecture
     cfg = OmegaConf.merge(cfg, dotlist)
     for key, _ in overrides:
         for leaf in [k for k in sources if k == key or k.startswith(key + ".")]:
             sources[leaf] = COMMAND_LINE
             given.add(leaf)
     config: Config = OmegaConf.to_object(cfg)
-    notes = _explicit_steps_win(config, sources, overrides)
+    notes = _explicit_steps_win(config, sources, overrides) + own_architecture(config, before, sources, COMMAND_LINE)
     if config.data.seed is None:  # resolved here, so that the saved config and the fingerprints say which
         config.data.seed = config.seed
     config.check()

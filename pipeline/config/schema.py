@@ -19,7 +19,7 @@ from pipeline.errors import UserError
 STAGES = ("shard", "embed", "finetune", "eval", "export", "index", "search", "serve", "all", "config", "plan")  # config: print the settings, run nothing
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_FORMATS = ("png", "jpg", "webp")
-FAMILIES = ("timm", "open_clip", "transformers")  # pipeline/models/backbones/, one module each
+FAMILIES = ("timm", "open_clip", "transformers")  # pipeline/models/<family>/, one folder each
 OPTIMIZERS = ("adamw", "adam", "sgd", "radam")
 SCHEDULES = ("cosine", "step")
 SMALL_CLASSES = ("repeat", "skip")
@@ -113,9 +113,9 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    family: str = "timm"            # timm | open_clip | transformers (see pipeline/models/backbones/)
-    arch: str = "vit_tiny_patch16_224"  # timm name | open_clip name (ViT-L-14) | Dinov2Model | CLIPVisionModel
-    pretrained: str | None = None   # local weights in the upstream format (file; transformers: folder); None = random init
+    family: str = "timm"            # timm | open_clip | transformers (see pipeline/models/<family>/)
+    arch: str = "vit_tiny_patch16_224"  # timm name | open_clip name (ViT-L-14) | a transformers class (DINOv3ViTModel, ...)
+    pretrained: str | None = None   # local weights in the upstream format (file; transformers: folder), hub:<tag or hub id>; None = random init
     image_size: int = 32
     patch_size: int | None = None   # None = the architecture's own (set by the tiny preset)
     depth: int | None = None        # transformer blocks; None = the architecture's own

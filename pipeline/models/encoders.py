@@ -1,4 +1,4 @@
-"""Encoders: a backbone (timm, open_clip or transformers; see pipeline/models/backbones/) plus an
+"""Encoders: a backbone (timm, open_clip or transformers; one folder each, pipeline/models/<family>/) plus an
 embedding head, L2-normalised output, with the freezing policy and activation checkpointing.
 
 `build_encoder(cfg, seed)` gives the same weights for the same seed and config, so the frozen
@@ -19,7 +19,8 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.models import lora
-from pipeline.models.backbones import Backbone, family
+from pipeline.models.backbone import Backbone, hub_name
+from pipeline.models.families import family
 
 
 class Embedder(nn.Module):
@@ -124,7 +125,7 @@ def exported_start(cfg: ModelConfig) -> Path | None:
     """model.pretrained as a folder written by stage=export (e.g. an encoder pretrained on other classes,
     or a finetuned one to finetune further): the folder, checked to hold this very architecture; None
     for weights in a library's own format."""
-    if not cfg.pretrained or not is_exported(Path(cfg.pretrained).expanduser()):
+    if not cfg.pretrained or hub_name(cfg) is not None or not is_exported(Path(cfg.pretrained).expanduser()):
         return None
     folder = Path(cfg.pretrained).expanduser()
     saved = json.loads((folder / "config.json").read_text())

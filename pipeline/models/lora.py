@@ -37,7 +37,7 @@ def default_targets(backbone: nn.Module, blocks: nn.ModuleList) -> list[str]:
 
 def apply(model: nn.Module, blocks: nn.ModuleList, cfg: ModelConfig, seed: int) -> None:
     """Wrap model.backbone with peft's LoRA when model.lora.rank > 0 (adapters drawn under `seed`);
-    `blocks`: the backbone's transformer blocks (pipeline/models/backbones/: each family names them)."""
+    `blocks`: the backbone's transformer blocks (pipeline/models/<family>/build.py: each family names them)."""
     lora = cfg.lora
     if not lora.rank:
         return
