@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ class RunDir:
 
     def clear_marker(self, stage: str) -> None:
         self.marker(stage).unlink(missing_ok=True)
+
+
+def names_run_checkpoint(spec: str) -> bool:
+    """latest, best or step_<N>: a checkpoint of this run (run_dir/checkpoints), not a folder from elsewhere."""
+    return spec in ("latest", "best") or re.fullmatch(r"step_\d+", spec) is not None
 
 
 def write_json(path: Path, data) -> None:

@@ -145,7 +145,7 @@ def test_a_mistyped_run_dir_is_refused_with_the_closest_and_nothing_is_made(tmp_
     (tmp_path / "runs" / "my_shapes").mkdir(parents=True)
     (tmp_path / "runs" / "other").mkdir()
     typo = tmp_path / "runs" / "my_shape"
-    for stage in ("eval", "export", "index", "search", "serve"):
+    for stage in ("eval", "index", "search", "serve"):
         assert runner.main([f"stage={stage}", f"run_dir={typo}"]) == 2
         assert capsys.readouterr().err.splitlines() == [
             f"error: run_dir={typo} does not exist, and stage={stage} reads a finished model; did you mean "
@@ -159,7 +159,7 @@ def test_a_mistyped_run_dir_is_refused_with_the_closest_and_nothing_is_made(tmp_
 def test_only_stages_that_read_this_runs_model_need_its_directory(tmp_path):
     from pipeline.config.experiment import check_run_exists
     new = tmp_path / "new"
-    for args in (["stage=finetune"], ["stage=all"], ["stage=embed"], ["stage=eval", "eval.models=[frozen]"],
+    for args in (["stage=finetune"], ["stage=all"], ["stage=embed"], ["stage=export"], ["stage=eval", "eval.models=[frozen]"],
                  ["stage=eval", "eval.models=[finetuned]", f"eval.export={tmp_path}"],
                  ["stage=index", f"index.checkpoint={tmp_path}"]):
         check_run_exists(resolve([*args, f"run_dir={new}"]).config)  # none refused

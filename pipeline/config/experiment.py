@@ -11,6 +11,7 @@ from pipeline.config.inputs import AFFECTS, CLASS
 from pipeline.config.loader import Resolved, flatten
 from pipeline.config.schema import Config
 from pipeline.errors import UserError
+from pipeline.run_dir import names_run_checkpoint
 
 # What the run's data and model are: the keys that change the shards, and the encoder's weights
 # source and architecture (pipeline/models/encoders.py's ARCHITECTURE). A later command may not swap
@@ -73,18 +74,18 @@ def ignored_settings(resolved) -> list[str]:
     return []
 
 
-READS_MODEL = ("eval", "export", "index", "search", "serve")  # stages that read a model this run trained
+# Stages that only read a model this run trained. Not export: `stage=export` on a new run directory is
+# how the finetune jobs (slurm/finetune_*.sh) train and export in one launch.
+READS_MODEL = ("eval", "index", "search", "serve")
 
 
 def _own(checkpoint: str | None) -> bool:
-    """A checkpoint name of this run (latest, best, step_<N>), not a path elsewhere."""
-    return checkpoint is None or checkpoint in ("latest", "best") or checkpoint.startswith("step_")
+    """None (the run's export) or a checkpoint name of this run, not a path elsewhere."""
+    return checkpoint is None or names_run_checkpoint(checkpoint)
 
 
 def reads_own_model(cfg: Config) -> bool:
-    """Whether the command's stage reads a model trained in its run directory (not one from elsewhere)."""
-    if cfg.stage == "export":
-        return True
+    """Whether the command's stage only reads a model trained in its run directory (not one from elsewhere)."""
     if cfg.stage == "eval":
         e = cfg.eval
         return ("finetuned" in e.models and e.export is None) or ("checkpoint" in e.models and _own(e.checkpoint))

@@ -11,7 +11,7 @@ from pipeline.config import Config
 from pipeline.data.shards import ShardIndex
 from pipeline.parallel import checkpoint
 from pipeline.errors import UserError
-from pipeline.eval import plots, report
+from pipeline.eval import plots, report, sources
 from pipeline.eval.diagnostics import embedding_diagnostics, singular_values
 from pipeline.eval.inference import load_embeddings
 from pipeline.eval.metrics import retrieval_metrics
@@ -112,7 +112,7 @@ def trained_here(name: str, cfg: Config, rd: RunDir) -> bool:
     """Whether a model came from this run directory's training (its validation applies to it)."""
     if name == "finetuned":
         return cfg.eval.export is None
-    return name == "checkpoint" and rd.checkpoints.resolve() in checkpoint.find(cfg.eval.checkpoint, rd.checkpoints).resolve().parents
+    return name == "checkpoint" and sources.resolve(cfg.eval.checkpoint, cfg, rd).data is not None  # the run's own
 
 
 def table(results: dict[str, dict]) -> str:

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.run_dir import names_run_checkpoint
 from pipeline.trust import pickle_allowed
-
-
-def names_run_checkpoint(spec: str) -> bool:
-    """latest, best or step_<N>: a checkpoint of this run (in run_dir/checkpoints), not a folder from elsewhere."""
-    return spec in ("latest", "best") or re.fullmatch(r"step_\d+", spec) is not None
 
 
 def check_checkpoint_spec(key: str, spec: str) -> None:
