@@ -77,7 +77,8 @@ def wait_until(condition, what: str, job_id: str, output: Path, timeout: float =
     deadline = time.monotonic() + timeout
     while not condition():
         info = job(job_id)
-        if time.monotonic() > deadline or (info.get("JobState") == "PENDING" and info.get("Reason") in NEVER):
+        ended = info.get("JobState") in ENDED and not condition()  # a job that ended will not make it
+        if time.monotonic() > deadline or ended or (info.get("JobState") == "PENDING" and info.get("Reason") in NEVER):
             tail = output.read_text()[-4000:] if output.exists() else "(no output yet)"
             pytest.fail(f"job {job_id}: no {what} after {timeout:.0f} s (state {info.get('JobState')}, "
                         f"reason {info.get('Reason')}):\n{tail}")

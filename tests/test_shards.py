@@ -225,7 +225,7 @@ def test_the_shard_stage_writes_the_same_tars_whatever_the_workers(tmp_path, cap
     import logging
 
     from pipeline.config import load_config
-    from pipeline.run_dir import RunDir
+    from pipeline.run_context import RunContext
     from pipeline.stages import shard
     from test_validation import image_folder
 
@@ -238,7 +238,7 @@ def test_the_shard_stage_writes_the_same_tars_whatever_the_workers(tmp_path, cap
         cfg = load_config(args + ([] if workers is None else [f"data.shard_workers={workers}"]))
         assert cfg.data.shard_workers == workers
         with caplog.at_level(logging.INFO):
-            shard.run(cfg, RunDir(run))
+            shard.run(cfg, RunContext.resolve(cfg, run_dir=run))
         tars[workers] = {p.relative_to(run): p.read_bytes() for p in sorted((run / "shards").rglob("*.tar"))}
     assert len(tars[0]) > 2 and tars[None] == tars[0] == tars[2]
     assert "shard test: 0 worker process(es) for 24 images (data.shard_workers sets it)" in caplog.messages

@@ -18,7 +18,7 @@ from pathlib import Path
 AREAS = {
     "backends (2 processes)": ["test_parallel", "test_precision", "test_resharding", "test_host_memory"],
     "Slurm and launchers": ["test_slurm", "test_slurm_documented", "test_sweep_slurm"],
-    "sweeps and studies": ["test_sweep", "test_study_glyphs"],
+    "sweeps and studies": ["test_sweep", "test_study_glyphs", "test_study_batch", "test_study_finetuning"],
     "Quick start and docs": ["test_quickstart"],
     "data and converters": ["test_converters", "test_custom_data", "test_fashion_mnist", "test_glyphs", "test_shards",
                             "test_original_images", "test_transforms", "test_epoch_rules"],
@@ -29,11 +29,14 @@ AREAS = {
     "config and runner": ["test_config", "test_experiment", "test_console", "test_layers"],
     "losses": ["test_recall_at_k", "test_simix", "test_rsk_kernels", "test_split_loss", "test_losses_pipeline",
                "test_losses_two_pass", "test_intra_batch", "test_rho_miner", "test_roth_multisimilarity"],
-    "eval": ["test_evaluate", "test_metrics", "test_diagnostics", "test_retrievals", "test_protocols"],
+    "eval": ["test_evaluate", "test_metrics", "test_diagnostics", "test_retrievals", "test_protocols",
+             "test_positives_beyond_k"],
+    "GPU paths on the CPU": ["test_gpu_paths", "test_faiss_device", "test_gpu_node"],
     "training (step, validation, recipes, tracking)": [
         "test_two_pass", "test_validation", "test_optim", "test_recipes", "test_recipe_selection", "test_tracking",
-        "test_pipeline"],
-    "encoders": ["test_encoders", "test_full_size", "test_gpu_paths", "test_embed"],
+        "test_pipeline", "test_lora", "test_layer_decay", "test_compile"],
+    "encoders": ["test_encoders", "test_full_size", "test_embed", "test_encoder_families", "test_model_check",
+                 "test_hub_cache", "test_two_pass_towers"],
 }
 AREA_OF = {stem: area for area, stems in AREAS.items() for stem in stems}
 TAGS = re.compile(r"zero3_offload|zero[123]|fsdp2|ddp|torchrun|accelerate|srun|sbatch|two_node|preempt|kill")
