@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import UserError
 from pipeline.trust import pickle_allowed, refused
 
 
@@ -23,6 +24,16 @@ def weights_format(path: Path) -> str | None:
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "pickle"
     return None
+
+
+def check_weights_file(cfg, path: Path, family: str, example: str) -> None:
+    """model.pretrained is one weights file (safetensors or torch.save), as timm and open_clip load them;
+    `example` names the family's usual file in the message."""
+    if path.is_dir():
+        raise UserError(f"model.pretrained={cfg.pretrained} is a folder; {family} needs the weights file (e.g. {example})")
+    if weights_format(path) is None:
+        raise UserError(f"model.pretrained={cfg.pretrained} is neither a safetensors file nor a torch.save file; "
+                        f"give the {family} checkpoint file")
 
 
 def meta_state(path: Path, label: str = "model.pretrained") -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.models.backbone import hub_name, pretrained_path
 from pipeline.models.open_clip.tower import build_tower, tower_state, unwrap
-from pipeline.models.weights_file import first_mismatch, meta_state, weights_format
+from pipeline.models.weights_file import check_weights_file, first_mismatch, meta_state
 
 
 def weights_file(cfg: ModelConfig, download: bool = True) -> Path | None:
@@ -55,12 +55,7 @@ def check_pretrained(cfg: ModelConfig) -> None:
     path = weights_file(cfg, download=False)
     if path is None:
         return  # hub:<tag> not cached yet: open_clip downloads it at the build
-    if path.is_dir():
-        raise UserError(f"model.pretrained={cfg.pretrained} is a folder; open_clip needs the weights file "
-                        f"(e.g. open_clip_model.safetensors or open_clip_pytorch_model.bin)")
-    if weights_format(path) is None:
-        raise UserError(f"model.pretrained={cfg.pretrained} is neither a safetensors file nor a torch.save file; "
-                        f"give the open_clip checkpoint file")
+    check_weights_file(cfg, path, "open_clip", "open_clip_model.safetensors or open_clip_pytorch_model.bin")
     with torch.device("meta"):
         visual = build_tower(cfg)
         found = tower_state(unwrap(meta_state(path)), visual)

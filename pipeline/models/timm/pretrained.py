@@ -14,7 +14,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.models.backbone import hub_name
 from pipeline.models.timm.build import create_kwargs, model_name
-from pipeline.models.weights_file import first_mismatch, meta_state, weights_format
+from pipeline.models.weights_file import check_weights_file, first_mismatch, meta_state
 
 
 def check_pretrained(cfg: ModelConfig) -> None:
@@ -24,12 +24,7 @@ def check_pretrained(cfg: ModelConfig) -> None:
             check_fits(cfg, cached)
         return
     path = Path(cfg.pretrained).expanduser()
-    if path.is_dir():
-        raise UserError(f"model.pretrained={cfg.pretrained} is a folder; timm needs the weights file "
-                        f"(e.g. model.safetensors)")
-    if weights_format(path) is None:
-        raise UserError(f"model.pretrained={cfg.pretrained} is neither a safetensors file nor a torch.save file; "
-                        f"give the timm checkpoint file")
+    check_weights_file(cfg, path, "timm", "model.safetensors")
     check_fits(cfg, path)
 
 
