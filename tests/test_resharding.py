@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import SGD, SMALL, run_pipeline, run_torchrun, updates_close
 from parallel_worker import CHUNK, SEED, problem
 from resharding_worker import WRITTEN_STEPS, adamw, batch
@@ -146,15 +147,19 @@ def test_two_process_checkpoint_resumes_on_four(written):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["zero1", "zero2", "zero3"])
-def test_pipeline_zero_checkpoint_resumes_on_one_process(sgd_run, tmp_path, parallel):
+def test_pipeline_zero_checkpoint_resumes_on_one_process(digits_run, tmp_path, parallel):
     """A 2-process ZeRO run's step-3 checkpoint, resumed by one process through the universal
-    conversion, ends where one process on the whole run ends."""
-    run_torchrun(2, "stage=finetune", f"run_dir={tmp_path}", f"parallel={parallel}", *SMALL, *SGD)
+    conversion, ends where one process on the whole run ends. AdamW, not SGD: DeepSpeed's universal
+    conversion reads Adam's moments (test_slurm.SGD_ZERO3 says where), so the weights are compared within
+    AdamW's float noise (the worker-level tests compare the whole state exactly)."""
+    run_torchrun(2, "stage=finetune", f"run_dir={tmp_path}", f"parallel={parallel}", *SMALL)
     crash_after_step_3(tmp_path)
-    proc = run_pipeline("stage=export", f"run_dir={tmp_path}", f"parallel={parallel}", *SMALL, *SGD)
+    proc = run_pipeline("stage=export", f"run_dir={tmp_path}", f"parallel={parallel}", *SMALL)
     assert "written by 2 processes, resuming on 1: converting it to a DeepSpeed universal checkpoint" in proc.stderr
     assert "step 6/6" in proc.stderr
-    updates_close(tmp_path, sgd_run)
+    got = load_file(tmp_path / "export" / "model.safetensors")
+    ref = load_file(digits_run / "export" / "model.safetensors")
+    assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 5e-5
 
 
 @pytest.mark.slow

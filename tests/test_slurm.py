@@ -183,25 +183,35 @@ def test_hung_rank_times_out_after_parallel_timeout(tmp_path):
     assert damage(latest) is None, f"latest names {latest.name}, which is not complete: {damage(latest)}"
 
 
-def stopped_after_step_3(finished: Path, run: Path) -> Path:
-    """A copy of a finished run as a run stopped after step 3 leaves it: its shards, and checkpoint
-    step_3 named by `latest` (nothing of finetune or export marked complete)."""
+def stopped_after_first_checkpoint(finished: Path, run: Path) -> Path:
+    """A copy of a finished run as a run stopped after its first kept checkpoint leaves it (step_3, or the
+    preempted job's step_4): its shards, and that checkpoint named by `latest` (nothing of finetune or
+    export marked complete)."""
+    first = min((p for p in (finished / "checkpoints").glob("step_*[0-9]")), key=lambda p: int(p.name[5:])).name
     shutil.copytree(finished / "shards", run / "shards")
     shutil.copytree(finished / "stages", run / "stages", ignore=lambda d, names: [n for n in names if n != "shard.json"])
-    shutil.copytree(finished / "checkpoints" / "step_3", run / "checkpoints" / "step_3")
-    (run / "checkpoints" / "latest").write_text("step_3")
+    shutil.copytree(finished / "checkpoints" / first, run / "checkpoints" / first)
+    (run / "checkpoints" / "latest").write_text(first)
     return run
 
 
 def resumed(tmp_path: Path, finished: Path, options: list[str], *args: str, env: dict | None = None) -> str:
     """The rest of `finished`'s run (from step 3) as a job with other nodes; its output."""
-    run, output = stopped_after_step_3(finished, tmp_path / "run"), tmp_path / "job.out"
+    run, output = stopped_after_first_checkpoint(finished, tmp_path / "run"), tmp_path / "job.out"
     completed(sbatch("finetune_vitg.sh", output, f"run_dir={run}", *TINY, *args, options=options, env=env), output)
     return output.read_text()
 
 
+# DeepSpeed's universal checkpoint conversion (deepspeed/checkpoint/ds_to_universal.py, lines 154-155 and
+# 196-197 in 0.19.8) reads Adam's exp_avg and exp_avg_sq: a ZeRO checkpoint of an SGD run cannot be
+# resharded, and the jobs here train with SGD (conftest.SGD). ZeRO resharding is tested with AdamW by
+# tests/test_resharding.py (the worker's full state, and test_pipeline_zero_checkpoint_resumes_on_one_process).
+SGD_ZERO3 = pytest.param("zero3", marks=pytest.mark.skip(reason="ZeRO universal checkpoints need Adam's moments "
+                                                              "(ds_to_universal); these jobs train with SGD"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("backend", [SGD_ZERO3, "fsdp2"])
 def test_two_node_checkpoint_resumed_on_one_node(backend, preempted, fsdp2_straight, sgd_run, tmp_path):
     """Written by 2 processes on 2 nodes, resumed by 1 process on 1 node: DeepSpeed's universal
     checkpoint for ZeRO-3, DCP's resharding for FSDP2."""
@@ -220,7 +230,7 @@ def one_process_zero3(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend, per_node", [("zero3", 2), ("fsdp2", 1)])
+@pytest.mark.parametrize("backend, per_node", [pytest.param(*SGD_ZERO3.values, 2, marks=SGD_ZERO3.marks), ("fsdp2", 1)])
 def test_one_process_checkpoint_resumed_on_two_nodes(backend, per_node, one_process_zero3, sgd_run, tmp_path):
     """Written by 1 process (ZeRO-3, or parallel=none's DCP), resumed on 2 nodes: ZeRO-3 by 2 processes
     on each (4 in all), FSDP2 by 1 on each."""
