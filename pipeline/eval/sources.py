@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.config import Config, ModelConfig
 from pipeline.errors import UserError
-from pipeline.models.encoders import architecture, build_encoder, exported_config, load_exported
+from pipeline.models.encoders import architecture, build_encoder, exported_config, is_exported, load_exported
 from pipeline.parallel import checkpoint, distributed
 from pipeline.parallel.checkpoint_names import names_run_checkpoint
 from pipeline.run_dir import RunDir
@@ -62,10 +62,6 @@ class Loaded:
     description: str        # for the eval report
     path: Path | None = None  # the checkpoint or export folder
     step: int | None = None   # a checkpoint's step
-
-
-def is_exported(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
 
 
 def resolve(spec: str, cfg: Config, rd: RunDir, key: str = "") -> Source:
