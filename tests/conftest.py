@@ -72,6 +72,20 @@ def updates_close(run: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def quickstart(tmp_path_factory) -> tuple[int, str, Path]:
+    """The README's first command as a user runs it (its threads, not the suite's one), its output in a
+    file as `> log 2>&1` or a Slurm .out file writes it: (exit status, the output, the run directory).
+    The Quick start test reads its table, tests/test_logs.py its lines."""
+    folder = tmp_path_factory.mktemp("quickstart")
+    out, run_dir = folder / "demo.out", folder / "demo"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    with open(out, "w") as f:
+        proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), "stage=all", f"run_dir={run_dir}"],
+                              cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=1200, env=env)
+    return proc.returncode, out.read_bytes().decode(), run_dir  # bytes: read_text would turn \r into \n
+
+
+@pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> Path:
     """One complete `stage=all` run on digits, shared by the tests that only read its artifacts."""
     run_dir = tmp_path_factory.mktemp("digits_run")

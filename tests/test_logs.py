@@ -2,10 +2,6 @@
 (pipeline/progress.py), and no carriage return anywhere in the demo's output or its logs/."""
 import io
 import logging
-import subprocess
-import sys
-
-from conftest import REPO, SMALL
 
 from pipeline import progress
 
@@ -41,14 +37,11 @@ def test_progress_line_eta():
         "validate on val: 300/900 batch, 2 batch/s, ETA 5 min 00 s"
 
 
-def test_demo_output_in_a_file_has_no_carriage_return(tmp_path):
-    out = tmp_path / "demo.out"
-    run_dir = tmp_path / "run"
-    with open(out, "w") as f:  # as a Slurm .out file or `> log 2>&1`
-        proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), "stage=all", f"run_dir={run_dir}", *SMALL,
-                               "train.val_every=3"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=900)
-    text = out.read_text()
-    assert proc.returncode == 0, text[-3000:]
-    assert "[eval] done" in text and "validation at step 3" in text
-    for path in [out, *sorted((run_dir / "logs").rglob("*.log")), *sorted((run_dir / "logs").rglob("*.jsonl"))]:
+def test_demo_output_in_a_file_has_no_carriage_return(quickstart):
+    """The Quick start's output written to a file (conftest.quickstart), and its run's logs."""
+    status, text, run_dir = quickstart
+    assert status == 0, text[-3000:]
+    assert "[eval] done" in text and "validation at step 50" in text
+    assert "\r" not in text
+    for path in [*sorted((run_dir / "logs").rglob("*.log")), *sorted((run_dir / "logs").rglob("*.jsonl"))]:
         assert b"\r" not in path.read_bytes(), path

@@ -4,10 +4,7 @@ Float rounding makes the finetuned row depend on the CPU and its thread count (2
 it), so the README states a tolerance and this test applies it; the frozen row is one forward pass
 of a seeded random ViT and must match to the printed digits.
 """
-import os
 import re
-import subprocess
-import sys
 
 from conftest import REPO
 
@@ -38,16 +35,14 @@ def test_readme_parses():
     assert set(rows) == {"frozen", "finetuned"} and all(len(v) == 8 for v in rows.values())
 
 
-def test_quickstart_prints_the_readmes_table(tmp_path):
+def test_quickstart_prints_the_readmes_table(quickstart):
     """The first Quick start command, with the threads a user gets (not the suite's one thread)."""
     readme = (REPO / "README.md").read_text()
     assert "bash tools/env.sh python pipeline/run.py stage=all run_dir=runs/demo" in readme
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), "stage=all", f"run_dir={tmp_path / 'demo'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    printed, promised = table(proc.stderr + proc.stdout), readme_table()
-    assert set(printed) == {"frozen", "finetuned"}, proc.stderr[-3000:]
+    status, output, _ = quickstart
+    assert status == 0, output[-4000:]
+    printed, promised = table(output), readme_table()
+    assert set(printed) == {"frozen", "finetuned"}, output[-3000:]
     for model, tolerance in (("frozen", FROZEN_TOLERANCE), ("finetuned", FINETUNED_TOLERANCE)):
         worst = max(abs(a - b) for a, b in zip(printed[model], promised[model]))
         assert worst <= tolerance, (f"the Quick start printed {model} {printed[model]}, the README says "

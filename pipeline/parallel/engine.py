@@ -203,6 +203,7 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's own collectives call the names torch 2.13 deprecated (ours use the current ones).
         warnings.filterwarnings("ignore", category=FutureWarning, message=DEPRECATED_COLLECTIVES)
         super().__init__(model, optimizer, scheduler, device, precision=precision)
+        _skip_shm_inference_op()
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                 lr_scheduler=scheduler, config=config)
 
@@ -371,3 +372,15 @@ def build_engine(model: nn.Module, make_optimizer: OptimizerFactory, cfg: Parall
 
 # parallel.name -> its engine: the backends' facts are pipeline/config/backends.py's table.
 ENGINES = {"none": Engine, "ddp": DDPEngine, "fsdp2": FSDP2Engine, **dict.fromkeys(DEEPSPEED, DeepSpeedEngine)}
+
+
+def _skip_shm_inference_op() -> None:
+    """DeepSpeed's CPU accelerator compiles its shared-memory all-reduce (`deepspeed_shm_comm`, about 35 s
+    of gcc at a checkout's first run) when its communication backend starts, for `inference_all_reduce`
+    alone (tensor-parallel inference), which training never calls. Marked incompatible it is not built,
+    and every collective goes through torch.distributed as before. No effect on other accelerators,
+    which have no such op."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
