@@ -29,6 +29,8 @@ tool = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tool)
 
 K = 6
+MISSING = tool.browser_missing()
+needs_browser = pytest.mark.skipif(MISSING is not None, reason=f"no headless browser: {MISSING}")
 MAX_BYTES = 100_000  # a body over it gets 413
 
 
@@ -53,8 +55,6 @@ def url(searcher) -> str:
 
 @pytest.fixture(scope="module")
 def browser():
-    if why := tool.browser_missing():
-        pytest.skip(f"no headless browser: {why}")
     with tool.chromium() as driver:
         yield driver
 
@@ -86,6 +86,7 @@ def request(url: str, method: str, path: str, body: bytes | None = None, content
 # --- in the browser ------------------------------------------------------------------------------
 
 
+@needs_browser
 def test_an_uploaded_gallery_image_comes_first_and_a_click_searches_from_a_result(browser, url, run, gallery, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -109,6 +110,7 @@ def test_an_uploaded_gallery_image_comes_first_and_a_click_searches_from_a_resul
     assert framed == same  # green for the query's class, red otherwise
 
 
+@needs_browser
 def test_the_failures_view_shows_wrong_top1s_worst_first(browser, url, run):
     from selenium.webdriver.common.by import By
 
@@ -129,6 +131,7 @@ def test_the_failures_view_shows_wrong_top1s_worst_first(browser, url, run):
     assert browser.find_element(By.ID, "query").get_attribute("data-key") == listing["failures"][0]["query"]["key"]
 
 
+@needs_browser
 def test_the_screenshot_tool_saves_both_views(browser, url, gallery, tmp_path):
     shots = tool.screenshots(browser, url, tool.gallery_image(gallery.folder, 0, tmp_path), tmp_path / "docs", K)
     assert [p.name for p in shots] == ["page_search.png", "page_failures.png"]
