@@ -56,7 +56,7 @@ def _bad_k(k: int) -> JSONResponse | None:
 
 
 def create_app(searcher: Searcher, k: int = 10, max_megapixels: float = 25.0, max_bytes: int = 20_000_000) -> FastAPI:
-    app = FastAPI(title="retrieval search", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="retrieval search", docs_url=None, redoc_url=None)
     default_k = k
     run_dir = searcher.folder.parent
     images = ImageStore(searcher.gallery, run_dir / "shards")
