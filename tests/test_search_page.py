@@ -191,7 +191,7 @@ def test_bad_requests_get_their_status_and_the_service_keeps_serving(url, galler
            ("GET", "/index/vectors.npy", None, None, 404, ""),
            ("GET", "/page/../../run.py", None, None, 404, "")]
     for method, path, body, content_type, status, says in bad:
-        got, headers, answer = request(url, method, path, body, content_type)
+        got, _, answer = request(url, method, path, body, content_type)
         assert got == status, (path, answer[:200])
         message = json.loads(answer)
         assert set(message) == {"error"} and "\n" not in message["error"] and says in message["error"], path

@@ -48,5 +48,5 @@ def failures(evaluation: Evaluation, data: dict[str, dict], model: str, depth: i
                        "first_correct": ({**item(g_split, g, nbrs[i, col], sims[i, col]), "rank": col + 1}
                                          if found[o] else None),
                        "gap": float(gap[o])})
-    return {"model": model, "query_split": q_split, "gallery_split": g_split, "depth": int(sims.shape[1]),
-            "queries": int(scored.sum()), "wrong": int(len(wrong)), "failures": listed}
+    return {"model": model, "query_split": q_split, "gallery_split": g_split, "depth": sims.shape[1],
+            "queries": int(scored.sum()), "wrong": len(wrong), "failures": listed}
