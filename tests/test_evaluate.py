@@ -15,10 +15,11 @@ from pipeline.parallel import checkpoint
 from pipeline.errors import UserError
 from pipeline.eval import results
 from pipeline.eval.diagnostics import embedding_diagnostics
+from pipeline.eval.failures import failures as failures_of
 from pipeline.eval.inference import load_embeddings, save_embeddings
 from pipeline.eval.metrics import retrieval_metrics
 from pipeline.models.encoders import build_encoder
-from pipeline.protocols import resolve
+from pipeline.protocols import Evaluation, resolve
 from pipeline.run_dir import RunDir
 
 
@@ -43,9 +44,12 @@ def assert_same(ours: dict, theirs: dict):
 
 def test_eval_writes_plots_report_and_diagnostics(digits_run):
     ev = digits_run / "eval"
-    assert sorted(p.name for p in ev.iterdir()) == ["diagnostics.json", "metrics.json", "recall_at_k.png",
-                                                   "report.md", "retrievals.json", "retrievals.png",
+    assert sorted(p.name for p in ev.iterdir()) == ["diagnostics.json", "failures.json", "metrics.json",
+                                                   "recall_at_k.png", "report.md", "retrievals.json", "retrievals.png",
                                                    "spectrum.png", "training.png"]
+    test = load_embeddings(digits_run / "embeddings" / "finetuned" / "test.npz")  # the last model's, leave-one-out
+    failures = json.loads(json.dumps(failures_of(Evaluation("test", "test"), {"test": test}, "finetuned")))
+    assert json.loads((ev / "failures.json").read_text()) == failures and failures["wrong"] > 0
     for png in ("recall_at_k.png", "spectrum.png", "retrievals.png", "training.png"):
         with Image.open(ev / png) as image:
             assert image.format == "PNG" and min(image.size) > 100

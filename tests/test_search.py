@@ -285,7 +285,7 @@ def test_http_bad_requests_get_a_4xx_and_the_service_keeps_serving(server, searc
         got, answer = post(server, good)
         assert got == 200 and answer["results"][0]["key"] == searched["queries"][0]["results"][0]["key"], name
     got, answer = post(server, good, k=0)
-    assert got == 422 and "k=0" in answer["error"]
+    assert got == 400 and "k=0" in answer["error"]
 
 
 # --- ONNX --------------------------------------------------------------------------------------

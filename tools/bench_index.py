@@ -1,7 +1,7 @@
 """Index at scale, and the HTTP service under load (issue 24; results in BENCHMARKS.md).
 
     python tools/bench_index.py scale --n 1000000 --dim 512 --kind ivfpq
-    python tools/bench_index.py load --run-dir runs/demo --requests 1000 --clients 8
+    python tools/bench_index.py load --run-dir runs/demo --requests 1000 --clients 8 [--endpoints search,by_key,image,page]
 
 scale: n synthetic vectors with cluster structure (--clusters centres on the unit sphere, each
 vector its centre plus a Gaussian in a shared --intrinsic-dimensional subspace plus isotropic
@@ -13,8 +13,10 @@ sample, the same search parameter and the same shortlist (faiss.IndexRefineFlat,
 vectors in RAM): its build time, recall@10 and single-query p50 on the same queries, and the ratios.
 
 load: stage=serve's app (pipeline/search/server.py) over run_dir's index in a separate process on
-127.0.0.1, and --clients threads posting gallery images until --requests are answered: latency p50/p99,
-requests per second, errors (any status but 200).
+127.0.0.1, and --clients threads sending requests until --requests are answered, taking the --endpoints
+in turn: `search` posts a gallery image (POST /search?k=10), `by_key` searches from a gallery item
+(GET /search/by_key?k=10), `image` fetches a gallery image (GET /image/{key}), `page` the page (GET /).
+Latency p50/p99 and errors (any status but 200) per endpoint and in all, requests per second in all.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -135,11 +138,16 @@ def load(args) -> dict:
         port = s.getsockname()[1]
     meta = json.loads((Path(args.run_dir) / "index" / "meta.json").read_text())
     shards = ShardIndex.load(Path(args.run_dir) / meta["gallery"])
-    bodies = []
+    bodies, keys = [], []
     for i in range(0, len(shards), max(1, len(shards) // 50)):
         buf = io.BytesIO()
         shards.image(i).save(buf, format="PNG")
         bodies.append(buf.getvalue())
+        keys.append(urllib.parse.quote(shards.keys[i], safe=""))
+    endpoints = args.endpoints.split(",")
+    unknown = set(endpoints) - set(ENDPOINTS)
+    if unknown:
+        raise SystemExit(f"--endpoints: {sorted(unknown)} unknown; choose among {list(ENDPOINTS)}")
     root = str(Path(__file__).resolve().parents[1])
     server = subprocess.Popen([sys.executable, "-c", SERVE, args.run_dir, str(port)], cwd=root,
                               env={**__import__("os").environ, "PYTHONPATH": root})
@@ -152,6 +160,7 @@ def load(args) -> dict:
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.5)
         latencies, errors, lock, counter = [], [], threading.Lock(), iter(range(args.requests))  # errors: messages
+        by_endpoint = {name: ([], []) for name in endpoints}  # name -> (latencies, errors)
 
         def client():
             while True:
@@ -159,8 +168,8 @@ def load(args) -> dict:
                     i = next(counter, None)
                 if i is None:
                     return
-                request = urllib.request.Request(f"{url}/search?k=10", data=bodies[i % len(bodies)], method="POST",
-                                                 headers={"Content-Type": "image/png"})
+                name = endpoints[i % len(endpoints)]
+                request = ENDPOINTS[name](url, bodies[i % len(bodies)], keys[i % len(keys)])
                 start = time.perf_counter()
                 error = None
                 try:
@@ -169,10 +178,12 @@ def load(args) -> dict:
                         error = None if response.status == 200 else f"status {response.status}"
                 except (urllib.error.URLError, ConnectionError) as e:  # HTTPError (4xx, 5xx) included
                     error = str(e)
+                took = time.perf_counter() - start
                 with lock:
-                    latencies.append(time.perf_counter() - start)
-                    if error:
-                        errors.append(error)
+                    for times, failed in (latencies, errors), by_endpoint[name]:
+                        times.append(took)
+                        if error:
+                            failed.append(f"{name}: {error}")
 
         start = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(args.clients)]
@@ -184,9 +195,25 @@ def load(args) -> dict:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return {"requests": len(latencies), "clients": args.clients, "errors": len(errors), "first_errors": errors[:3],
-            "p50_ms": 1e3 * float(np.percentile(latencies, 50)), "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
-            "requests_per_s": len(latencies) / wall, "wall_s": wall, "index_items": len(shards)}
+    return {**summary(latencies, errors), "clients": args.clients, "requests_per_s": len(latencies) / wall,
+            "wall_s": wall, "index_items": len(shards),
+            "endpoints": {name: summary(*by_endpoint[name]) for name in endpoints}}
+
+
+def summary(latencies: list[float], errors: list[str]) -> dict:
+    return {"requests": len(latencies), "errors": len(errors), "first_errors": errors[:3],
+            "p50_ms": 1e3 * float(np.percentile(latencies, 50)) if latencies else None,
+            "p99_ms": 1e3 * float(np.percentile(latencies, 99)) if latencies else None}
+
+
+# The requests of the load test, one per endpoint: (service URL, a gallery image's PNG, its quoted key) -> request.
+ENDPOINTS = {
+    "search": lambda url, body, key: urllib.request.Request(f"{url}/search?k=10", data=body, method="POST",
+                                                            headers={"Content-Type": "image/png"}),
+    "by_key": lambda url, body, key: urllib.request.Request(f"{url}/search/by_key?key={key}&k=10"),
+    "image": lambda url, body, key: urllib.request.Request(f"{url}/image/{key}"),
+    "page": lambda url, body, key: urllib.request.Request(f"{url}/"),
+}
 
 
 def main() -> None:
@@ -212,6 +239,8 @@ def main() -> None:
     lo.add_argument("--run-dir", required=True, help="a run directory with index/ (stage=index)")
     lo.add_argument("--requests", type=int, default=1000)
     lo.add_argument("--clients", type=int, default=8)
+    lo.add_argument("--endpoints", default="search,by_key,image,page",
+                    help="comma-separated, taken in turn: search (POST /search), by_key, image, page (GET /)")
     lo.add_argument("--out", default=None)
     args = parser.parse_args()
     result = scale(args) if args.command == "scale" else load(args)

@@ -197,10 +197,14 @@ class ShardIndex:
         """Samples per shard, in shard order."""
         return np.bincount(self.locations[:, 0], minlength=len(self.shards))
 
-    def image(self, i: int) -> Image.Image:
+    def image_bytes(self, i: int) -> bytes:
+        """Sample i's image as stored in its shard (PNG, JPEG or WebP bytes)."""
         shard, offset, size = (int(v) for v in self.locations[i])
         if self._files is None:
             self._files = {}
         if shard not in self._files:
             self._files[shard] = os.open(self.folder / self.shards[shard], os.O_RDONLY)
-        return Image.open(io.BytesIO(os.pread(self._files[shard], size, offset))).convert("RGB")
+        return os.pread(self._files[shard], size, offset)
+
+    def image(self, i: int) -> Image.Image:
+        return Image.open(io.BytesIO(self.image_bytes(i))).convert("RGB")

@@ -13,6 +13,7 @@ from pipeline.parallel import checkpoint
 from pipeline.errors import UserError
 from pipeline.eval import plots, report, sources
 from pipeline.eval.diagnostics import embedding_diagnostics, singular_values
+from pipeline.eval.failures import failures
 from pipeline.eval.inference import load_embeddings
 from pipeline.eval.metrics import retrieval_metrics
 from pipeline.eval.retrievals import retrieval_layout
@@ -59,6 +60,8 @@ def write_results(cfg: Config, rd: RunDir, proto: Protocol, splits: list[str], s
     drew_retrievals = cfg.eval.show_queries > 0 and cfg.eval.show_k > 0
     if drew_retrievals:
         draw_retrievals(cfg, rd, first, shown, tmp)
+    last = cfg.eval.models[-1]  # the page's "where it fails" view: the last model's, as retrievals.png ranks
+    write_json(tmp / "failures.json", failures(first, shown[last], last))
     best = best_validation(rd)
     drew_training = draw_training(rd, best, cfg.train.best_metric, tmp)
     trained = [name for name in cfg.eval.models if trained_here(name, cfg, rd)]

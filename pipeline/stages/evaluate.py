@@ -9,7 +9,8 @@ embeddings and writes run_dir/eval/: metrics.json ({"frozen": {...}, "finetuned"
 protocol with several evaluations, VehicleID, nests them: {"frozen": {"test800": {...}, ...}}),
 diagnostics.json (Roth et al. per model and split), recall_at_k.png, spectrum.png,
 retrievals.png (+ retrievals.json, its layout: pipeline/eval/retrievals.py), training.png (the run's
-logs/metrics.jsonl, where it has one) and report.md, which links them all.
+logs/metrics.jsonl, where it has one), report.md, which links them all, and failures.json (the last
+model's queries whose top-1 is wrong, worst first: pipeline/eval/failures.py; stage=serve's page shows it).
 """
 from __future__ import annotations
 
