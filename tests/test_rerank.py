@@ -209,3 +209,29 @@ def test_rerank_settings_are_checked_in_one_line():
         with pytest.raises(UserError, match=words) as e:
             load_config([bad])
         assert "\n" not in str(e.value)
+
+
+# ---- the eval stage: re-ranked rows beside the plain ones
+
+def test_eval_reports_reranked_rows_beside_the_plain_ones(digits_run, tmp_path):
+    import json
+    import shutil
+
+    from conftest import SMALL, run_pipeline
+
+    from pipeline.eval.inference import load_embeddings
+
+    run = shutil.copytree(digits_run, tmp_path / "run")
+    before = json.loads((run / "eval" / "metrics.json").read_text())
+    proc = run_pipeline("stage=eval", f"run_dir={run}", *SMALL, "eval.rerank=[aqe,dba,kreciprocal]", "rerank.n=3")
+    after = json.loads((run / "eval" / "metrics.json").read_text())
+    assert list(after) == ["frozen", "frozen+aqe", "frozen+dba", "frozen+kreciprocal",
+                           "finetuned", "finetuned+aqe", "finetuned+dba", "finetuned+kreciprocal"]
+    assert {m: after[m] for m in before} == before  # the plain rows are what they were
+    test = load_embeddings(run / "embeddings" / "finetuned" / "test.npz")
+    for method in ("aqe", "dba", "kreciprocal"):
+        want = retrieval_metrics(test["embeddings"], test["labels"], ks=(1, 2, 4, 8), nmi=False,
+                                 rerank=Rerank(method, n=3))
+        assert after[f"finetuned+{method}"] == pytest.approx(want)
+    assert "| finetuned+aqe |" in (run / "eval" / "report.md").read_text()
+    assert "finetuned+kreciprocal" in proc.stderr  # the printed table
