@@ -30,8 +30,8 @@ is augmented as if that row were not in it (`Ranker`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import faiss
 import numpy as np
@@ -53,7 +53,7 @@ class Rerank:
     shortlist: int = 100
 
     @classmethod
-    def of(cls, method: str, params) -> "Rerank":
+    def of(cls, method: str, params) -> Rerank:
         """From a method name and a config's `rerank` section (pipeline.config.RerankConfig)."""
         return cls(method, params.n, params.alpha, params.k1, params.k2, params.lambda_value, params.shortlist)
 
@@ -142,7 +142,7 @@ def _rows(vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def final_distances(points: np.ndarray, k1: int, k2: int, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """(b, m + 1, d) sets, each a query (row 0) and its m candidates -> ((b, m) final distances of the
     candidates to the query, (b, 1) the query row's largest squared distance, which normalised them)."""
-    b, size, _ = points.shape
+    size = points.shape[1]
     dist = np.maximum(2 - 2 * np.matmul(points, points.transpose(0, 2, 1)), 0)
     dist[:, np.arange(size), np.arange(size)] = 0
     largest = dist.max(axis=2, keepdims=True)

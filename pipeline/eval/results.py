@@ -121,7 +121,7 @@ def trained_here(name: str, cfg: Config, rd: RunDir) -> bool:
 
 def table(results: dict[str, dict]) -> str:
     keys = [k for k in next(iter(results.values())) if not k.startswith("num_")]
-    width = max(10, *(len(name) + 2 for name in results))  # 10 as before; "finetuned+kreciprocal" needs more
+    width = max(10, *(len(name) for name in results))  # 10 as always, wider for "finetuned+kreciprocal"
     lines = [f"{'model':<{width}}" + "".join(f"{k:>12}" for k in keys)]
     lines += [f"{name:<{width}}" + "".join(f"{m[k]:>12.4f}" if k in m else f"{'':>12}" for k in keys)
               for name, m in results.items()]
