@@ -146,7 +146,8 @@ def final_distances(points: np.ndarray, k1: int, k2: int, lam: float) -> tuple[n
     dist = np.maximum(2 - 2 * np.matmul(points, points.transpose(0, 2, 1)), 0)
     dist[:, np.arange(size), np.arange(size)] = 0
     largest = dist.max(axis=2, keepdims=True)
-    dist = dist / np.where(largest > 0, largest, 1)
+    largest = np.where(largest > 0, largest, 1)  # a set of identical points: distances stay 0
+    dist = dist / largest
     rank = np.argsort(dist, axis=2, kind="stable")
     reciprocal = _reciprocal(rank, k1)
     half = _reciprocal(rank, int(np.around(k1 / 2)))
