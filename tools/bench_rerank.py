@@ -2,7 +2,7 @@
 protocol (leave-one-out included), and the time per query, for none / aqe / dba / kreciprocal.
 
     python tools/bench_rerank.py runs/quickstart                       # a run whose eval stage has run
-    python tools/bench_rerank.py STUDY/glyphs/finetuned                # the glyphs study's finetuned run
+    python tools/bench_rerank.py runs/study/rsk/<run>                  # a glyphs study run (tools/study_glyphs.py)
     python tools/bench_rerank.py EXPORT --work runs/bench_glyphs -- data=glyphs ...   # an export folder:
                        # stage=eval in --work with eval.export=EXPORT (the keys after -- make its shards)
 
