@@ -81,7 +81,8 @@ def test_a_typo_in_a_choice_key_fails_before_any_work(tmp_path):
 NEW_KEYS = {"lock": 25, "train.sampler": 23, "train.redraw_pk": 23, "train.val_every_epochs": 23,
             "train.reload_best_at": 23, "train.precision": 26, "parallel.param_dtype": 26, "plan": 27,
             "export.onnx": 24, "index": 24, "search": 24, "serve": 24,
-            "train.tf32": 38, "train.warmup_fraction": 40, "train.layer_decay": 39, "model.lora": 39, "train.compile": 39}
+            "train.tf32": 38, "train.warmup_fraction": 40, "train.layer_decay": 39, "model.lora": 39, "train.compile": 39,
+            "eval.rerank": 41, "rerank": 41, "index.dba": 41}
 
 
 # What the recipes set differently since (issue 23: the authors' checkpoint selection and original images;

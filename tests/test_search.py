@@ -311,3 +311,46 @@ def test_onnx_export_of_the_run_matches_torch_without_project_code(run, queries)
     got = onnx_embeddings(run / "export", files)
     expected = torch_embeddings(run, [Image.open(f) for f in files])
     assert np.abs(got / np.linalg.norm(got, axis=1, keepdims=True) - expected).max() <= 1e-4
+
+
+def test_reranked_search_equals_the_dense_formulas_and_dba_lives_in_the_index(run, queries, tmp_path):
+    """The Searcher re-ranks as pipeline/eval/rerank.py's formulas say (dense ports in test_rerank.py);
+    search.rerank=dba needs an index built with index.dba=true, which holds the augmented vectors."""
+    from test_rerank import dense_aqe, dense_dba, dense_order, euclid, re_ranking
+
+    from pipeline.eval.rerank import Rerank
+
+    vectors = np.load(run / "index" / "vectors.npy")
+    files = sorted(queries.iterdir())
+    q = torch_embeddings(run, [Image.open(f) for f in files])
+    def keys(found):
+        return [[r["key"] for r in hits] for hits in found]
+    test = ShardIndex.load(run / "shards" / "test")
+    found = Searcher(run, rerank=Rerank("aqe", n=3)).search(files, k=K)
+    assert keys(found) == [[test.keys[i] for i in dense_aqe(e, vectors, K, 3, 3.0)] for e in q]
+    found = Searcher(run, rerank=Rerank("kreciprocal", shortlist=len(vectors))).search(files[:2], k=K)
+    finals = [re_ranking(euclid(e[None], vectors), np.zeros((1, 1)), euclid(vectors, vectors))[0] for e in q[:2]]
+    assert keys(found) == [[test.keys[i] for i in np.argsort(f, kind="stable")[:K]] for f in finals]
+    with pytest.raises(UserError, match="index.dba=true force=true") as caught:
+        Searcher(run, rerank="dba")
+    assert "\n" not in str(caught.value)
+
+    moved = tmp_path / "run"
+    shutil.copytree(run / "export", moved / "export")
+    cfg = load_config([f"run_dir={moved}", "index.kind=flat", "index.dba=true", "rerank.n=3", "index.queries=50"])
+    meta = json.loads((run / "index" / "meta.json").read_text())
+    with np.load(run / "index" / "items.npz") as f:
+        items = {k: f[k] for k in f.files}
+    index_stage.build(cfg, vectors, items, {k: v for k, v in meta.items() if k not in ("kind", "items", "dba")},
+                      moved / "index")
+    augmented = dense_dba(vectors, 3, 3.0)
+    np.testing.assert_allclose(np.load(moved / "index" / "vectors.npy"), augmented, atol=1e-5)
+    assert json.loads((moved / "index" / "meta.json").read_text())["dba"] == {"n": 3, "alpha": 3.0}
+    found = Searcher(moved, rerank="dba").search(files, k=K)
+    assert keys(found) == [[test.keys[i] for i in dense_order(augmented @ e.astype(np.float64))[:K]] for e in q]
+
+
+def test_search_rerank_reaches_the_searcher_from_the_command_line(run, queries):
+    proc = run_pipeline("stage=search", f"run_dir={run}", *ARGS, "index.kind=flat", f"search.images={queries}",
+                        "search.rerank=dba", "lock=false", check=False)  # lock: the module's server may hold it
+    assert proc.returncode == 2 and "stage=index index.dba=true force=true" in proc.stderr.strip().splitlines()[-1]

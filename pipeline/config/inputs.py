@@ -35,8 +35,12 @@ CLASS = {
     "export.onnx": "export",
     "index.kind": "index", "index.max_memory_gb": "index", "index.split": "index", "index.gallery": "index",
     "index.checkpoint": "index", "index.target_recall": "index", "index.rerank": "index", "index.queries": "index",
-    "index.train_sample": "index", "index.gpu": "none",
-    "search.images": "search", "search.k": "search",
+    "index.train_sample": "index", "index.gpu": "none", "index.dba": "index",
+    "search.images": "search", "search.k": "search", "search.rerank": "search",
+    # the re-rankings' parameters: what search.rerank answers with; eval's and the index's inputs only when they
+    # re-rank (WHEN below)
+    "rerank.n": "search", "rerank.alpha": "search", "rerank.k1": "search", "rerank.k2": "search",
+    "rerank.lambda_value": "search", "rerank.shortlist": "search",
     "serve.host": "serve", "serve.port": "serve", "serve.k": "serve", "serve.max_megapixels": "serve",
     "serve.max_bytes": "serve",
     "plan.nodes": "none", "plan.gpus_per_node": "none", "plan.gpu": "none", "plan.gpu_memory_gb": "none",
@@ -81,7 +85,7 @@ CLASS = {
     # eval
     "eval.ks": "eval", "eval.batch_size": "view", "eval.nmi": "eval", "eval.split": "eval", "eval.gallery": "eval",
     "eval.models": "eval", "eval.export": "eval", "eval.checkpoint": "eval", "eval.diagnostics": "eval",
-    "eval.show_queries": "eval", "eval.show_k": "eval",
+    "eval.show_queries": "eval", "eval.show_k": "eval", "eval.rerank": "eval",
     # export
     "export.checkpoint": "export",
     # track
@@ -90,9 +94,22 @@ CLASS = {
 }
 
 
+RERANK_KEYS = ("rerank.n", "rerank.alpha", "rerank.k1", "rerank.k2", "rerank.lambda_value", "rerank.shortlist")
+# Inputs of a stage only under a setting: eval reports re-rankings with the rerank.* parameters when eval.rerank
+# names one; an index built with database-side augmentation (index.dba=true) averages with rerank.n and alpha.
+WHEN = {"eval": (lambda values: any(m not in (None, "none") for m in _listed(values.get("eval.rerank"))), RERANK_KEYS),
+        "index": (lambda values: values.get("index.dba") is True, ("rerank.n", "rerank.alpha"))}
+
+
+def _listed(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def stage_settings(config, stage: str) -> dict:
     """{leaf key: value} of the settings `stage`'s output depends on."""
-    return {k: v for k, v in flatten(OmegaConf.structured(config)).items() if is_input(k, stage)}
+    values = flatten(OmegaConf.structured(config))
+    when, keys = WHEN.get(stage, (lambda _: False, ()))
+    return {k: v for k, v in values.items() if is_input(k, stage) or (k in keys and when(values))}
 
 
 def is_input(key: str, stage: str) -> bool:

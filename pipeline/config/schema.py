@@ -36,6 +36,7 @@ EVAL_MODELS = ("frozen", "finetuned", "checkpoint")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 WANDB_MODES = ("offline", "online")
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq")  # pipeline/search/faiss_index.py
+RERANKS = ("none", "aqe", "dba", "kreciprocal")  # pipeline/eval/rerank.py's METHODS
 
 
 def closest(word: str, options: list[str]) -> str:
@@ -302,11 +303,20 @@ class EvalConfig:
     diagnostics: bool = True        # rho and pi_ratio on train and test embeddings (embeds train too)
     show_queries: int = 4           # eval/retrievals.png: this many seeded queries, and as many of the worst; 0: none
     show_k: int = 5                 # eval/retrievals.png: results shown per query
+    rerank: Any = "none"            # aqe | dba | kreciprocal, or a list: each scored beside plain kNN ("finetuned+aqe")
 
     def check(self) -> None:
         chosen = self.models
         if not chosen or any(m not in EVAL_MODELS for m in chosen) or len(set(chosen)) < len(chosen):
             raise UserError(f"eval.models={self.models}: list some of {', '.join(EVAL_MODELS)}, each once")
+        methods = self.rerankings()
+        if any(m not in RERANKS for m in methods) or len(set(methods)) < len(methods):
+            raise UserError(f"eval.rerank={self.rerank}: name one or a list of aqe, dba, kreciprocal (or none), each once")
+
+    def rerankings(self) -> list[str]:
+        """eval.rerank as a list of methods, without none."""
+        chosen = [self.rerank] if isinstance(self.rerank, str) or self.rerank is None else list(self.rerank)
+        return [str(m) for m in chosen if m not in (None, "none")]
 
 
 @dataclass
@@ -340,6 +350,7 @@ class IndexConfig:
     checkpoint: str | None = None   # None: run_dir/export; latest | best | step_<N> of run_dir/checkpoints, or a folder
     target_recall: float = 0.95     # hnsw/ivfpq: the smallest efSearch / nprobe reaching this recall@10 on held-out queries
     rerank: int = 4                 # hnsw/ivfpq: a shortlist of rerank x k candidates, re-ranked by exact inner product
+    dba: bool = False               # database-side augmentation: the index holds each vector averaged with its rerank.n neighbours
     queries: int = 1000             # held-out gallery items measured (leave-one-out) for index/report.json
     train_sample: int = 100_000     # vectors the hnsw/ivfpq quantisers are trained on (a seeded sample)
     gpu: bool = True                # build on a GPU with faiss-gpu where CUDA and faiss-gpu are present
@@ -356,10 +367,30 @@ class IndexConfig:
 class SearchConfig:
     images: Any = None              # an image file, a folder of images, or a list of them ([a.jpg,b.jpg])
     k: int = 5                      # results per query
+    rerank: str = "none"            # stage=search and stage=serve: none | aqe | dba (an index built with index.dba=true) | kreciprocal
 
     def check(self) -> None:
         if self.k < 1:
             raise UserError(f"search.k={self.k}: give at least 1 result per query")
+        one_of(self.rerank, RERANKS, f"search.rerank={self.rerank}: use one of {', '.join(RERANKS)}")
+
+
+@dataclass
+class RerankConfig:
+    """The re-rankings' parameters (pipeline/eval/rerank.py; search.rerank and eval.rerank choose the method),
+    the authors' defaults: Radenovic et al. (aqe, dba), Zhong et al. (kreciprocal)."""
+    n: int = 10                     # aqe, dba: neighbours added to each query (aqe) or gallery vector (dba)
+    alpha: float = 3.0              # aqe, dba: a neighbour's weight is its cosine similarity ** alpha (itself: 1)
+    k1: int = 20                    # kreciprocal: the k-reciprocal neighbourhood
+    k2: int = 6                     # kreciprocal: local query expansion over the top k2
+    lambda_value: float = 0.3       # kreciprocal: final distance = (1 - lambda) Jaccard + lambda original
+    shortlist: int = 100            # kreciprocal: the query's top candidates re-ranked (the others keep their order after them)
+
+    def check(self) -> None:
+        if min(self.n, self.k1, self.k2, self.shortlist) < 1 or self.alpha < 0 or not 0 <= self.lambda_value <= 1:
+            raise UserError(f"rerank.n={self.n}, rerank.k1={self.k1}, rerank.k2={self.k2}, rerank.shortlist="
+                            f"{self.shortlist} must be >= 1, rerank.alpha={self.alpha} >= 0 and rerank.lambda_value="
+                            f"{self.lambda_value} in [0, 1]")
 
 
 @dataclass
@@ -415,6 +446,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     recipe: str = "none"            # a paper's settings (presets/recipe/): rsk | roth | ibc | none
@@ -425,7 +457,7 @@ class Config:
         if self.stage not in STAGES:
             raise UserError(f"unknown stage '{self.stage}'{closest(self.stage, list(STAGES))} (one of {', '.join(STAGES)})")
         for section in (self.data, self.model, self.parallel, self.train, self.loss, self.eval, self.index, self.search,
-                        self.serve, self.track, self.plan):
+                        self.rerank, self.serve, self.track, self.plan):
             section.check()
         one_of(self.device, DEVICES, f"device={self.device}: use auto, cpu or cuda")
         ks = self.protocol().ks

@@ -38,6 +38,7 @@ import torch
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from pipeline.eval import faiss_device
+from pipeline.eval.rerank import Ranker, Rerank
 
 CHUNK_ROWS = 4096            # queries searched at a time
 _MAX_CHUNK_ELEMENTS = 1 << 25  # fewer rows per chunk when k is large: memory stays rows x k
@@ -158,11 +159,13 @@ def _score_chunk(nbrs: np.ndarray, self_idx: np.ndarray | None, relevant: np.nda
 
 
 def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
-                      ks: Sequence[int] = (1, 2, 4, 8), nmi: bool = True) -> dict:
+                      ks: Sequence[int] = (1, 2, 4, 8), nmi: bool = True, rerank: Rerank | None = None) -> dict:
     """Recall@k, MAP@R, R-precision (and NMI/AMI) of `query` against `gallery`; see the module doc.
 
     query, gallery: (n, dim) float arrays or tensors, L2-normalised by the caller.
     gallery=None: leave-one-out on the query set. Returns a dict of Python floats and ints.
+    rerank: the neighbour lists re-ranked (pipeline/eval/rerank.py; each query still left out of its
+    own, leave-one-out); None or method none: plain exact kNN.
     """
     if (gallery is None) != (gallery_labels is None):
         raise ValueError("gallery and gallery_labels must be given together (or both left out)")
@@ -185,7 +188,9 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
     scored = np.flatnonzero(r > 0)
     names = [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]
     totals = dict.fromkeys(names, 0.0)
-    if len(scored):
+    if len(scored) and rerank is not None and rerank.method != "none":
+        _score_reranked(rerank, q, q_labels, g, g_labels, scored, r, loo, ks, totals)
+    elif len(scored):
         # R is not capped, so search deep enough for the largest R (+1 for the query itself).
         k_search = min(max(max(ks), int(r[scored].max())) + int(loo), len(g))
         index = flat_ip_index(g, k_search)
@@ -204,6 +209,21 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
     if nmi:
         out.update(_clustering_scores(q, q_labels))
     return out
+
+
+def _score_reranked(rerank: Rerank, q, q_labels, g, g_labels, scored, r, loo: bool, ks, totals: dict) -> None:
+    """The metrics' sums over the re-ranked neighbour lists (which never hold the query itself)."""
+    k_search = min(max(max(ks), int(r[scored].max())), len(g) - int(loo))
+    # the deepest search a method makes (dba's, in leave-one-out, also depends on the data: len(g))
+    deepest = len(g) if rerank.method == "dba" else max(k_search, rerank.shortlist, rerank.n) + 1
+    ranker = Ranker(rerank, g, lambda vectors: flat_ip_index(vectors, deepest).search)
+    rows = max(1, min(CHUNK_ROWS, _MAX_CHUNK_ELEMENTS // k_search))
+    for start in range(0, len(scored), rows):
+        idx = scored[start:start + rows]
+        nbrs = ranker(q[idx], k_search, idx if loo else None)
+        relevant = g_labels[nbrs] == q_labels[idx, None]
+        for name, value in _score_chunk(nbrs, None, relevant, r[idx], ks).items():
+            totals[name] += value
 
 
 def _kmeans_assign(x: np.ndarray, n_clusters: int, gpu: bool) -> np.ndarray:

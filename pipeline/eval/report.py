@@ -5,6 +5,10 @@ from __future__ import annotations
 from pipeline.protocols import Protocol
 
 
+RERANKINGS = {"aqe": "alpha-query expansion", "dba": "database-side augmentation",
+              "kreciprocal": "k-reciprocal re-ranking"}  # pipeline/eval/rerank.py
+
+
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -26,11 +30,16 @@ def markdown(title: str, proto: Protocol, results: dict[str, dict[str, dict]], s
     """results: model -> evaluation -> metrics; diagnostics: model -> split -> rho/pi values; best:
     the run's best validation (pipeline.train.validation.Best's state), shown for the `trained` models."""
     lines = [f"# {title}", "", f"Protocol: {_describe(proto)}.", ""]
-    lines += [f"- **{model}**: {source}" for model, source in sources.items()] + [""]
+    lines += [f"- **{model}**: {source}" for model, source in sources.items()]
+    reranked = sorted({m.split("+", 1)[1] for m in results if "+" in m})
+    if reranked:
+        lines += [f"- **<model>+{m}**: the model's neighbour lists re-ranked by {RERANKINGS[m]} (`eval.rerank`, "
+                  "each query still left out of its own lists; NMI is the model's, not repeated)" for m in reranked]
+    lines += [""]
     extra = ["best val step", f"best {best['metric']}"] if best else []
     for evaluation in next(iter(results.values())):
         metrics = [k for k, v in next(iter(results.values()))[evaluation].items() if not k.startswith("num_")]
-        rows = [[model, *(by_eval[evaluation][k] for k in metrics),
+        rows = [[model, *(by_eval[evaluation].get(k, "") for k in metrics),  # re-ranked rows: no clustering
                  *(([best["step"], best["value"]] if model in trained else ["", ""]) if best else [])]
                 for model, by_eval in results.items()]
         if "frozen" in results and "finetuned" in results:

@@ -16,6 +16,7 @@ from pipeline.eval.diagnostics import embedding_diagnostics, singular_values
 from pipeline.eval.failures import failures
 from pipeline.eval.inference import load_embeddings
 from pipeline.eval.metrics import retrieval_metrics
+from pipeline.eval.rerank import Rerank
 from pipeline.eval.retrievals import retrieval_layout
 from pipeline.protocols import Evaluation, Protocol
 from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
@@ -23,14 +24,15 @@ from pipeline.run_dir import RunDir, fresh_dir, replace_dir, write_json
 log = logging.getLogger(__name__)
 
 
-def score(name: str, proto: Protocol, data: dict[str, dict], nmi: bool) -> dict[str, dict]:
-    """Evaluation name -> retrieval metrics of one model."""
+def score(name: str, proto: Protocol, data: dict[str, dict], nmi: bool, rerank: Rerank | None = None) -> dict[str, dict]:
+    """Evaluation name -> retrieval metrics of one model (its neighbour lists re-ranked by `rerank`)."""
     out = {}
     for e in proto.evaluations:
         q = data[e.query]
         gallery = (data[e.gallery]["embeddings"], data[e.gallery]["labels"]) if e.gallery else (None, None)
         try:
-            out[e.name] = retrieval_metrics(q["embeddings"], q["labels"], *gallery, ks=proto.ks, nmi=nmi)
+            out[e.name] = retrieval_metrics(q["embeddings"], q["labels"], *gallery, ks=proto.ks, nmi=nmi,
+                                            rerank=rerank)
         except ValueError as err:
             raise UserError(f"{name} embeddings of {e.query}: {err}") from None
     return out
@@ -47,6 +49,8 @@ def write_results(cfg: Config, rd: RunDir, proto: Protocol, splits: list[str], s
                 raise UserError(f"{path} is missing; run stage=embed force=true")
             data[split] = load_embeddings(path)
         results[name] = score(name, proto, data, cfg.eval.nmi)
+        for method in cfg.eval.rerankings():  # beside the plain kNN row, never instead of it
+            results[f"{name}+{method}"] = score(name, proto, data, False, Rerank.of(method, cfg.rerank))
         shown[name] = {s: data[s] for s in (first.query, first.gallery) if s}  # for retrievals.png
         if cfg.eval.diagnostics:
             diagnostics[name] = {s: embedding_diagnostics(d["embeddings"], d["labels"]) for s, d in data.items()}
@@ -120,6 +124,8 @@ def trained_here(name: str, cfg: Config, rd: RunDir) -> bool:
 
 def table(results: dict[str, dict]) -> str:
     keys = [k for k in next(iter(results.values())) if not k.startswith("num_")]
-    lines = [f"{'model':<10}" + "".join(f"{k:>12}" for k in keys)]
-    lines += [f"{name:<10}" + "".join(f"{m[k]:>12.4f}" for k in keys) for name, m in results.items()]
+    width = max(10, *(len(name) for name in results))  # 10 as always, wider for "finetuned+kreciprocal"
+    lines = [f"{'model':<{width}}" + "".join(f"{k:>12}" for k in keys)]
+    lines += [f"{name:<{width}}" + "".join(f"{m[k]:>12.4f}" if k in m else f"{'':>12}" for k in keys)
+              for name, m in results.items()]
     return "\n".join(lines)

@@ -3,6 +3,8 @@
     from pipeline.search import Searcher
     searcher = Searcher("runs/demo")                       # run_dir/index, with the model that built it
     results = searcher.search(["query.jpg"], k=5)          # per image: [{key, label, class, path, score, id}, ...]
+    Searcher("runs/demo", rerank=Rerank("aqe"))            # re-ranked (pipeline/eval/rerank.py; "dba": an index
+                                                           # built with index.dba=true)
 
 The model is reloaded from where the index says it came from (the export, or a checkpoint) and its
 fingerprint compared with the index's: an index built with other weights is refused, in one line.
@@ -21,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.data.transforms import eval_transform
 from pipeline.errors import UserError
 from pipeline.eval import sources as models
+from pipeline.eval.rerank import Rerank
 from pipeline.search import gallery
 from pipeline.search.faiss_index import VectorIndex
 
@@ -86,7 +89,8 @@ def class_names(shards: Path) -> dict[int, str]:
 class Searcher:
     """A run's index with the model that built it. `search` is thread-safe (torch and faiss only read)."""
 
-    def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 64):
+    def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 64,
+                 rerank: Rerank | str = "none"):
         folder = Path(run_dir) / "index"
         if not (folder / "meta.json").is_file():
             raise UserError(f"{folder} holds no index; run stage=index run_dir={run_dir} first")
@@ -108,6 +112,12 @@ class Searcher:
             self.keys, self.labels, self.paths = items["keys"], items["labels"], items["paths"]
         self.class_names = class_names(self.gallery)
         self.batch_size = batch_size
+        self.rerank = Rerank(rerank) if isinstance(rerank, str) else rerank
+        if self.rerank.method == "dba" and not self.meta.get("dba"):
+            raise UserError(f"search.rerank=dba searches an index of augmented vectors, and {folder} was built without; "
+                            f"rebuild it with stage=index index.dba=true force=true run_dir={run_dir}")
+        # the gallery's float vectors (augmented where the index is), read row by row as a re-ranking needs them
+        self.vectors = np.load(folder / "vectors.npy", mmap_mode="r")
 
     @torch.no_grad()
     def embed(self, images: Iterable[ImageLike]) -> np.ndarray:
@@ -123,7 +133,8 @@ class Searcher:
         return self.search_embeddings(self.embed([images] if single else list(images)), k)
 
     def search_embeddings(self, embeddings: np.ndarray, k: int) -> list[list[dict]]:
-        scores, ids = self.index.search(embeddings, k)
+        """score: the cosine, or the re-ranking's (pipeline/eval/rerank.py: Rerank.search)."""
+        scores, ids = self.rerank.search(self.index.search, self.vectors, embeddings, min(k, len(self.vectors)))
         name = lambda label: self.class_names.get(label, f"class {label}")  # noqa: E731
         return [[{"key": str(self.keys[i]), "label": int(self.labels[i]), "class": name(int(self.labels[i])),
                   "path": str(self.paths[i]), "score": float(s), "id": int(i)}

@@ -4,9 +4,11 @@ Every rank embeds its share of the gallery's shards (finished shards are kept in
 killed run resumes without embedding them again); rank 0 builds the index (pipeline/search/) and writes
 
     index/index.faiss, index.json    the faiss index, its kind, factory string and search parameters
-    index/vectors.npy                the float embeddings (exact re-ranking of hnsw/ivfpq shortlists)
+    index/vectors.npy                the float embeddings (exact re-ranking of hnsw/ivfpq shortlists; with
+                                     index.dba=true, augmented: pipeline/eval/rerank.py)
     index/items.npz                  id -> key, label, source path
-    index/meta.json                  the model (source, fingerprint), preprocessing, gallery folder
+    index/meta.json                  the model (source, fingerprint), preprocessing, gallery folder, and
+                                     "dba": {"n", "alpha"} or null
     index/report.json                recall@1/10/100 vs exact on held-out queries, latency, throughput,
                                      build time, memory (pipeline/search/quality.py)
 """
@@ -22,6 +24,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.eval import rerank
 from pipeline.eval import sources as models
 from pipeline.parallel import distributed
 from pipeline.run_context import RunContext
@@ -67,6 +70,10 @@ def build(cfg: Config, vectors: np.ndarray, items: dict, meta: dict, out: Path) 
     report_rows, tune_rows = order[:q], order[q:2 * q]  # held out from the quantisers' training sample
     train_rows = order[q:][:ic.train_sample]
     kind = faiss_index.choose(ic.kind, n, d, ic.max_memory_gb)
+    dba = {"n": cfg.rerank.n, "alpha": cfg.rerank.alpha} if ic.dba else None
+    if dba:  # database-side augmentation: the index holds (and search.rerank=dba expects) the augmented vectors
+        log.info("index: database-side augmentation of %d vectors (rerank.n=%d, rerank.alpha=%g)", n, dba["n"], dba["alpha"])
+        vectors = rerank.augment(vectors, dba["n"], dba["alpha"])
     tmp = fresh_dir(out.with_name("index.tmp"))
     np.save(tmp / "vectors.npy", vectors)
     start = time.perf_counter()
@@ -85,7 +92,7 @@ def build(cfg: Config, vectors: np.ndarray, items: dict, meta: dict, out: Path) 
               "query_rows": np.sort(report_rows).tolist()}
     found.save(tmp)
     np.savez(tmp / "items.npz", **items)
-    write_json(tmp / "meta.json", {**meta, "kind": kind, "items": n})
+    write_json(tmp / "meta.json", {**meta, "kind": kind, "items": n, "dba": dba})
     write_json(tmp / "report.json", report)
     replace_dir(tmp, out)
     log.info("index %s (%s) over %d items -> %s\n%s", kind, found.factory, n, out, summary(report))

@@ -1,6 +1,7 @@
 """search: the query images search.images (a file, a folder, a list) against run_dir/index ->
 a table on stdout (and in the log file), run_dir/search/results.json (per query: its top search.k
-with key, label, class name, path, score) and run_dir/search/results.png. The same from Python:
+with key, label, class name, path, score) and run_dir/search/results.png; search.rerank re-ranks
+(pipeline/eval/rerank.py). The same from Python:
 `Searcher(run_dir).search(images, k)`."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 
 from pipeline.config import Config
 from pipeline.data.shards import ShardIndex
+from pipeline.eval.rerank import Rerank
 from pipeline.run_context import RunContext
 from pipeline.run_dir import fresh_dir, replace_dir, write_json
 from pipeline.search import results as pictures
@@ -19,11 +21,12 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, ctx: RunContext) -> None:
     rd = ctx.run
     files = image_files(cfg.search.images)
-    searcher = Searcher(rd.root, device=ctx.device, batch_size=cfg.eval.batch_size)
+    searcher = Searcher(rd.root, device=ctx.device, batch_size=cfg.eval.batch_size,
+                        rerank=Rerank.of(cfg.search.rerank, cfg.rerank))
     found = searcher.search(files, cfg.search.k)
     out = fresh_dir(rd.root / "search.tmp")
     write_json(out / "results.json", {"index": str(searcher.folder), "fingerprint": searcher.meta["fingerprint"],
-                                      "k": cfg.search.k,
+                                      "k": cfg.search.k, "rerank": cfg.search.rerank,
                                       "queries": [{"image": str(f), "results": r} for f, r in zip(files, found)]})
     shards = ShardIndex.load(searcher.gallery)
     pictures.draw([open_image(f) for f in files], [str(f) for f in files], found, shards.image, out / "results.png")

@@ -11,6 +11,7 @@ import logging
 import uvicorn
 
 from pipeline.config import Config
+from pipeline.eval.rerank import Rerank
 from pipeline.run_context import RunContext
 from pipeline.search.searcher import Searcher
 from pipeline.search.server import create_app
@@ -30,7 +31,7 @@ def is_loopback(host: str) -> bool:
 
 def run(cfg: Config, ctx: RunContext) -> None:
     s = cfg.serve
-    searcher = Searcher(ctx.run.root, device=ctx.device)
+    searcher = Searcher(ctx.run.root, device=ctx.device, rerank=Rerank.of(cfg.search.rerank, cfg.rerank))
     app = create_app(searcher, s.k, s.max_megapixels, s.max_bytes)
     log.info("serving %s (%d items, %s) on http://%s:%d: the page at /, POST /search (image bytes), GET /health",
              searcher.folder, searcher.index.index.ntotal, searcher.index.kind, s.host, s.port)
