@@ -61,7 +61,7 @@ def create_app(searcher: Searcher, k: int = 10, max_megapixels: float = 25.0, ma
     run_dir = searcher.folder.parent
     images = ImageStore(searcher.gallery, run_dir / "shards")
     rows = {str(key): i for i, key in enumerate(searcher.keys)}
-    vectors = np.load(searcher.folder / "vectors.npy", mmap_mode="r")  # only the rows asked for are read
+    vectors = searcher.vectors  # memory-mapped: only the rows asked for are read (augmented under index.dba)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, exc: RequestValidationError):
