@@ -34,6 +34,30 @@ CASES = {
     "hf_dinov2_no_head": ("transformers", ["model=dinov2_vitl14_hf", "model.embed_dim=0"]),
     "hf_clip_pretrained_48px": ("transformers", ["model=clip_vitl14_hf"]),  # weights at 48 px, used at 32 px
     "quickstart_stage_export": ("timm", None),  # stage=export of a finetuned digits run (conftest's digits_run)
+    # The towers of issue 37: open_clip's timm towers (ViT with a MAP head; EVA with RoPE, a MAP head and PE's
+    # projection; EVA-02's class token), timm's DINOv3 (class token, registers left out) and AIMv2, and
+    # transformers' DINOv3 (registers, from a folder), SigLIP 2 (NaFlex; its position table at 48 px, used at
+    # 32 px) and AIMv2 (attention-pooling head).
+    "open_clip_siglip2": ("open_clip", ["model=siglip2_vitl16_256"]),
+    "open_clip_pecore": ("open_clip", ["model=pecore_l14_336"]),
+    "open_clip_eva02_no_head_norm": ("open_clip", ["model=eva02_l14", "model.head_norm=false"]),
+    "timm_dinov3": ("timm", ["model=dinov3_vitl16"]),
+    "timm_aimv2_no_head": ("timm", ["model=aimv2_l14", "model.embed_dim=0"]),
+    "hf_dinov3_registers": ("transformers", ["model=dinov3_vitl16_hf"]),
+    "hf_siglip2_pretrained_48px": ("transformers", ["model.family=transformers", "model.arch=Siglip2VisionModel"]),
+    "hf_aimv2": ("transformers", ["model.family=transformers", "model.arch=Aimv2VisionModel"]),
+}
+HF_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256,
+           "patch_size": 8}
+# Cases that start from a from_pretrained folder, as a user with real weights has one (its config decides
+# what the model keys do not: register tokens, the size of the position table).
+HF_FOLDERS = {
+    "hf_clip_pretrained_48px": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        **HF_TINY, image_size=48)),
+    "hf_dinov3_registers": lambda: transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+        **HF_TINY, image_size=32, num_register_tokens=4)),
+    "hf_siglip2_pretrained_48px": lambda: transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(
+        **HF_TINY, num_patches=36)),
 }
 
 
@@ -60,12 +84,9 @@ def write_export(case: str, case_dir: Path, seed: int, digits_run: Path) -> Mode
     if overrides is None:
         shutil.copytree(digits_run / "export", case_dir / FOLDER)
         return load_config(SMALL).model
-    if case == "hf_clip_pretrained_48px":  # a from_pretrained folder, as a user with real weights has one
-        upstream = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, patch_size=8,
-            image_size=48))
-        upstream.save_pretrained(case_dir / "clip_hf")
-        overrides = [*overrides, f"model.pretrained={case_dir / 'clip_hf'}"]
+    if case in HF_FOLDERS:
+        HF_FOLDERS[case]().save_pretrained(case_dir / "upstream_hf")
+        overrides = [*overrides, f"model.pretrained={case_dir / 'upstream_hf'}"]
     cfg = load_config([*TINY_VIT, *overrides]).model  # presets apply first; the case's overrides win
     export(trained_model(cfg, seed), cfg, case_dir / FOLDER)
     return cfg
@@ -122,7 +143,7 @@ def test_readme_snippet_gives_the_pipeline_embeddings(runs, case):
     embeddings = torch.load(case_dir / "embeddings.pt")
     cfg = json.loads((case_dir / FOLDER / "config.json").read_text())
     assert cfg["family"] == CASES[case][0]
-    assert (cfg["embed_dim"] == 0) == (case == "hf_dinov2_no_head")
+    assert (cfg["embed_dim"] == 0) == case.endswith("_no_head")
     assert embeddings.shape == (len(IMAGES), cfg["embed_dim"] or cfg["width"])
     torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-5)
 
