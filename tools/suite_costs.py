@@ -22,7 +22,7 @@ AREAS = {
     "Quick start and docs": ["test_quickstart"],
     "data and converters": ["test_converters", "test_custom_data", "test_fashion_mnist", "test_glyphs", "test_shards",
                             "test_original_images", "test_transforms", "test_epoch_rules"],
-    "index, search, serve, ONNX": ["test_search", "test_onnx", "test_export_upstream"],
+    "index, search, serve, ONNX": ["test_search", "test_onnx", "test_export_upstream", "test_search_page", "test_rerank"],
     "faults (resume, lock, disk, soak, trust, preflight, logs)": [
         "test_resume", "test_soak", "test_disk_full", "test_run_lock", "test_trust", "test_preflight", "test_logs"],
     "plan": ["test_plan", "test_accounting"],
@@ -30,7 +30,7 @@ AREAS = {
     "losses": ["test_recall_at_k", "test_simix", "test_rsk_kernels", "test_split_loss", "test_losses_pipeline",
                "test_losses_two_pass", "test_intra_batch", "test_rho_miner", "test_roth_multisimilarity"],
     "eval": ["test_evaluate", "test_metrics", "test_diagnostics", "test_retrievals", "test_protocols",
-             "test_positives_beyond_k"],
+             "test_positives_beyond_k", "test_failures"],
     "GPU paths on the CPU": ["test_gpu_paths", "test_faiss_device", "test_gpu_node"],
     "training (step, validation, recipes, tracking)": [
         "test_two_pass", "test_validation", "test_optim", "test_recipes", "test_recipe_selection", "test_tracking",
