@@ -113,8 +113,9 @@ check_pretrained = check_model  # the name earlier rounds used
 
 
 def check_export_folder(folder: str) -> None:
-    path = Path(folder).expanduser()
-    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+    from pipeline.models.encoders import is_exported  # the loader's own test (its config's model keys too)
+
+    if not is_exported(Path(folder).expanduser()):
         raise UserError(f"eval.export={folder} is not an exported model (model.safetensors + config.json); "
                         "give a stage=export folder")
 

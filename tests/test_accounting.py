@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, load_config
-from pipeline.models.accounting import flops_per_image, mfu, peak_flops, peak_flops_of, peak_memory_gb, reset_peak_memory
+from pipeline.models.accounting import flops_per_image, mfu, peak_flops, peak_flops_of, peak_memory_gb
 from pipeline.train.timing import NO_TIMER, PhaseTimer
 
 

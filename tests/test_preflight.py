@@ -119,3 +119,13 @@ def test_launch_sh_checks_the_accelerate_yaml_before_starting_anything(tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: ACCELERATE_CONFIG={tmp_path / 'none.yaml'} does not exist; give accelerate's YAML (see ds_configs/)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_export_must_be_a_stage_export_folder(tmp_path):
+    """The preflight asks the loader's own question (models.encoders.is_exported): a transformers
+    save_pretrained folder also holds model.safetensors and config.json, but not this project's model keys."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov2", "hidden_size": 1024}))
+    with pytest.raises(UserError, match="is not an exported model") as e:
+        preflight.check_export_folder(str(tmp_path))
+    assert "\n" not in str(e.value)
