@@ -26,7 +26,9 @@ from pipeline.models.encoders import exported_config, load_exported
 from pipeline.search import faiss_index, gallery
 from pipeline.search.faiss_index import VectorIndex
 from pipeline.search.searcher import Searcher
+from pipeline.run_context import RunContext
 from pipeline.stages import index as index_stage
+from pipeline.stages import search as search_stage
 
 ARGS = ["model.depth=2", "model.embed_dim=32", "train.global_batch=32", "train.chunk_size=8", "train.max_steps=2",
         "train.checkpoint_every=2", "train.warmup_steps=1", "train.val_every=0", "eval.batch_size=128",
@@ -328,6 +330,14 @@ def test_reranked_search_equals_the_dense_formulas_and_dba_lives_in_the_index(ru
     test = ShardIndex.load(run / "shards" / "test")
     found = Searcher(run, rerank=Rerank("aqe", n=3)).search(files, k=K)
     assert keys(found) == [[test.keys[i] for i in dense_aqe(e, vectors, K, 3, 3.0)] for e in q]
+    # the stage's keys reach the Searcher (stage=search in process, on a copy: the module's server holds the lock)
+    staged = tmp_path / "staged"
+    shutil.copytree(run, staged, ignore=shutil.ignore_patterns(".lock"))
+    cfg = load_config([*ARGS, f"run_dir={staged}", "index.kind=flat", "stage=search", f"search.images={queries}",
+                       f"search.k={K}", "search.rerank=aqe", "rerank.n=3"])
+    search_stage.run(cfg, RunContext.resolve(cfg))
+    saved = json.loads((staged / "search" / "results.json").read_text())
+    assert saved["rerank"] == "aqe" and [[r["key"] for r in q["results"]] for q in saved["queries"]] == keys(found)
     found = Searcher(run, rerank=Rerank("kreciprocal", shortlist=len(vectors))).search(files[:2], k=K)
     finals = [re_ranking(euclid(e[None], vectors), np.zeros((1, 1)), euclid(vectors, vectors))[0] for e in q[:2]]
     assert keys(found) == [[test.keys[i] for i in np.argsort(f, kind="stable")[:K]] for f in finals]
