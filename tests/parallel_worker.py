@@ -5,8 +5,8 @@ consolidates from it. Variant `clip`: the plain problem with train.grad_clip=CLI
 gradient norms (before clipping) it saves too. Variants `bf16` and `bf16_comm`: the plain problem
 with train.precision=bf16, and fp32 or bf16 weights gathered (parallel.param_dtype), whose weights,
 checkpoint and the dtype of a weight inside the forward it saves (PRECISION_VARIANTS). The loss
-variants (LOSS_VARIANTS) and those of what trains (OPTION_VARIANTS: train.layer_decay, model.lora)
-save their weights and losses only.
+variants (LOSS_VARIANTS), those of what trains (OPTION_VARIANTS: train.layer_decay, model.lora) and the
+compiled one (COMPILE_VARIANTS: train.compile) save their weights and losses only.
 
     torchrun --nproc_per_node 2 tests/parallel_worker.py OUT_DIR ddp,zero1,... plain,frozen_ckpt,clip [ddp:simix,...]
 """
@@ -25,6 +25,7 @@ from pipeline.parallel.distributed import world_from_env  # noqa: E402
 from pipeline.parallel.engine import DeepSpeedEngine, build_engine, deepspeed_config  # noqa: E402
 from pipeline.losses import RecallAtK, RecallAtKSiMix, set_step  # noqa: E402
 from pipeline.models.encoders import build_encoder  # noqa: E402
+from pipeline.train.compile import compile_blocks  # noqa: E402
 from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.train.two_pass import two_pass_step  # noqa: E402
 
@@ -40,6 +41,9 @@ OPTION_VARIANTS = ("layer_decay", "lora")
 # A new tower type (issue 37): DINOv3 in timm (RoPE, register tokens), activation checkpointing on and
 # only its last block trainable; its blocks are what FSDP2 and ZeRO-3 shard.
 TOWER_VARIANTS = ("dinov3",)
+# train.compile (issue 39): the lora problem (drop-path, LoRA dropout, activation checkpointing) with each
+# block compiled in place before the engine wraps the model, as the finetune stage does; weights and losses.
+COMPILE_VARIANTS = ("compiled",)
 PRECISION_VARIANTS = {"bf16": "fp32", "bf16_comm": "bf16"}  # variant -> parallel.param_dtype, under train.precision=bf16
 
 
@@ -52,11 +56,13 @@ def make_loss(variant: str):
 def problem(variant: str):
     """The model (drop-path on), the batches of each step, the loss. `frozen_ckpt`: the patch
     embedding and the first block frozen, activation checkpointing on. `lora`: peft's adapters (with
-    their dropout) on every block's projections, the base frozen, activation checkpointing on."""
+    their dropout) on every block's projections, the base frozen, activation checkpointing on; `compiled`: the
+same model (the worker compiles its blocks, the one-process reference stays eager)."""
     frozen_ckpt = variant == "frozen_ckpt"
-    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.2) if variant == "lora" else LoraConfig()
+    with_lora = variant in ("lora", "compiled")
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.2) if with_lora else LoraConfig()
     cfg = ModelConfig(patch_size=8, depth=2, embed_dim=24, drop_path=0.2, lora=lora,
-                      grad_checkpointing=frozen_ckpt or variant == "lora")
+                      grad_checkpointing=frozen_ckpt or with_lora)
     if variant == "dinov3":
         cfg = ModelConfig(family="timm", arch="vit_small_patch16_dinov3", global_pool="token", patch_size=8, depth=2,
                           width=64, heads=2, embed_dim=24, drop_path=0.2, grad_checkpointing=True, trainable_blocks=1)
@@ -158,6 +164,7 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
             cuda_autocast_inside_deepspeed(out, backend)
             continue
         model, batches, loss_fn = problem(variant)
+        compile_blocks(model, variant in COMPILE_VARIANTS)
         full = sum(p.numel() for p in model.parameters())
         engine = build_engine(model, optimizer_for(variant), ParallelConfig(name=backend), CHUNK, torch.device("cpu"))
         if world.is_main:
@@ -172,7 +179,7 @@ def main(out: Path, combos: list[tuple[str, str]]) -> None:
         state = engine.full_state_dict()
         if world.is_main:
             (out / f"{backend}-{variant}.losses.json").write_text(json.dumps(losses))
-        if variant in LOSS_VARIANTS + TOWER_VARIANTS + ("layer_decay",):
+        if variant in LOSS_VARIANTS + TOWER_VARIANTS + COMPILE_VARIANTS + ("layer_decay",):
             if world.is_main:
                 torch.save(state, out / f"{backend}-{variant}.pt")
             distributed.barrier()

@@ -10,7 +10,8 @@ from functools import lru_cache
 import pytest
 import torch
 from conftest import REPO, SGD, SMALL, run_torchrun, updates_close
-from parallel_worker import CHUNK, CLIP, LOSS_VARIANTS, SEED, TOWER_VARIANTS, VARIANTS, optimizer_for, problem, sgd
+from parallel_worker import (CHUNK, CLIP, COMPILE_VARIANTS, LOSS_VARIANTS, SEED, TOWER_VARIANTS, VARIANTS,
+                             optimizer_for, problem, sgd)
 from safetensors.torch import load_file
 
 from pipeline.config import TrainConfig
@@ -170,6 +171,15 @@ def test_new_tower_under_sharding_equals_one_process(worker_out, combo):
     frozen = [n for n in start if n.startswith("backbone.blocks.0.") or n.startswith("backbone.patch_embed.")]
     assert frozen and all(torch.equal(got[n], start[n]) for n in frozen)
     assert not torch.equal(got["backbone.blocks.1.attn.qkv.weight"], start["backbone.blocks.1.attn.qkv.weight"])
+
+
+@pytest.mark.slow  # inductor compiles the blocks in each process: too slow for the default launch
+def test_compiled_blocks_under_ddp_equal_one_eager_process(tmp_path):
+    """train.compile under ddp (the one backend of several processes it allows: the others hold the weights),
+    with LoRA dropout, drop-path and activation checkpointing: 2 processes equal one eager process."""
+    torchrun_script(2, "tests/parallel_worker.py", str(tmp_path), "ddp", ",".join(COMPILE_VARIANTS))
+    for variant in COMPILE_VARIANTS:
+        assert_equals_one_process(tmp_path, "ddp", variant)
 
 
 @pytest.mark.slow
