@@ -10,6 +10,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from pipeline.config.loader import flatten
+from pipeline.config.schema import EvalConfig
 
 # class -> the stages whose output a key of that class changes
 AFFECTS = {
@@ -97,12 +98,8 @@ CLASS = {
 RERANK_KEYS = ("rerank.n", "rerank.alpha", "rerank.k1", "rerank.k2", "rerank.lambda_value", "rerank.shortlist")
 # Inputs of a stage only under a setting: eval reports re-rankings with the rerank.* parameters when eval.rerank
 # names one; an index built with database-side augmentation (index.dba=true) averages with rerank.n and alpha.
-WHEN = {"eval": (lambda values: any(m not in (None, "none") for m in _listed(values.get("eval.rerank"))), RERANK_KEYS),
+WHEN = {"eval": (lambda values: bool(EvalConfig(rerank=values.get("eval.rerank")).rerankings()), RERANK_KEYS),
         "index": (lambda values: values.get("index.dba") is True, ("rerank.n", "rerank.alpha"))}
-
-
-def _listed(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def stage_settings(config, stage: str) -> dict:

@@ -86,12 +86,20 @@ def knn(search: Search, queries: np.ndarray, k: int, exclude: np.ndarray | None 
 
 
 def expand(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, sims: np.ndarray, alpha: float) -> np.ndarray:
-    """normalise(q + sum_j max(0, sim_j)^alpha x_j) over each query's neighbours `ids` (-1: none). The clip
-    at 0 keeps a fractional power real; the papers' neighbours are all positive."""
-    weights = np.where(ids >= 0, np.maximum(sims, 0.0) ** alpha, 0.0).astype(np.float32)
-    rows = np.asarray(vectors[np.maximum(ids, 0).ravel()], dtype=np.float32).reshape(*ids.shape, -1)
-    out = queries + np.einsum("qn,qnd->qd", weights, rows)
+    """normalise(q + sum_j w_j x_j) over each query's neighbours `ids` (-1: none), w_j = weight(sim_j)."""
+    out = weighted_sum(queries, vectors, ids, sims, alpha)
     return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def weighted_sum(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, sims: np.ndarray, alpha: float) -> np.ndarray:
+    """q + sum_j w_j x_j, before expand's normalisation (dba's leave-one-out corrects these sums)."""
+    return queries + np.einsum("qn,qnd->qd", weight(sims, ids, alpha), _rows(vectors, np.maximum(ids, 0)))
+
+
+def weight(sims: np.ndarray, ids: np.ndarray, alpha: float) -> np.ndarray:
+    """max(0, sim)^alpha per neighbour, 0 where there is none (id -1). The clip at 0 keeps a fractional power
+    real; the papers' neighbours are all positive."""
+    return np.where(ids >= 0, np.maximum(sims, 0.0) ** alpha, 0.0).astype(np.float32)
 
 
 def exact_search(vectors: np.ndarray) -> Search:
@@ -193,8 +201,7 @@ class Ranker:
         out = np.empty(self.gallery.shape, dtype=np.float32)
         for start in range(0, len(ids), 4096):
             part = slice(start, start + 4096)
-            w = np.where(ids[part] >= 0, np.maximum(sims[part], 0.0) ** self.rerank.alpha, 0.0).astype(np.float32)
-            out[part] = self.gallery[part] + np.einsum("qn,qnd->qd", w, _rows(self.gallery, np.maximum(ids[part], 0)))
+            out[part] = weighted_sum(self.gallery[part], self.gallery, ids[part], sims[part], self.rerank.alpha)
         return out
 
     def __call__(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:

@@ -43,13 +43,24 @@ class ImageStore:
         """(bytes, media type) of the image stored under `key` in `split`; None where there is none."""
         if split not in self.folders:
             return None
-        with self._lock:  # the table is built once; ShardIndex opens each shard once
-            if split not in self._tables:
-                index = ShardIndex.load(self.folders[split])
-                self._tables[split] = index, {k: i for i, k in enumerate(index.keys)}
-            index, rows = self._tables[split]
+        with self._lock:  # ShardIndex opens each shard once
+            index, rows = self._table(split)
             i = rows.get(key)
             if i is None:
                 return None
             data = index.image_bytes(i)
         return data, media_type(data)
+
+    def class_name(self, split: str, label: int) -> str:
+        """The dataset's name for a class of `split` (ShardIndex.class_name), else `class <label>`."""
+        if split not in self.folders:
+            return f"class {label}"
+        with self._lock:
+            return self._table(split)[0].class_name(label)
+
+    def _table(self, split: str) -> tuple[ShardIndex, dict[str, int]]:
+        """The split's index and key -> sample table, built on first use (call under the lock)."""
+        if split not in self._tables:
+            index = ShardIndex.load(self.folders[split])
+            self._tables[split] = index, {k: i for i, k in enumerate(index.keys)}
+        return self._tables[split]

@@ -132,11 +132,14 @@ class Searcher:
         single = isinstance(images, (str, Path, bytes, Image.Image))
         return self.search_embeddings(self.embed([images] if single else list(images)), k)
 
+    def class_name(self, label: int) -> str:
+        """The gallery's name for a class, else `class <label>` (as ShardIndex.class_name)."""
+        return self.class_names.get(int(label), f"class {label}")
+
     def search_embeddings(self, embeddings: np.ndarray, k: int) -> list[list[dict]]:
         """score: the cosine, or the re-ranking's (pipeline/eval/rerank.py: Rerank.search)."""
         scores, ids = self.rerank.search(self.index.search, self.vectors, embeddings, min(k, len(self.vectors)))
-        name = lambda label: self.class_names.get(label, f"class {label}")  # noqa: E731
-        return [[{"key": str(self.keys[i]), "label": int(self.labels[i]), "class": name(int(self.labels[i])),
+        return [[{"key": str(self.keys[i]), "label": int(self.labels[i]), "class": self.class_name(self.labels[i]),
                   "path": str(self.paths[i]), "score": float(s), "id": int(i)}
                  for s, i in zip(row_scores, row_ids) if i >= 0]
                 for row_scores, row_ids in zip(scores, ids)]

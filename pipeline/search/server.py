@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 
 from pipeline.errors import UserError
 from pipeline.search.images import GALLERY, ImageStore
-from pipeline.search.searcher import Searcher, TooLarge, class_names, open_image
+from pipeline.search.searcher import Searcher, TooLarge, open_image
 
 CONTENT_TYPES = ("image/", "application/octet-stream")
 MAX_K = 1000
@@ -112,8 +112,8 @@ def create_app(searcher: Searcher, k: int = 10, max_megapixels: float = 25.0, ma
         i = rows[key]
         results = searcher.search_embeddings(np.array(vectors[i:i + 1], dtype=np.float32), k)[0]
         label = int(searcher.labels[i])
-        return {"k": k, "query": {"key": key, "label": label, "class": searcher.class_names.get(label, f"class {label}"),
-                                  "id": i}, "results": results}
+        return {"k": k, "query": {"key": key, "label": label, "class": searcher.class_name(label), "id": i},
+                "results": results}
 
     @app.get("/image/{key:path}")
     def image(key: str, split: str = GALLERY):
@@ -122,8 +122,6 @@ def create_app(searcher: Searcher, k: int = 10, max_megapixels: float = 25.0, ma
             where = f"split {split!r} of the run's shards" if split else "the index's gallery"
             return _error(404, f"no image {key!r} in {where}")
         return Response(found[0], media_type=found[1], headers={"X-Content-Type-Options": "nosniff"})
-
-    names = {}  # split -> its class names, read once
 
     @app.get("/failures")
     def failures(offset: int = 0, limit: int = 20):
@@ -134,12 +132,10 @@ def create_app(searcher: Searcher, k: int = 10, max_megapixels: float = 25.0, ma
             return _error(404, f"{path} does not exist; run stage=eval run_dir={run_dir} "
                                f"(force=true where it ran before failures.json was written)")
         listing = json.loads(path.read_text())
-        for split in {listing["query_split"], listing["gallery_split"]}:
-            names.setdefault(split, class_names(run_dir / "shards" / split))
         page = listing["failures"][offset:offset + limit]
         for failure in page:
             for item in filter(None, (failure["query"], failure["top1"], failure["first_correct"])):
-                item["class"] = names[item["split"]].get(item["label"], f"class {item['label']}")
+                item["class"] = images.class_name(item["split"], item["label"])
                 item["searchable"] = images.is_gallery(item["split"]) and item["key"] in rows
         return {**{k: v for k, v in listing.items() if k != "failures"}, "offset": offset,
                 "listed": len(listing["failures"]), "failures": page}
