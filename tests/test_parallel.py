@@ -275,8 +275,12 @@ def test_srun_environment(monkeypatch):
 
 
 def test_stage_all_zero3_under_torchrun(sgd_run, tmp_path):
-    """Started from outside the repository: the default ds_configs/zero3.json is found all the same."""
+    """Started from outside the repository: the default ds_configs/zero3.json is found all the same. Rank 0
+    runs the single-process stages (shard, embed) while the other waits; each stage's marker once."""
     run_torchrun(2, "stage=all", f"run_dir={tmp_path}", "parallel=zero3", *SMALL, *SGD, cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == [
+        f"{s}.json" for s in ("embed", "eval", "export", "finetune", "shard")]
+    assert (tmp_path / "embeddings" / "frozen" / "test.npz").is_file()
     meta = json.loads((tmp_path / "checkpoints" / "step_6" / "meta.json").read_text())
     assert meta["format"] == "deepspeed" and meta["parallel"] == "zero3"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "latest", "step_3", "step_6"]

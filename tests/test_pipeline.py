@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, run_pipeline, run_torchrun
+from conftest import SMALL, run_pipeline
 
 from pipeline.config import ModelConfig, load_config
 from pipeline.data.shards import ShardIndex
@@ -132,13 +132,3 @@ def test_checkpoint_from_another_model_is_refused(digits_run, tmp_path):
                         "eval.models=[checkpoint]", f"eval.checkpoint={run / 'checkpoints' / 'step_6'}", check=False)
     assert proc.returncode == 2
     assert "was made by another model config (differs in model.embed_dim)" in proc.stderr.strip().splitlines()[-1]
-
-
-def test_stages_under_torchrun(tmp_path):
-    """Two processes: rank 0 runs the single-process stages while the other waits; markers once."""
-    run_torchrun(2, "stage=embed", f"run_dir={tmp_path}", *SMALL)
-    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["embed.json", "shard.json"]
-    assert (tmp_path / "embeddings" / "frozen" / "test.npz").is_file()
-    proc = run_torchrun(2, "stage=finetune", f"run_dir={tmp_path}", *SMALL, check=False)
-    assert proc.returncode != 0
-    assert "error: 2 processes were launched but parallel=none trains in one" in proc.stderr

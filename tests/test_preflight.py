@@ -38,6 +38,16 @@ def test_four_bad_inputs_give_four_lines_and_exit_2_before_any_output(tmp_path):
     assert not run.exists(), "the checks must run before anything is written"
 
 
+def test_parallel_none_under_two_processes_is_refused_in_one_line(tmp_path):
+    """2 processes with a single-process backend: found by the preflight of a finetune, as under torchrun
+    (the 2-process refusal of every rank together is test_four_bad_inputs_...'s launch)."""
+    cfg = load_config([f"run_dir={tmp_path}", *SMALL])
+    found = preflight.problems(cfg, RunDir(cfg.run_dir), 2, ["finetune"])
+    assert found == ["2 processes were launched but parallel=none trains in one; launch a single process or set "
+                     "parallel=ddp|zero1|zero2|zero3|fsdp2"]
+    assert preflight.problems(cfg, RunDir(cfg.run_dir), 2, ["embed"]) == []  # rank 0 embeds; the other waits
+
+
 def test_a_good_run_dir_and_no_problems_pass(tmp_path):
     cfg = load_config([f"run_dir={tmp_path / 'a' / 'b'}", *SMALL])
     assert preflight.problems(cfg, RunDir(cfg.run_dir), 1, planned(cfg, RunDir(cfg.run_dir))) == []
