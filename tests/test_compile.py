@@ -56,7 +56,7 @@ def test_compiled_blocks_equal_eager_for_a_two_pass_step(name):
 
 
 def test_unsupported_backend_is_refused_at_load():
-    with pytest.raises(UserError, match="train.compile=true compiles each block.*use parallel=none or ddp"):
+    with pytest.raises(UserError, match="train.compile=true compiles each block.*use parallel=none, ddp, zero1 or zero2"):
         load_config(["stage=all", "run_dir=runs/x", "train.compile=true", "parallel=fsdp2"])
     assert load_config(["stage=all", "run_dir=runs/x", "train.compile=true", "parallel=ddp"]).train.compile
     model = build_encoder(ModelConfig(patch_size=8, depth=2, embed_dim=16), seed=0)

@@ -173,13 +173,18 @@ def test_new_tower_under_sharding_equals_one_process(worker_out, combo):
     assert not torch.equal(got["backbone.blocks.1.attn.qkv.weight"], start["backbone.blocks.1.attn.qkv.weight"])
 
 
+COMPILE_BACKENDS = ("ddp", "zero1", "zero2")  # the backends of several processes that leave each block's forward alone
+
+
 @pytest.mark.slow  # inductor compiles the blocks in each process: too slow for the default launch
-def test_compiled_blocks_under_ddp_equal_one_eager_process(tmp_path):
-    """train.compile under ddp (the one backend of several processes it allows: the others hold the weights),
-    with LoRA dropout, drop-path and activation checkpointing: 2 processes equal one eager process."""
-    torchrun_script(2, "tests/parallel_worker.py", str(tmp_path), "ddp", ",".join(COMPILE_VARIANTS))
-    for variant in COMPILE_VARIANTS:
-        assert_equals_one_process(tmp_path, "ddp", variant)
+def test_compiled_blocks_equal_one_eager_process(tmp_path):
+    """train.compile under ddp, ZeRO-1 and ZeRO-2 (ZeRO-3 and FSDP2 gather each block's weights in hooks
+    around its forward and are refused), with LoRA dropout, drop-path and activation checkpointing:
+    2 processes equal one eager process."""
+    torchrun_script(2, "tests/parallel_worker.py", str(tmp_path), ",".join(COMPILE_BACKENDS), ",".join(COMPILE_VARIANTS))
+    for backend in COMPILE_BACKENDS:
+        for variant in COMPILE_VARIANTS:
+            assert_equals_one_process(tmp_path, backend, variant)
 
 
 @pytest.mark.slow

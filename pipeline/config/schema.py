@@ -204,7 +204,7 @@ class TrainConfig:
     redraw_pk: bool = False         # sampler=ibc: each epoch draws (P, K) anew among global_batch's divisors (IBC on CUB)
     val_every_epochs: int = 0       # validate at the end of every N-th epoch (the papers' cadence) instead of val_every; 0 = off
     reload_best_at: list[float] = field(default_factory=list)  # epochs at whose start the best checkpoint's weights are loaded back (IBC)
-    compile: bool = False           # torch.compile of each transformer block (pipeline/train/compile.py); parallel=none or ddp
+    compile: bool = False           # torch.compile of each transformer block (pipeline/train/compile.py); not under zero3/fsdp2
     layer_decay: float = 1.0        # layer-wise lr decay: block i of L at lr x d^(L-1-i), embeddings d^L, head undecayed; 1.0 = off (pipeline/train/layer_decay.py)
 
     def check(self) -> None:
@@ -464,9 +464,10 @@ class Config:
         if self.train.best_metric not in val_metric_names(ks):
             raise UserError(f"train.best_metric={self.train.best_metric}: use one of {', '.join(val_metric_names(ks))}")
         self.check_precision()
-        if self.train.compile and backend(self.parallel.name).holds_weights:
+        if self.train.compile and backend(self.parallel.name).gathers_weights:
             raise UserError(f"train.compile=true compiles each block, whose forward parallel={self.parallel.name} hooks "
-                            f"into (weights gathered per block); use parallel=none or ddp, or train.compile=false")
+                            f"into (weights gathered per block); use parallel=none, ddp, zero1 or zero2, or "
+                            f"train.compile=false")
         d = self.data
         if d.eval_resize is not None and d.eval_resize < self.model.image_size:
             raise UserError(f"data.eval_resize={d.eval_resize} must be >= model.image_size={self.model.image_size} "
