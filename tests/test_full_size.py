@@ -7,6 +7,7 @@ is slow (minutes each; the ViT-g/14 steps need about 17 GiB free, 21 under zero3
 FULL_SIZE_LOG=path appends each step's figures (times, peak memory per rank, update errors) to that
 file as JSON lines."""
 import gc
+import importlib.util
 import json
 import os
 import subprocess
@@ -186,6 +187,14 @@ def test_the_step_and_its_reference_on_the_tiny_preset(tmp_path):
     result = run_step(2, "tiny", "zero3", tmp_path)
     assert result["max_update_error"] <= 1e-3 and result["tensors_compared"] > 40, result
     assert len(result["step_peak_rss_gb_per_rank"]) == 2 and result["executed_tflop"] >= 0, result
+    # tools/full_size_table.py turns such a line into BENCHMARKS.md's row (the slow suite's figures)
+    spec = importlib.util.spec_from_file_location("full_size_table", REPO / "tools" / "full_size_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cells = [c.strip() for c in tool.row(result).split("|")[1:-1]]
+    assert cells[:2] == ["tiny", "zero3 x 2"] and cells[3] == f"{result['step_s']} s", cells
+    assert cells[5].endswith(f"{max(result['step_peak_rss_gb_per_rank']):.2f} GB"), cells
+    assert cells[7].startswith(f"{result['max_update_error']:.1e} / {result['total_update_error']:.1e}"), cells
 
 
 def run_step(nproc: int, name: str, backend: str, folder) -> dict:

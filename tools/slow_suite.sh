@@ -6,7 +6,8 @@
 # skipping), then `pytest -q -m slow --durations=0` with FULL_SIZE_LOG, so the full-size steps' figures
 # (time, peak memory per rank, update errors) land in OUT/full_size.jsonl. It needs the machine to itself:
 # the ViT-g/14 steps need about 17 GiB free, 21 under zero3, and the timings mean nothing under load.
-# OUT gets: pytest.log (the durations at its end), full_size.jsonl, costs.md (tools/suite_costs.py), and
+# OUT gets: pytest.log (the durations at its end), full_size.jsonl and its table full_size.md
+# (tools/full_size_table.py), costs.md (tools/suite_costs.py), and
 # summary.txt (commit, machine, load before and after, wall time, pytest's last line).
 set -uo pipefail
 src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +29,7 @@ REQUIRE_SLURM=1 FULL_SIZE_LOG="$out/full_size.jsonl" bash tools/env.sh python -m
 status=$?
 wall=$(( $(date +%s) - start ))
 bash tools/env.sh python tools/suite_costs.py "$out/pytest.log" > "$out/costs.md" 2>&1
+[[ -s "$out/full_size.jsonl" ]] && bash tools/env.sh python tools/full_size_table.py "$out/full_size.jsonl" > "$out/full_size.md"
 
 {
     echo "commit: $(git rev-parse --short HEAD)"
