@@ -57,7 +57,7 @@ def problem(variant: str):
     """The model (drop-path on), the batches of each step, the loss. `frozen_ckpt`: the patch
     embedding and the first block frozen, activation checkpointing on. `lora`: peft's adapters (with
     their dropout) on every block's projections, the base frozen, activation checkpointing on; `compiled`: the
-same model (the worker compiles its blocks, the one-process reference stays eager)."""
+    same model (the worker compiles its blocks, the one-process reference stays eager)."""
     frozen_ckpt = variant == "frozen_ckpt"
     with_lora = variant in ("lora", "compiled")
     lora = LoraConfig(rank=4, alpha=8.0, dropout=0.2) if with_lora else LoraConfig()

@@ -15,6 +15,8 @@ out="$(realpath -m "${1:-$(mktemp -d)/slow}")"
 shift || true
 mkdir -p "$out"
 clone="$(mktemp -d)/clone"
+# The clone and its venv are about 6 GB: removed at the end (the record is in OUT), or a few runs fill the disk.
+trap 'rm -rf "$(dirname "$clone")"' EXIT
 git clone -q "$src" "$clone"
 cd "$clone"
 
