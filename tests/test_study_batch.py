@@ -59,14 +59,14 @@ def test_every_sweep_is_a_valid_command_with_the_preregistered_settings(tmp_path
 
 
 def test_the_choice_and_the_edge_rule():
-    assert study.choose({"5e-5": 0.70, "1e-4": 0.75, "2e-4": 0.72}, 128) == study.Choice("1e-4", ("5e-5", "1e-4", "2e-4"), True, None)
-    low = study.choose({"5e-5": 0.76, "1e-4": 0.75, "2e-4": 0.72}, 128)
+    assert study.choose({"5e-5": 0.70, "1e-4": 0.75, "2e-4": 0.72}, study.LADDERS[128]) == study.Choice("1e-4", ("5e-5", "1e-4", "2e-4"), True, None)
+    low = study.choose({"5e-5": 0.76, "1e-4": 0.75, "2e-4": 0.72}, study.LADDERS[128])
     assert (low.lr, low.next_lr, low.complete, low.inside) == ("5e-5", "2.5e-5", False, False)
-    tie = study.choose({"1e-4": 0.7, "2.8e-4": 0.7, "8e-4": 0.6}, 1024)
+    tie = study.choose({"1e-4": 0.7, "2.8e-4": 0.7, "8e-4": 0.6}, study.LADDERS[1024])
     assert tie.lr == "1e-4" and tie.next_lr == "3.5e-5"                       # a tie: the lower lr
-    waiting = study.choose({"1e-4": 0.7, "2.8e-4": None, "8e-4": 0.6}, 1024)
+    waiting = study.choose({"1e-4": 0.7, "2.8e-4": None, "8e-4": 0.6}, study.LADDERS[1024])
     assert not waiting.complete and waiting.next_lr is None
-    end = study.choose({"8e-4": 0.6, "2.3e-3": 0.65, "6.4e-3": 0.7}, 1024)    # the ladder ends: chosen, at the edge
+    end = study.choose({"8e-4": 0.6, "2.3e-3": 0.65, "6.4e-3": 0.7}, study.LADDERS[1024])    # the ladder ends: chosen, at the edge
     assert end.complete and end.lr == "6.4e-3" and not end.inside
 
 

@@ -156,10 +156,10 @@ class Choice:
         return self.lr is not None and self.tried[0] != self.lr != self.tried[-1]
 
 
-def choose(finals: dict[str, float | None], batch: int) -> Choice:
+def choose(finals: dict[str, float | None], ladder: tuple[str, ...]) -> Choice:
     """The best lr by final validation recall@1 (ties: the lower), and the next value the bracket needs.
-    finals: every tried lr -> its run's final validation recall@1 (None: not finished)."""
-    ladder = LADDERS[batch]
+    finals: every tried lr -> its run's final validation recall@1 (None: not finished); ladder: the lrs
+    the bracket may try, in increasing order."""
     tried = tuple(sorted(finals, key=ladder.index))
     scored = {lr: v for lr, v in finals.items() if v is not None}
     if not scored:
@@ -182,7 +182,7 @@ def bracket_state(out: Path) -> dict[int, Choice]:
     for batch in (SMALL, LARGE):
         lrs = list(FIRST[batch])
         while True:
-            choice = choose({lr: final_validation(bracket_run(out, batch, lr)) for lr in lrs}, batch)
+            choice = choose({lr: final_validation(bracket_run(out, batch, lr)) for lr in lrs}, LADDERS[batch])
             if choice.next_lr is None:
                 break
             lrs.append(choice.next_lr)
