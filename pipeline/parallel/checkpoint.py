@@ -47,11 +47,24 @@ BEST = "best"
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 
-def _options(model: nn.Module) -> StateDictOptions | None:
+def only_what_trains(model: nn.Module) -> bool:
     """A LoRA model (pipeline/models/lora.py) saves and loads only what trains: its frozen base is
-    rebuilt from the config and seed, so its checkpoints stay small."""
-    adapters = getattr(model, "trains_only_adapters", False)
-    return StateDictOptions(ignore_frozen_params=True, strict=False) if adapters else None
+    rebuilt from the config and seed, so its checkpoints stay small (every backend's)."""
+    return getattr(model, "trains_only_adapters", False)
+
+
+def _options(model: nn.Module) -> StateDictOptions | None:
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if only_what_trains(model) else None
+
+
+def check_complete(model: nn.Module, names) -> None:
+    """A checkpoint's weights cover the model: every tensor, or for a LoRA model every one that trains
+    (the frozen base is the model's own); raises with the names it lacks."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad} if only_what_trains(model) else set()
+    missing = sorted(set(model.state_dict()) - set(names) - frozen)
+    if missing:
+        raise UserError(f"the checkpoint lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}, ...): "
+                        "it was written by another model; use another run_dir, or force=true to start over")
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler=None) -> dict:
@@ -299,7 +312,9 @@ def load_weights(path: Path, model: nn.Module, expect_model: dict | None = None,
     A DeepSpeed checkpoint is consolidated from its ZeRO partitions with DeepSpeed's zero_to_fp32."""
     meta = _meta(path, expect_model, expect_data)
     if meta.get("format", "dcp") == "deepspeed":
-        model.load_state_dict(read_weights(path))
+        weights = read_weights(path)
+        check_complete(model, weights)
+        model.load_state_dict(weights, strict=not only_what_trains(model))
     else:
         load_dcp(path, model, no_dist=True)
     return meta

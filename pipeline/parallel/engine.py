@@ -246,11 +246,15 @@ class DeepSpeedEngine(Engine):
             return value.detach().cpu().clone()
 
     def save(self, folder: Path) -> None:
-        self.model.save_checkpoint(str(folder), tag=self.TAG)
+        # A LoRA model's frozen base is left out, as under DCP: it is rebuilt from the config.
+        self.model.save_checkpoint(str(folder), tag=self.TAG,
+                                   exclude_frozen_parameters=checkpoint.only_what_trains(self.module))
 
     def load(self, folder: Path) -> None:
+        # Not strict for a LoRA model: its frozen base is not in the file (meta.json has matched the model).
         path, _ = self.model.load_checkpoint(str(folder), tag=self.TAG, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+                                             load_lr_scheduler_states=True,
+                                             load_module_strict=not checkpoint.only_what_trains(self.module))
         if path is None:
             raise UserError(f"checkpoint {folder} has no DeepSpeed state; use another run_dir, or force=true to start over")
 
@@ -262,8 +266,11 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         weights = checkpoint.read_weights(folder)
+        checkpoint.check_complete(self.module, weights)
         with torch.no_grad():
             for name, value in self.module.state_dict(keep_vars=True).items():
+                if name not in weights:  # a LoRA model's frozen base (check_complete: only that)
+                    continue
                 with deepspeed.zero.GatheredParameters([value] if hasattr(value, "ds_id") else [], modifier_rank=0):
                     if not hasattr(value, "ds_id") or distributed.rank() == 0:
                         value.data.copy_(weights[name])
