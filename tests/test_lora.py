@@ -137,3 +137,18 @@ def test_a_lora_checkpoint_is_refused_by_another_model_config(tmp_path):
     with pytest.raises(UserError, match=r"differs in model.lora\)"):
         checkpoint._meta(folder, architecture(plain))
     checkpoint._meta(folder, architecture(TOWERS["timm"]))
+
+
+def test_a_checkpoint_must_hold_every_tensor_that_trains():
+    """A LoRA model's checkpoint may leave out its frozen base, not a tensor that trains; a full
+    model's may leave out nothing (pipeline/parallel/checkpoint.py's check_complete)."""
+    from pipeline.parallel import checkpoint
+
+    model = build_encoder(TOWERS["timm"], seed=0)
+    trains = [n for n, p in model.named_parameters() if p.requires_grad]
+    checkpoint.check_complete(model, trains)
+    with pytest.raises(UserError, match=f"lacks 1 of the model's tensors \\({trains[-1]}"):
+        checkpoint.check_complete(model, trains[:-1])
+    plain = build_encoder(TOWERS["timm"].__class__(**{**TOWERS["timm"].__dict__, "lora": LoraConfig()}), seed=0)
+    with pytest.raises(UserError, match="lacks"):
+        checkpoint.check_complete(plain, [n for n in plain.state_dict() if not n.startswith("backbone.blocks.0.")])
