@@ -12,7 +12,7 @@ from pipeline.config import ModelConfig, TrainConfig, load_config
 from pipeline.config.schema import LoraConfig
 from pipeline.errors import UserError
 from pipeline.losses import RecallAtK
-from pipeline.models import lora
+from pipeline.models import accounting, lora
 from pipeline.models.encoders import build_encoder, export, load_exported
 from pipeline.parallel.engine import Engine
 from pipeline.train.optim import build_optimizer
@@ -56,6 +56,9 @@ def test_only_the_adapters_and_the_head_train(family):
     prefix = "backbone.base_model.model." + BLOCK[family]
     adapted = {n[len(prefix):].split(".lora_A")[0] for n in trainable if n.startswith(prefix) and ".lora_A." in n}
     assert adapted == ADAPTED[family]
+    head = sum(p.numel() for p in model.head.parameters())  # the log's count against peft's own
+    trains, total = model.backbone.get_nb_trainable_parameters()
+    assert accounting.parameters(model) == (total + head, trains + head)
     frozen = build_encoder(TOWERS[family].__class__(**{**TOWERS[family].__dict__, "lora": LoraConfig()}), seed=0).eval()
     images, _ = batch()
     with torch.no_grad():  # B = 0 at the start: the adapted encoder is the frozen one, the same seed the same model

@@ -36,12 +36,17 @@ def test_every_sweep_is_a_valid_command_with_the_protocol(tmp_path):
                 assert (cfg.stage, t.epochs, t.val_every_epochs) == ("eval", 3, 1)
         assert [r.value("seed") for r in runs] == ["0"]
     assert [r.value("seed") for r in sweep.plan(*study.confirm_sweep(tmp_path, "full", "1e-3")[1:])] == ["1", "2", "3"]
+    _, grid, fixed = study.cost_sweep(tmp_path, "full_compiled", "1e-3")
+    cfg = load_config(sweep.args(sweep.plan(grid, fixed)[0], fixed, tmp_path))
+    assert cfg.train.compile and cfg.train.layer_decay == 1.0 and cfg.train.max_steps == study.COST_STEPS
 
 
-def _run(path: Path, final_val: float | None, test: float = 0.0, map_r: float = 0.0, steps_s=(), peak: float = 0.0):
+def _run(path: Path, final_val: float | None, test: float = 0.0, map_r: float = 0.0, steps_s=(), peak: float = 0.0,
+         log: str = ""):
     """A run's folder: finished (eval/metrics.json, validations rising to final_val) when final_val is
-    set; a cost run's logged step times and peak memory otherwise."""
+    set; a cost run's logged step times, peak memory and log lines otherwise."""
     (path / "logs").mkdir(parents=True)
+    (path / "logs" / "rank0.log").write_text(log)
     lines = [{"step": i, "name": "train/step_s", "value": v} for i, v in enumerate(steps_s)]
     lines += [{"step": 1, "name": "mem/peak_gb", "value": peak}] if steps_s else []
     if final_val is not None:
@@ -54,7 +59,11 @@ def _run(path: Path, final_val: float | None, test: float = 0.0, map_r: float = 
 BRACKET = {"full": {"4e-4": 0.80, "8e-4": 0.85, "1.6e-3": 0.83},             # inside: 8e-4
            "lora_8": {"2e-3": 0.70, "4e-3": 0.72, "8e-3": 0.75, "1.6e-2": 0.74}}  # 8e-3 won at the top edge, then inside
 TESTS = {"full": [0.50, 0.52, 0.51], "lora_8": [0.45, 0.47, 0.44]}
-COSTS = {"full": ([2.0, 1.0, 3.0, 4.0], 1.5), "lora_8": ([0.5, 0.7, 0.6], 0.9)}
+COSTS = {"full": ([2.0, 1.0, 3.0, 4.0], 1.5, 2_000_000), "lora_8": ([0.5, 0.7, 0.6], 0.9, 74_240),
+         "full_compiled": ([9.0, 1.0, 2.0], 1.7, 2_000_000)}
+COMPILING = ("... INFO pipeline.train.compile: train.compile: the first forward without gradients took 12.5 s (compiling "
+             "the blocks)\n... INFO pipeline.train.compile: train.compile: the first forward with gradients took 30.0 s "
+             "(compiling the blocks)\n")
 
 
 def test_bracket_plan_and_report(tmp_path, capsys):
@@ -88,7 +97,11 @@ def test_bracket_plan_and_report(tmp_path, capsys):
         lr = state[arm].lr
         for seed, test in zip(study.SEEDS, tests):
             _run(study.confirm_run(tmp_path, arm, lr, seed), 0.8, test, test / 2)
-        _run(study.cost_run(tmp_path, arm, lr), None, steps_s=COSTS[arm][0], peak=COSTS[arm][1])
+        steps_s, peak, trains = COSTS[arm]
+        _run(study.cost_run(tmp_path, arm, lr), None, steps_s=steps_s, peak=peak,
+             log=f"... INFO pipeline.train.loop: model: 2,000,000 parameters, {trains:,} of them train (3.71%)\n")
+    steps_s, peak, _ = COSTS["full_compiled"]
+    _run(study.cost_run(tmp_path, "full_compiled", "8e-4"), None, steps_s=steps_s, peak=peak, log=COMPILING)
     study.main(["--out", str(tmp_path), "--plan"])
     plan = capsys.readouterr().out
     assert "chosen: lora_8 at lr 8e-3\n" in plan and "chosen: decay_0.9 at lr 4e-4 (at the edge" not in plan
@@ -105,6 +118,8 @@ def test_bracket_plan_and_report(tmp_path, capsys):
                               f"{statistics.mean(lora) / 2:.4f} ± {statistics.stdev(lora) / 2:.4f} (3)",
                               f"{statistics.mean(lora) - statistics.mean(full):+.4f} (p = {p:.2g})",
                               f"{(statistics.mean(lora) - statistics.mean(full)) / 2:+.4f} (p = {p_map:.2g})",
-                              "0.600", "0.90"]
-    assert rows["full"][3:] == ["", "", "2.500", "1.50"]  # median of 2, 1, 3, 4
-    assert rows["decay_0.75"] == ["4e-4", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"]  # not confirmed yet
+                              "74,240", "0.600", "0.90"]
+    assert rows["full"][3:] == ["", "", "2,000,000", "2.500", "1.50"]  # median of 2, 1, 3, 4
+    assert rows["decay_0.75"] == ["4e-4"] + ["n/a"] * 7  # not confirmed yet
+    assert ("full with train.compile=true (the same steps, compiled = eager): step s 2.000 against 2.500, peak GB 1.70 "
+            "against 1.50; the first forwards spent 42.5 s compiling.") in (tmp_path / "finetuning.md").read_text()

@@ -15,7 +15,8 @@
 3. confirm   each arm at its lr, seeds 1, 2, 3 (not the bracket's seed, so that the choice does not
              flatter the figures): test recall@1 and MAP@R of the last step. OUT/finetuning_confirm_<arm>/.
 4. costs     each arm at its lr for COST_STEPS steps, one run at a time, one thread: the median logged
-             train/step_s and the largest mem/peak_gb (the process's resident memory). Its figures mean
+             train/step_s and the largest mem/peak_gb (the process's resident memory); full finetuning
+             also with train.compile=true (its time to compile from the log). Its figures mean
              something only when nothing else runs. OUT/finetuning_costs_<arm>/.
 5. report    OUT/finetuning.md: BENCHMARKS-ready tables; each arm against full finetuning by Welch's test.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -61,6 +63,8 @@ FULL = "full"
 ARMS = {FULL: ["train.layer_decay=1.0"], "decay_0.9": ["train.layer_decay=0.9"],
         "decay_0.75": ["train.layer_decay=0.75"], "decay_0.65": ["train.layer_decay=0.65"],
         "lora_8": ["model.lora.rank=8"], "lora_32": ["model.lora.rank=32"]}
+# Costs only: train.compile changes no result (compiled = eager, tests/test_compile.py), only the time.
+COMPILED = {"full_compiled": (FULL, ["train.compile=true"])}  # name: (the arm whose lr it takes, words added)
 # Each arm's lr ladder (x2 steps); the bracket starts at FIRST, the middle three.
 BACKBONE = ("1e-4", "2e-4", "4e-4", "8e-4", "1.6e-3", "3.2e-3", "6.4e-3", "1.28e-2")
 ADAPTERS = ("2.5e-4", "5e-4", "1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2")
@@ -95,7 +99,9 @@ def confirm_sweep(start: Path, arm: str, lr: str) -> tuple[str, list[str], list[
 
 
 def cost_sweep(start: Path, arm: str, lr: str) -> tuple[str, list[str], list[str]]:
-    return cost_name(arm), [f"train.lr={lr}", f"seed={BRACKET_SEED}"], fixed_words(COST_PROTOCOL, start, arm)
+    """An arm of ARMS, or of COMPILED (its base arm's words and its own)."""
+    base, extra = COMPILED.get(arm, (arm, []))
+    return cost_name(arm), [f"train.lr={lr}", f"seed={BRACKET_SEED}"], [*fixed_words(COST_PROTOCOL, start, base), *extra]
 
 
 def bracket_run(out: Path, arm: str, lr: str) -> Path:
@@ -150,7 +156,8 @@ def run_costs(out: Path, start: Path) -> None:
     state = bracket_state(out)
     if not all(c.complete for c in state.values()):
         sys.exit("study: the bracket is not finished, so no arm has its lr yet: run the study first")
-    batch.run_phase(out, [cost_sweep(start, arm, c.lr) for arm, c in state.items()], jobs=1)
+    lrs = {**{arm: c.lr for arm, c in state.items()}, **{arm: state[base].lr for arm, (base, _) in COMPILED.items()}}
+    batch.run_phase(out, [cost_sweep(start, arm, lr) for arm, lr in lrs.items()], jobs=1)
 
 
 def plan_lines(out: Path) -> list[str]:
@@ -171,18 +178,34 @@ def plan_lines(out: Path) -> list[str]:
 
 # ---- the report ------------------------------------------------------------------------------------
 
-def cost(path: Path) -> tuple[float | None, float | None]:
-    """(median train/step_s, largest mem/peak_gb) of a run's logs/metrics.jsonl."""
-    metrics = RunDir(path).logs / "metrics.jsonl"
-    if not metrics.is_file():
-        return None, None
-    records = read_metrics(metrics)
-    steps, peaks = series(records, "train/step_s")[1], series(records, "mem/peak_gb")[1]
-    return (statistics.median(steps) if steps else None), (max(peaks) if peaks else None)
+TRAINS = re.compile(r"model: ([\d,]+) parameters, ([\d,]+) of them train")
+COMPILING = re.compile(r"train.compile: the first forward (?:without|with) gradients took ([\d.]+) s")
+
+
+def cost(path: Path) -> dict[str, float | None]:
+    """A cost run's median train/step_s and largest mem/peak_gb (logs/metrics.jsonl), and from its log
+    the parameters that train and the seconds the first forwards spent compiling."""
+    logs = RunDir(path).logs
+    found = {"step_s": None, "peak_gb": None, "trains": None, "compile_s": None}
+    if (logs / "metrics.jsonl").is_file():
+        records = read_metrics(logs / "metrics.jsonl")
+        steps, peaks = series(records, "train/step_s")[1], series(records, "mem/peak_gb")[1]
+        found.update(step_s=statistics.median(steps) if steps else None, peak_gb=max(peaks) if peaks else None)
+    if (logs / "rank0.log").is_file():
+        text = (logs / "rank0.log").read_text(errors="replace")
+        counts = TRAINS.findall(text)
+        found["trains"] = int(counts[-1][1].replace(",", "")) if counts else None
+        compiling = [float(v) for v in COMPILING.findall(text)]
+        found["compile_s"] = sum(compiling) if compiling else None
+    return found
 
 
 def number(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
 
 
 def report(out: Path) -> str:
@@ -205,19 +228,27 @@ def report(out: Path) -> str:
     found = {arm: [batch.metrics_of(p) for p in (confirm_run(out, arm, c.lr, s) for s in SEEDS) if batch.done(p)]
              for arm, c in state.items()}
     lines += [f"#### Confirmation (seeds {', '.join(map(str, SEEDS))}; the last step's weights on the test classes)", "",
-              "| arm | lr | test recall@1 | test map@r | recall@1 - full | map@r - full | step s | peak GB |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| arm | lr | test recall@1 | test map@r | recall@1 - full | map@r - full | trains | step s | peak GB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     full = found[FULL]
     for arm, metrics in found.items():
         recall, map_r = ([m[k] for m in metrics] for k in ("recall@1", "map@r"))
         against = ["", ""] if arm == FULL else [batch.fmt_diff(*batch.welch([m[k] for m in full], values))
                                                 for k, values in (("recall@1", recall), ("map@r", map_r))]
-        step_s, peak = cost(cost_run(out, arm, state[arm].lr))
+        c = cost(cost_run(out, arm, state[arm].lr))
         lines.append(f"| {arm} | {state[arm].lr} | {batch.fmt(recall)} | {batch.fmt(map_r)} | {' | '.join(against)} | "
-                     f"{number(step_s, 3)} | {number(peak, 2)} |")
-    lines += ["", (f"Step s and peak GB: `--costs`, each arm alone for {COST_STEPS} steps at its lr, one thread (the "
-              "median of the logged train/step_s, the largest mem/peak_gb: the process's resident memory)."), ""]
-    return "\n".join(lines)
+                     f"{count(c['trains'])} | {number(c['step_s'], 3)} | "
+                     f"{number(c['peak_gb'], 2)} |")
+    lines += ["", (f"Trains: the parameters that train (the run's log). Step s and peak GB: `--costs`, each arm alone "
+              f"for {COST_STEPS} steps at its lr, one thread (the median of the logged train/step_s, the largest "
+              "mem/peak_gb: the process's resident memory)."), ""]
+    for arm, (base, extra) in COMPILED.items():
+        c, eager = cost(cost_run(out, arm, state[base].lr)), cost(cost_run(out, base, state[base].lr))
+        lines.append(f"{base} with {' '.join(extra)} (the same steps, compiled = eager): step s "
+                     f"{number(c['step_s'], 3)} against {number(eager['step_s'], 3)}, peak GB {number(c['peak_gb'], 2)} "
+                     f"against {number(eager['peak_gb'], 2)}; the first forwards spent {number(c['compile_s'], 1)} s "
+                     "compiling.")
+    return "\n".join(lines + [""])
 
 
 def main(argv: list[str]) -> int:

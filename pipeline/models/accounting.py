@@ -41,6 +41,12 @@ PEAK_TFLOPS = (("H100 NVL", (835.0, 417.5, 60.0)), ("H100 PCIe", (756.0, 378.0, 
 PRECISION_COLUMN = {"bf16": 0, "tf32": 1, "fp32": 2}
 
 
+def parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all the model's parameters, those that train): the latter carry gradients and optimizer state."""
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9

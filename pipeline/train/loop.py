@@ -55,6 +55,8 @@ def train(cfg: Config, ctx: RunContext, stop: preemption.StopRequest) -> None:
                  if t.val_every or t.val_every_epochs else None)
     reload = ReloadBest(clock, t.reload_best_at, rd.checkpoints)
     model = build_encoder(cfg.model, cfg.seed).to(device).train()
+    total, trains = accounting.parameters(model)  # what model.lora and model.trainable_blocks leave to train
+    log.info("model: %s parameters, %s of them train (%.2f%%)", f"{total:,}", f"{trains:,}", 100 * trains / total)
     compile_blocks(model, t.compile)  # train.compile: torch.compile of each block, in place
     loss_fn = build_loss(cfg.loss, t, index.labels.tolist(), model.dim, cfg.seed).to(device)
     model.unnormalized_in_training = wants_unnormalized(loss_fn)
