@@ -39,6 +39,12 @@ def test_every_sweep_is_a_valid_command_with_the_protocol(tmp_path):
     _, grid, fixed = study.cost_sweep(tmp_path, "full_compiled", "1e-3")
     cfg = load_config(sweep.args(sweep.plan(grid, fixed)[0], fixed, tmp_path))
     assert cfg.train.compile and cfg.train.layer_decay == 1.0 and cfg.train.max_steps == study.COST_STEPS
+    for arm in study.LARGE_ARMS:  # the costs at ViT-L size: the preset's random weights, not the tiny export
+        _, grid, fixed = study.cost_sweep(tmp_path, arm, "1e-3", large=True)
+        cfg = load_config(sweep.args(sweep.plan(grid, fixed)[0], fixed, tmp_path))
+        assert (cfg.model.arch, cfg.model.pretrained, cfg.train.max_steps, cfg.train.global_batch, cfg.train.chunk_size) \
+            == ("vit_large_patch16_dinov3", None, 3, 8, 4)
+        assert cfg.model.lora.rank == {"lora_8": 8, "lora_32": 32}.get(arm, 0)
 
 
 def _run(path: Path, final_val: float | None, test: float = 0.0, map_r: float = 0.0, steps_s=(), peak: float = 0.0,
@@ -107,9 +113,12 @@ def test_bracket_plan_and_report(tmp_path, capsys):
     assert "chosen: lora_8 at lr 8e-3\n" in plan and "chosen: decay_0.9 at lr 4e-4 (at the edge" not in plan
     assert "confirm: full lr 8e-4 seed 3: done" in plan and "confirm: decay_0.75 lr 4e-4 seed 1: to run" in plan
 
+    _run(study.cost_run(tmp_path, "lora_32", state["lora_32"].lr, large=True), None, steps_s=[30.0, 20.0, 25.0],
+         peak=4.0, log="... model: 300,000,000 parameters, 2,000,000 of them train (0.67%)\n")
     study.main(["--out", str(tmp_path), "--report"])
+    assert "| lora_32 | 2,000,000 | 25.0 | 4.00 |\n" in (tmp_path / "finetuning.md").read_text()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
-            for line in (tmp_path / "finetuning.md").read_text().split("#### Confirmation")[1].splitlines()
+            for line in (tmp_path / "finetuning.md").read_text().split("#### Confirmation")[1].split("At ViT-L")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| arm")}
     full, lora = TESTS["full"], TESTS["lora_8"]
     p = ttest_ind(lora, full, equal_var=False).pvalue

@@ -16,7 +16,8 @@
              flatter the figures): test recall@1 and MAP@R of the last step. OUT/finetuning_confirm_<arm>/.
 4. costs     each arm at its lr for COST_STEPS steps, one run at a time, one thread: the median logged
              train/step_s and the largest mem/peak_gb (the process's resident memory); full finetuning
-             also with train.compile=true (its time to compile from the log). Its figures mean
+             also with train.compile=true (its time to compile from the log); then full, decay 0.75 and
+             LoRA on DINOv3 ViT-L/16 (LARGE_MODEL: random weights, 3 steps). Its figures mean
              something only when nothing else runs. OUT/finetuning_costs_<arm>/.
 5. report    OUT/finetuning.md: BENCHMARKS-ready tables; each arm against full finetuning by Welch's test.
 
@@ -63,6 +64,10 @@ FULL = "full"
 ARMS = {FULL: ["train.layer_decay=1.0"], "decay_0.9": ["train.layer_decay=0.9"],
         "decay_0.75": ["train.layer_decay=0.75"], "decay_0.65": ["train.layer_decay=0.65"],
         "lora_8": ["model.lora.rank=8"], "lora_32": ["model.lora.rank=32"]}
+# The costs at the size of the models the pipeline is for: DINOv3 ViT-L/16 (random weights, 224 px; the
+# glyphs scaled up), a few steps of batch 8 in chunks of 4. Layer decay costs what full finetuning does.
+LARGE_MODEL = ["model=dinov3_vitl16", "train.global_batch=8", "train.chunk_size=4", "train.max_steps=3"]
+LARGE_ARMS = ("full", "decay_0.75", "lora_8", "lora_32")
 # Costs only: train.compile changes no result (compiled = eager, tests/test_compile.py), only the time.
 COMPILED = {"full_compiled": (FULL, ["train.compile=true"])}  # name: (the arm whose lr it takes, words added)
 # Each arm's lr ladder (x2 steps); the bracket starts at FIRST, the middle three.
@@ -81,8 +86,8 @@ def confirm_name(arm: str) -> str:
     return f"finetuning_confirm_{arm}"
 
 
-def cost_name(arm: str) -> str:
-    return f"finetuning_costs_{arm}"
+def cost_name(arm: str, large: bool = False) -> str:
+    return f"finetuning_costs_{'vitl16_' if large else ''}{arm}"
 
 
 def fixed_words(protocol: list[str], start: Path, arm: str) -> list[str]:
@@ -98,10 +103,11 @@ def confirm_sweep(start: Path, arm: str, lr: str) -> tuple[str, list[str], list[
             fixed_words(PROTOCOL, start, arm))
 
 
-def cost_sweep(start: Path, arm: str, lr: str) -> tuple[str, list[str], list[str]]:
-    """An arm of ARMS, or of COMPILED (its base arm's words and its own)."""
+def cost_sweep(start: Path, arm: str, lr: str, large: bool = False) -> tuple[str, list[str], list[str]]:
+    """An arm of ARMS, or of COMPILED (its base arm's words and its own); large: on LARGE_MODEL."""
     base, extra = COMPILED.get(arm, (arm, []))
-    return cost_name(arm), [f"train.lr={lr}", f"seed={BRACKET_SEED}"], [*fixed_words(COST_PROTOCOL, start, base), *extra]
+    fixed = ([*COST_PROTOCOL, *LARGE_MODEL, *ARMS[base]] if large else fixed_words(COST_PROTOCOL, start, base))
+    return cost_name(arm, large), [f"train.lr={lr}", f"seed={BRACKET_SEED}"], [*fixed, *extra]
 
 
 def bracket_run(out: Path, arm: str, lr: str) -> Path:
@@ -112,8 +118,8 @@ def confirm_run(out: Path, arm: str, lr: str, seed: int) -> Path:
     return batch.run_dir(out, confirm_name(arm), [f"train.lr={lr}", f"seed={seed}"])
 
 
-def cost_run(out: Path, arm: str, lr: str) -> Path:
-    return batch.run_dir(out, cost_name(arm), [f"train.lr={lr}", f"seed={BRACKET_SEED}"])
+def cost_run(out: Path, arm: str, lr: str, large: bool = False) -> Path:
+    return batch.run_dir(out, cost_name(arm, large), [f"train.lr={lr}", f"seed={BRACKET_SEED}"])
 
 
 def bracket_state(out: Path) -> dict[str, "batch.Choice"]:
@@ -157,7 +163,8 @@ def run_costs(out: Path, start: Path) -> None:
     if not all(c.complete for c in state.values()):
         sys.exit("study: the bracket is not finished, so no arm has its lr yet: run the study first")
     lrs = {**{arm: c.lr for arm, c in state.items()}, **{arm: state[base].lr for arm, (base, _) in COMPILED.items()}}
-    batch.run_phase(out, [cost_sweep(start, arm, lr) for arm, lr in lrs.items()], jobs=1)
+    batch.run_phase(out, [cost_sweep(start, arm, lr) for arm, lr in lrs.items()] +
+                    [cost_sweep(start, arm, lrs[arm], large=True) for arm in LARGE_ARMS], jobs=1)
 
 
 def plan_lines(out: Path) -> list[str]:
@@ -248,6 +255,11 @@ def report(out: Path) -> str:
                      f"{number(c['step_s'], 3)} against {number(eager['step_s'], 3)}, peak GB {number(c['peak_gb'], 2)} "
                      f"against {number(eager['peak_gb'], 2)}; the first forwards spent {number(c['compile_s'], 1)} s "
                      "compiling.")
+    lines += ["", f"At ViT-L size (`{' '.join(LARGE_MODEL)}`, one thread, the same measures):", "",
+              "| arm | trains | step s | peak GB |", "|---|---|---|---|"]
+    for arm in LARGE_ARMS:
+        c = cost(cost_run(out, arm, state[arm].lr, large=True))
+        lines.append(f"| {arm} | {count(c['trains'])} | {number(c['step_s'], 1)} | {number(c['peak_gb'], 2)} |")
     return "\n".join(lines + [""])
 
 
