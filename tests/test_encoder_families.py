@@ -13,11 +13,12 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from pipeline.config import load_config
+from pipeline.config import TrainConfig, load_config
 from pipeline.config.loader import resolve
 from pipeline.models import accounting
 from pipeline.models.encoders import build_encoder, export, load_exported
 from pipeline.parallel.engine import transformer_blocks
+from pipeline.train.optim import build_optimizer
 
 TINY = ["model.image_size=32", "model.patch_size=8", "model.depth=2", "model.width=64", "model.heads=2",
         "model.embed_dim=16", "model.drop_path=0.0"]
@@ -61,6 +62,30 @@ def test_each_tower_freezes_checkpoints_shards_and_exports(tower, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_exported(tmp_path)(x), model.eval()(x))
     assert accounting.flops_per_image(cfg, 2) > 0
+
+
+@pytest.mark.parametrize("tower", list(TOWERS))
+def test_each_tower_takes_lora_and_layer_decay(tower):
+    """model.lora (issue 39): peft adapts every block, and only the adapters and the head get gradients;
+    train.layer_decay: block i of 2 at lr x d^(1-i), the head at head_lr, the rest at lr x d^2 (before
+    the blocks) or lr (after them), some of it decayed (the patch embedding)."""
+    args, blocks = TOWERS[tower]
+    model = build_encoder(user_model(*args, *TINY, "model.lora.rank=2"), seed=1).train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    prefix = "backbone.base_model.model." + blocks
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n[len(prefix)] for n in trainable if n.startswith(prefix) and ".lora_A." in n} == {"0", "1"}, sorted(trainable)
+    assert all(".lora_" in n or n.startswith("head.") for n in trainable)
+    assert all((p.grad is not None) == (n in trainable) for n, p in model.named_parameters())
+    plain = build_encoder(user_model(*args, *TINY), seed=1)
+    optimizer, _ = build_optimizer(plain, TrainConfig(lr=1.0, head_lr=10.0, layer_decay=0.5))
+    lr = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+    got = {n: lr[id(p)] for n, p in plain.named_parameters() if p.requires_grad}
+    for name, value in got.items():
+        block = name[len("backbone." + blocks):].split(".")[0] if name.startswith("backbone." + blocks) else None
+        want = 10.0 if name.startswith("head.") else 0.5 ** (1 - int(block)) if block else value
+        assert value == pytest.approx(want) and value in (10.0, 1.0, 0.5, 0.25), (name, value)
+    assert 0.25 in got.values()
 
 
 def test_model_arch_means_that_architecture():

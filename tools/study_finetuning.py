@@ -39,8 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from pipeline.run_dir import RunDir  # noqa: E402
-from pipeline.tracking import read_metrics, series  # noqa: E402
+from pipeline.run_dir import RunDir
+from pipeline.tracking import read_metrics, series
 
 
 def _tool(name: str):
@@ -122,7 +122,7 @@ def cost_run(out: Path, arm: str, lr: str, large: bool = False) -> Path:
     return batch.run_dir(out, cost_name(arm, large), [f"train.lr={lr}", f"seed={BRACKET_SEED}"])
 
 
-def bracket_state(out: Path) -> dict[str, "batch.Choice"]:
+def bracket_state(out: Path) -> dict[str, batch.Choice]:
     """Each arm's bracket as far as the finished runs decide it, replayed from the results (a resumed
     study finds the same)."""
     state = {}
