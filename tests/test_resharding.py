@@ -18,9 +18,11 @@ from pipeline.parallel.engine import Engine
 from pipeline.errors import UserError
 from pipeline.train.two_pass import one_pass_step
 
-# On 2 processes; @frozen_ckpt: the first block frozen, activation checkpointing (parallel_worker).
-WRITERS = ("ddp", "fsdp2", "zero2", "zero3@frozen_ckpt")
-ON_ONE = ("ddp:fsdp2", "fsdp2:none", "zero2:zero2", "zero3@frozen_ckpt:zero3")  # written:resumed
+# On 2 processes; @frozen_ckpt: the first block frozen, activation checkpointing; @lora: peft's adapters,
+# whose checkpoints leave the frozen base out (parallel_worker).
+WRITERS = ("ddp", "fsdp2", "zero2", "zero3@frozen_ckpt", "zero2@lora", "zero3@lora")
+ON_ONE = ("ddp:fsdp2", "fsdp2:none", "zero2:zero2", "zero3@frozen_ckpt:zero3", "zero2@lora:zero2",
+          "zero3@lora:zero3")  # written:resumed
 ON_FOUR = ("fsdp2:fsdp2", "fsdp2:ddp", "zero2:zero2", "zero3@frozen_ckpt:zero3")  # slow
 
 # Float summation order differs with the number of processes; AdamW turns that noise into real
