@@ -1,6 +1,6 @@
 """train.compile=true: each block compiled (inductor's C++ backend on the CPU) gives the eager two-pass
 step, drop-path masks (and LoRA dropout) replayed in pass 2 and activation checkpointing on, to float rounding:
-for a timm ViT, a timm ViT with peft's LoRA adapters, and a transformers tower."""
+for a timm ViT, a timm ViT with peft's LoRA adapters, a transformers tower and an open_clip tower with LoRA."""
 import math
 
 import pytest
@@ -23,7 +23,20 @@ MODELS = {  # each with random ops in its blocks, so that pass 2 must replay pas
     "timm ViT + LoRA": [*TINY, "model.width=64", "model.heads=2", "model.lora.rank=4", "model.lora.dropout=0.2"],
     # transformers' layers, checkpointed by transformers' own GradientCheckpointingLayer, with RoPE and registers
     "transformers DINOv3": ["model=dinov3_vitl16_hf", *TINY, "model.image_size=32", "model.width=64", "model.heads=2"],
+    # open_clip's own ResidualAttentionBlock (nn.MultiheadAttention)
+    "open_clip ViT": ["model.family=open_clip", "model.arch=ViT-B-32", "model.image_size=32", *TINY,
+                      "model.width=64", "model.heads=2"],
+    # peft's LoRA on its MLP (peft's adapter of nn.MultiheadAttention swaps the weights in its forward,
+    # which inductor cannot compile: refused at load, test_lora_of_multihead_attention_is_refused)
+    "open_clip ViT + LoRA on the MLP": ["model.family=open_clip", "model.arch=ViT-B-32", "model.image_size=32", *TINY,
+                                        "model.width=64", "model.heads=2", "model.lora.rank=4",
+                                        "model.lora.dropout=0.2", "model.lora.targets=[c_fc,c_proj]"],
 }
+
+
+# Float rounding: inductor's fused kernels sum in another order. open_clip's tower measured 1.2e-5 of the
+# update (2026-12-08), the others under 1e-5; a wrong mask or a missed replay moves it by 1e-2 or more.
+TOLERANCE = {"open_clip ViT": 5e-5}
 
 
 @pytest.mark.slow  # 30-75 s per model on a loaded 2-core machine with a cold inductor cache (10 s warm)
@@ -48,11 +61,24 @@ def test_compiled_blocks_equal_eager_for_a_two_pass_step(name):
     assert eager.keys() == compiled.keys() == start.keys()  # compiled in place: the same names in checkpoints
     update = math.sqrt(sum(((eager[k] - start[k]) ** 2).sum().item() for k in start))
     error = math.sqrt(sum(((eager[k] - compiled[k]) ** 2).sum().item() for k in start))
-    assert update > 0 and error <= 1e-5 * update, (error, update)
+    assert update > 0 and error <= TOLERANCE.get(name, 1e-5) * update, (error, update)
     if "LoRA" in name:  # both adapter matrices trained (B from the first step, A from the second) and the base not
         moved = {k for k in start if not torch.equal(eager[k], start[k])}
         assert any("lora_A" in k for k in moved) and any("lora_B" in k for k in moved), moved
         assert all("lora_" in k or k.startswith("head") for k in moved), moved
+
+
+def test_lora_of_multihead_attention_is_refused():
+    """open_clip's own tower with LoRA's default targets (its nn.MultiheadAttention adapted): one line
+    when the blocks are compiled, before any step; with the MLP alone adapted it compiles."""
+    args = ["model.family=open_clip", "model.arch=ViT-B-32", "model.image_size=32", *TINY, "model.width=64",
+            "model.heads=2", "model.lora.rank=4"]
+    with pytest.raises(UserError, match=r"cannot compile peft's LoRA adapter of nn.MultiheadAttention.*"
+                                        r"model.lora.targets=\[c_fc,c_proj\]"):
+        compile_blocks(build_encoder(load_config(args).model, seed=0), True)
+    model = build_encoder(load_config([*args, "model.lora.targets=[c_fc,c_proj]"]).model, seed=0)
+    compile_blocks(model, True)  # compiles lazily: nothing traced yet
+    assert all(b._compiled_call_impl is not None for b in transformer_blocks(model))
 
 
 def test_unsupported_backend_is_refused_at_load():

@@ -11,8 +11,11 @@ under the RNG state torch.utils.checkpoint restores.
 
 The first step pays the compilation (logged: the first forward without and with gradients). FSDP2 and
 ZeRO-3 gather each block's weights in hooks around its forward, which an in-place compiled block would
-trace; that path is untested here, so train.compile is refused at load under any backend but none and
-ddp (pipeline/config/schema.py: not under the backends that hold their weights, pipeline/config/backends.py).
+trace; that path is untested here, so train.compile is refused at load under them (pipeline/config/schema.py:
+the backends that gather weights, pipeline/config/backends.py); none, ddp, zero1 and zero2 compile.
+peft's LoRA adapter of nn.MultiheadAttention (open_clip's own towers) swaps the attention's weights
+inside its forward, which inductor cannot compile (`set_` on a graph input): refused when the model
+is built, before any step.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import time
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.parallel.engine import transformer_blocks
 
 log = logging.getLogger(__name__)
@@ -35,11 +39,21 @@ def compile_blocks(model: nn.Module, enabled: bool) -> None:
 
     inductor.fallback_random = True  # eager's generator: the two-pass step's seeded chunks replay exactly
     blocks = transformer_blocks(model)
+    refuse_adapted_multihead_attention(blocks)
     for block in blocks:
         block.compile()
     CompileTimer(model).attach()
     log.info("train.compile: %d blocks compiled with torch.compile (inductor); the first step compiles them",
              len(blocks))
+
+
+def refuse_adapted_multihead_attention(blocks: list[nn.Module]) -> None:
+    from peft.tuners.lora.layer import MultiheadAttention as AdaptedMultiheadAttention
+
+    if any(isinstance(m, AdaptedMultiheadAttention) for block in blocks for m in block.modules()):
+        raise UserError("train.compile=true cannot compile peft's LoRA adapter of nn.MultiheadAttention (open_clip's "
+                        "own towers: it swaps the attention's weights inside its forward); adapt the MLP only "
+                        "(model.lora.targets=[c_fc,c_proj]) or set train.compile=false")
 
 
 class CompileTimer:
