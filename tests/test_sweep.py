@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, training_processes
+from conftest import REPO, SMALL, run_pipeline, training_processes
 
 from pipeline.sweep import grid as sweep
 from pipeline.sweep import summary
@@ -144,6 +144,26 @@ def test_sweep_runs_each_point_skips_finished_and_reruns_a_killed_run(tmp_path):
     status, log = finish(sweep_cli(*grid))  # nothing left to run
     assert status == 0 and "2 already finished, 0 to run" in log and "started" not in log, log
     assert snapshot(out) == before, "a finished run was touched"
+
+
+def test_a_run_counted_in_epochs_is_finished_as_the_runner_sees_it(tmp_path):
+    """train.epochs: the runner fingerprints the stages with train.max_steps decided from the shards;
+    so must sweep.finished, or every finished run is started again (and skipped by its runner)."""
+    from pipeline import runner
+    from pipeline.config import load_config
+    from pipeline.run_dir import RunDir
+    from pipeline.train.optim import with_steps
+
+    run, fixed = sweep.Run(("seed=0",)), [*TINY, "stage=finetune", "train.epochs=1"]
+    words = sweep.args(run, fixed, tmp_path)
+    run_pipeline(*words, "stage=shard")
+    assert not sweep.finished(run, fixed, tmp_path)
+    cfg = load_config(words)
+    rd = RunDir(cfg.run_dir)
+    stepped = with_steps(cfg, rd.shards)  # what the runner does once the shards exist
+    assert stepped.train.max_steps != cfg.train.max_steps
+    rd.mark_complete("finetune", runner.fingerprint(stepped, rd, "finetune"), run_id="test")
+    assert sweep.finished(run, fixed, tmp_path)
 
 
 def test_aggregate_alone_and_a_bad_command_line(tmp_path):

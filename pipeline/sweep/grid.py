@@ -117,9 +117,11 @@ def load_plan(out: Path) -> tuple[list[str], list[Run]]:
 def finished(run: Run, fixed: list[str], out: Path) -> bool:
     """Whether every stage the run asks for is complete with its settings (as the runner would skip them)."""
     from pipeline import runner  # here: the runner imports the training side(torch)
+    from pipeline.train.optim import with_steps
 
     cfg: Config = load_config(args(run, fixed, out))
     rd = RunDir(cfg.run_dir)
+    cfg = with_steps(cfg, rd.shards)  # train.epochs -> max_steps, as the runner fingerprints the stages
     stages, todo = set(), list(runner.ALL if cfg.stage == "all" else (cfg.stage,))
     while todo:
         stage = todo.pop()
