@@ -152,7 +152,7 @@ def test_two_process_checkpoint_resumes_on_four(written):
 def test_pipeline_zero_checkpoint_resumes_on_one_process(digits_run, tmp_path, parallel):
     """A 2-process ZeRO run's step-3 checkpoint, resumed by one process through the universal
     conversion, ends where one process on the whole run ends. AdamW, not SGD: DeepSpeed's universal
-    conversion reads Adam's moments (test_slurm.SGD_ZERO3 says where), so the weights are compared within
+    conversion reads Adam's moments (tests/test_slurm.py says where), so the weights are compared within
     AdamW's float noise (the worker-level tests compare the whole state exactly)."""
     run_torchrun(2, "stage=finetune", f"run_dir={tmp_path}", f"parallel={parallel}", *SMALL)
     crash_after_step_3(tmp_path)
