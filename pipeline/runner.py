@@ -84,7 +84,9 @@ def fingerprint(cfg: Config, rd: RunDir, stage: str) -> dict:
 
 def planned(cfg: Config, rd: RunDir) -> list[str]:
     """The stages this command will run: those not complete (or forced), and every stage after one
-    that runs (its inputs change). What the preflight checks for."""
+    that runs (its inputs change). What the preflight checks for. Fingerprinted as run_stages does,
+    train.epochs resolved to max_steps once the shards exist."""
+    cfg = with_steps(cfg, rd.shards)
     requested = ALL if cfg.stage == "all" else (cfg.stage,)
     runs: dict[str, bool] = {}
 

@@ -148,7 +148,8 @@ def test_sweep_runs_each_point_skips_finished_and_reruns_a_killed_run(tmp_path):
 
 def test_a_run_counted_in_epochs_is_finished_as_the_runner_sees_it(tmp_path):
     """train.epochs: the runner fingerprints the stages with train.max_steps decided from the shards;
-    so must sweep.finished, or every finished run is started again (and skipped by its runner)."""
+    so must runner.planned (what the preflight checks) and sweep.finished, or every finished run is
+    started again (and skipped by its runner)."""
     from pipeline import runner
     from pipeline.config import load_config
     from pipeline.run_dir import RunDir
@@ -164,6 +165,7 @@ def test_a_run_counted_in_epochs_is_finished_as_the_runner_sees_it(tmp_path):
     assert stepped.train.max_steps != cfg.train.max_steps
     rd.mark_complete("finetune", runner.fingerprint(stepped, rd, "finetune"), run_id="test")
     assert sweep.finished(run, fixed, tmp_path)
+    assert runner.planned(cfg, rd) == []  # the preflight's view too: it checks only what will run
 
 
 def test_aggregate_alone_and_a_bad_command_line(tmp_path):

@@ -7,7 +7,7 @@ import itertools
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -115,20 +115,12 @@ def load_plan(out: Path) -> tuple[list[str], list[Run]]:
 
 
 def finished(run: Run, fixed: list[str], out: Path) -> bool:
-    """Whether every stage the run asks for is complete with its settings (as the runner would skip them)."""
+    """Whether every stage the run asks for is complete with its settings: the runner would run none
+    of them (a force=true among the sweep's words aside, as before)."""
     from pipeline import runner  # here: the runner imports the training side(torch)
-    from pipeline.train.optim import with_steps
 
     cfg: Config = load_config(args(run, fixed, out))
-    rd = RunDir(cfg.run_dir)
-    cfg = with_steps(cfg, rd.shards)  # train.epochs -> max_steps, as the runner fingerprints the stages
-    stages, todo = set(), list(runner.ALL if cfg.stage == "all" else (cfg.stage,))
-    while todo:
-        stage = todo.pop()
-        if stage not in stages:
-            stages.add(stage)
-            todo += runner.requires(stage, cfg)
-    return all(rd.is_complete(s, runner.fingerprint(cfg, rd, s)) for s in stages)
+    return not runner.planned(replace(cfg, force=False), RunDir(cfg.run_dir))
 
 
 def idle(runs: list[Run], out: Path, say: Callable[[str], None]) -> list[Run]:
