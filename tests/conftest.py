@@ -71,6 +71,17 @@ def updates_close(run: Path, reference: Path) -> None:
     assert worst < 1e-3 * largest, f"update differs from one process's by {worst:.2e} (largest update {largest:.2e})"
 
 
+def weights_close(run: Path, reference: Path, tolerance: float = 5e-5) -> None:
+    """The exported weights of an AdamW `run` equal `reference`'s (AdamW on one process) within `tolerance`:
+    AdamW turns the rounding that differs between process counts into steps (hence not updates_close),
+    while a lost optimizer state or a wrong batch share moves weights by about lr (1e-4) a step."""
+    from safetensors.torch import load_file
+
+    got, ref = load_file(run / "export" / "model.safetensors"), load_file(reference / "export" / "model.safetensors")
+    worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst < tolerance, f"weights differ from one process's by {worst:.2e}"
+
+
 @pytest.fixture(scope="session")
 def quickstart(tmp_path_factory) -> tuple[int, str, Path]:
     """The README's first command as a user runs it (its threads, not the suite's one), its output in a

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
-from conftest import REPO, SGD, SMALL, run_pipeline, training_processes, updates_close
+from conftest import REPO, SGD, SMALL, run_pipeline, training_processes, updates_close, weights_close
 from slurm_cluster import (
     ONE_NODE,
     completed,
@@ -196,9 +195,9 @@ def stopped_after_first_checkpoint(finished: Path, run: Path) -> Path:
     return run
 
 
-def resumed(tmp_path: Path, finished: Path, options: list[str], *args: str, env: dict | None = None,
-            words: tuple[str, ...] = tuple(TINY)) -> str:
-    """The rest of `finished`'s run (from step 3) as a job with other nodes; its output."""
+def resumed(tmp_path: Path, finished: Path, options: list[str], *args: str, words: tuple[str, ...],
+            env: dict | None = None) -> str:
+    """The rest of `finished`'s run (from step 3) as a job with other nodes, with `words` as it ran; its output."""
     run, output = stopped_after_first_checkpoint(finished, tmp_path / "run"), tmp_path / "job.out"
     completed(sbatch("finetune_vitg.sh", output, f"run_dir={run}", *words, *args, options=options, env=env), output)
     return output.read_text()
@@ -207,65 +206,54 @@ def resumed(tmp_path: Path, finished: Path, options: list[str], *args: str, env:
 # DeepSpeed's universal checkpoint conversion (deepspeed/checkpoint/ds_to_universal.py, lines 154-155 and
 # 196-197 in 0.19.8) reads Adam's exp_avg and exp_avg_sq: a ZeRO checkpoint of an SGD run cannot be
 # resharded. So the ZeRO-3 jobs here train with AdamW and are compared with the one-process AdamW run
-# (conftest.digits_run) within AdamW's float noise, as tests/test_resharding.py's pipeline-level test does;
+# (conftest.digits_run, conftest.weights_close), as tests/test_resharding.py's pipeline-level test does;
 # the FSDP2 jobs keep SGD and updates_close.
-ADAMW_TINY = ("model=tiny", "data=digits", "recipe=none", *SMALL)
-ADAMW_NOISE = 5e-5
+WORDS = {"zero3": ("model=tiny", "data=digits", "recipe=none", *SMALL), "fsdp2": tuple(TINY)}
 
 
-def weights_close(run: Path, reference: Path) -> None:
-    got, ref = (load_file(p / "export" / "model.safetensors") for p in (run, reference))
-    worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
-    assert worst < ADAMW_NOISE, f"weights differ from one process's by {worst:.2e}"
+def matches_one_process(backend: str, run: Path, request) -> None:
+    if backend == "zero3":
+        weights_close(run, request.getfixturevalue("digits_run"))
+    else:
+        updates_close(run, request.getfixturevalue("sgd_run"))
 
 
 @pytest.fixture(scope="module")
 def zero3_adamw_two_nodes(tmp_path_factory) -> Path:
-    """A finetune_vitg.sh job (ZeRO-3, one process on each of two nodes, 6 steps) with AdamW: its run."""
+    """A finetune_vitg.sh job (ZeRO-3, one process on each of two nodes, 6 steps) with AdamW."""
     tmp = tmp_path_factory.mktemp("slurm_zero3_adamw")
-    completed(sbatch("finetune_vitg.sh", tmp / "job.out", f"run_dir={tmp / 'run'}", *ADAMW_TINY), tmp / "job.out")
-    return tmp / "run"
+    completed(sbatch("finetune_vitg.sh", tmp / "job.out", f"run_dir={tmp / 'run'}", *WORDS["zero3"]), tmp / "job.out")
+    return tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_two_node_checkpoint_resumed_on_one_node(backend, request, sgd_run, digits_run, tmp_path):
+@pytest.mark.parametrize("backend, written", [("zero3", "zero3_adamw_two_nodes"), ("fsdp2", "fsdp2_straight")])
+def test_two_node_checkpoint_resumed_on_one_node(backend, written, request, tmp_path):
     """Written by 2 processes on 2 nodes, resumed by 1 process on 1 node: DeepSpeed's universal
     checkpoint for ZeRO-3, DCP's resharding for FSDP2."""
-    if backend == "zero3":
-        finished, words = request.getfixturevalue("zero3_adamw_two_nodes"), ADAMW_TINY
-    else:
-        finished, words = request.getfixturevalue("fsdp2_straight") / "run", tuple(TINY)
-    log = resumed(tmp_path, finished, ONE_NODE, f"parallel={backend}", words=words)
+    log = resumed(tmp_path, request.getfixturevalue(written) / "run", ONE_NODE, f"parallel={backend}", words=WORDS[backend])
     assert "1 node(s) x 1 process(es)" in log and "resuming from" in log
     assert ("DeepSpeed universal checkpoint" in log) == (backend == "zero3")
-    if backend == "zero3":
-        weights_close(tmp_path / "run", digits_run)
-    else:
-        updates_close(tmp_path / "run", sgd_run)
+    matches_one_process(backend, tmp_path / "run", request)
 
 
 @pytest.fixture(scope="module")
 def one_process_zero3(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("zero3_one_process")
-    run_pipeline("stage=finetune", f"run_dir={run}", "parallel=zero3", *SMALL)  # AdamW: see ADAMW_TINY
+    run_pipeline("stage=finetune", f"run_dir={run}", "parallel=zero3", *SMALL)  # AdamW: see WORDS
     return run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend, per_node", [("zero3", 2), ("fsdp2", 1)])
-def test_one_process_checkpoint_resumed_on_two_nodes(backend, per_node, request, sgd_run, digits_run, tmp_path):
+@pytest.mark.parametrize("backend, per_node, written", [("zero3", 2, "one_process_zero3"), ("fsdp2", 1, "sgd_run")])
+def test_one_process_checkpoint_resumed_on_two_nodes(backend, per_node, written, request, tmp_path):
     """Written by 1 process (ZeRO-3, or parallel=none's DCP), resumed on 2 nodes: ZeRO-3 by 2 processes
     on each (4 in all), FSDP2 by 1 on each."""
-    finished = request.getfixturevalue("one_process_zero3") if backend == "zero3" else sgd_run
-    log = resumed(tmp_path, finished, ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"], f"parallel={backend}",
-                  env=user_env(NPROC_PER_NODE=str(per_node)), words=ADAMW_TINY if backend == "zero3" else tuple(TINY))
+    log = resumed(tmp_path, request.getfixturevalue(written), ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"],
+                  f"parallel={backend}", env=user_env(NPROC_PER_NODE=str(per_node)), words=WORDS[backend])
     assert f"2 node(s) x {per_node} process(es)" in log and "resuming from" in log
-    if backend == "zero3":
-        assert "DeepSpeed universal checkpoint" in log
-        weights_close(tmp_path / "run", digits_run)
-    else:
-        updates_close(tmp_path / "run", sgd_run)
+    assert ("DeepSpeed universal checkpoint" in log) == (backend == "zero3")
+    matches_one_process(backend, tmp_path / "run", request)
 
 
 @pytest.mark.slow
