@@ -52,8 +52,8 @@ def _tool(name: str):
     return module
 
 
-glyphs = _tool("study_glyphs")  # the pretraining and the benchmark
 batch = _tool("study_batch")    # the bracket's rule, the scheduling of runs, the statistics
+glyphs = batch.study_glyphs     # the pretraining and the benchmark (study_batch loaded it already)
 
 PROTOCOL = [*glyphs.BENCHMARK, "stage=eval", "eval.models=[finetuned]", "train.epochs=3", "train.warmup_steps=0",
             "train.val_every=0", "train.val_every_epochs=1"]
